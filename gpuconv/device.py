@@ -1,0 +1,139 @@
+"""Devices and data movement.
+
+Three devices share one API:
+
+* ``cpu``  -- plain NumPy arrays; ops run as vectorised NumPy (the reference path).
+* ``cuda`` -- CuPy arrays; ops run the CUDA kernels of ``kernels_cu/`` through ``cupy.RawModule``.
+* ``emu``  -- :class:`EmuArray`, NumPy arrays marked as living on the emulated CUDA device; ops run
+  the *same* CUDA kernels, compiled by the host C++ compiler (see :mod:`gpuconv.emu`).
+
+The device of an op is the device of its array arguments, as in PyTorch and CuPy.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda", "emu")
+DEVICE_ENV = "GPUCONV_DEVICE"
+
+
+class EmuArray(np.ndarray):
+    """A NumPy array that lives on the emulated CUDA device.
+
+    It behaves as an ``ndarray`` in every respect (NumPy ufuncs and methods keep the subclass),
+    so the glue that is common to ``cuda`` and ``emu`` can use ``array_module()`` for both; the
+    marker only decides which launcher runs the kernels.
+    """
+
+
+@functools.lru_cache(maxsize=1)
+def _import_cupy():
+    try:
+        import cupy
+    except Exception:  # ImportError, or a broken CUDA install raising at import time
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason): whether CuPy imports and sees at least one CUDA device, and why not."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return False, "CuPy is not installed (pip install 'gpuconv[cuda13]' or 'gpuconv[cuda12]')"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        return False, f"CuPy is installed but no CUDA device is usable ({exc})"
+    if count == 0:
+        return False, "CuPy is installed but no CUDA device was found"
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return True, f"CuPy {cupy.__version__} sees {count} CUDA device(s); using device 0: {name}"
+
+
+def resolve_device(device: str | None = None) -> tuple[str, str]:
+    """Turn a user's device choice into ``('cpu'|'cuda'|'emu', reason)``.
+
+    ``None`` reads ``GPUCONV_DEVICE`` (default ``'auto'``). ``'auto'`` picks CUDA only when CuPy and a
+    GPU are both present. An explicit ``'cuda'`` without them is an error, never a silent fallback.
+    """
+    source = "argument"
+    if device is None:
+        device, source = os.environ.get(DEVICE_ENV, "auto"), f"${DEVICE_ENV}"
+    device = str(device).lower()
+    if device == "gpu":
+        device = "cuda"
+    if device not in DEVICES + ("auto",):
+        raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', 'emu'; got {device!r} (from {source})")
+    usable, why = cuda_status()
+    if device == "auto":
+        return ("cuda", f"auto: {why}") if usable else ("cpu", f"auto: no GPU, so the NumPy CPU path ({why})")
+    if device == "cuda" and not usable:
+        raise RuntimeError(f"device 'cuda' was requested ({source}) but is not available: {why}")
+    reasons = {"cpu": "NumPy CPU path", "cuda": why, "emu": "CUDA kernels on the emulated device (host CPU)"}
+    return device, f"{device} requested ({source}): {reasons[device]}"
+
+
+def device_of(x) -> str:
+    """The device an array lives on: 'emu' for EmuArray, 'cuda' for CuPy arrays, else 'cpu'."""
+    if isinstance(x, EmuArray):
+        return "emu"
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        return "cpu"
+    cupy = _import_cupy()
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return "cuda"
+    raise TypeError(f"expected a NumPy or CuPy array, got {type(x).__name__}")
+
+
+def array_module(device_or_array):
+    """``numpy`` for 'cpu' and 'emu', ``cupy`` for 'cuda' (a device name or an array)."""
+    device = device_or_array if isinstance(device_or_array, str) else device_of(device_or_array)
+    if device == "cuda":
+        cupy = _import_cupy()
+        if cupy is None:
+            raise RuntimeError(cuda_status()[1])
+        return cupy
+    return np
+
+
+def to_device(x, device: str):
+    """Copy (or view) ``x`` onto ``device``: a NumPy array for 'cpu', CuPy for 'cuda', EmuArray for 'emu'."""
+    device = resolve_device(device)[0]
+    if device == "cuda":
+        return array_module("cuda").asarray(x)
+    host = to_numpy(x)
+    return np.ascontiguousarray(host).view(EmuArray) if device == "emu" else host
+
+
+def to_numpy(x) -> np.ndarray:
+    """A plain NumPy array with the contents of ``x``, from any device."""
+    if device_of(x) == "cuda":
+        return x.get()
+    return np.asarray(x)
+
+
+def empty(shape, dtype, device: str):
+    """An uninitialised C-contiguous array on ``device``."""
+    out = array_module(device).empty(shape, dtype=dtype)
+    return out.view(EmuArray) if device == "emu" else out
+
+
+def zeros(shape, dtype, device: str):
+    """A zero-filled C-contiguous array on ``device``."""
+    out = array_module(device).zeros(shape, dtype=dtype)
+    return out.view(EmuArray) if device == "emu" else out
+
+
+def common_device(**arrays) -> str:
+    """The one device all named arrays (None skipped) live on; a ValueError naming them otherwise."""
+    devices = {name: device_of(a) for name, a in arrays.items() if a is not None}
+    found = set(devices.values())
+    if len(found) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"arrays must be on one device, got {listing}")
+    return found.pop() if found else "cpu"

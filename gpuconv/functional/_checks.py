@@ -1,0 +1,40 @@
+"""Argument checks shared by every functional op: one wording for every error message."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..device import device_of
+
+
+def check_array(x, name: str, ndim: int | None = None, layout: str = ""):
+    """Return ``x`` if it is a float array on some device with ``ndim`` dimensions.
+
+    float32 everywhere, float64 on the CPU; anything else is a TypeError naming ``name`` and the
+    shape. ``layout`` (e.g. 'NCHW') only improves the message.
+    """
+    try:
+        device = device_of(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from None
+    if np.isscalar(x) or not hasattr(x, "ndim"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    allowed = (np.float32, np.float64) if device == "cpu" else (np.float32,)
+    if x.dtype not in allowed:
+        kinds = "float32 or float64" if device == "cpu" else "float32"
+        raise TypeError(f"{name} must be {kinds} on {device}, got {x.dtype} array of shape {shape}")
+    if ndim is not None and x.ndim != ndim:
+        what = f"{ndim}-D ({layout})" if layout else f"{ndim}-D"
+        raise ValueError(f"{name} must be {what}, got shape {shape}")
+    return x
+
+
+def pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``minimum``, as a pair."""
+    items = (value, value) if np.isscalar(value) else tuple(value)
+    if len(items) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        bound = "positive" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return int(items[0]), int(items[1])

@@ -1,0 +1,227 @@
+"""Kernel sources, compilation and launching, for the 'cuda' and 'emu' devices alike.
+
+Knows nothing about layers. ``launch(topic, kernel, grid, block, args)`` finds
+``kernels_cu/<topic>.cu``, compiles it once per process for the device of the array arguments
+(NVRTC through ``cupy.RawModule`` on 'cuda', the host compiler through :mod:`gpuconv.emu` on
+'emu'), casts every scalar to the exact C type of the kernel's parameter, checks every array
+argument's dtype and contiguity, and launches.
+
+Kernel versions live side by side (``conv2d_forward_v1``, ``_v2``...): :func:`select_version`
+picks one from a small registry, overridable by ``GPUCONV_KERNEL_<OP>`` (e.g.
+``GPUCONV_KERNEL_CONV2D_FORWARD=1``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .device import array_module, device_of
+
+# Options CuPy itself passes to NVRTC, plus fast-math behaviour the kernels are written for.
+NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
+
+_C_TYPES = {
+    "float": np.float32,
+    "double": np.float64,
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "unsigned": np.uint32,
+    "long long": np.int64,
+    "long long int": np.int64,
+    "unsigned long long": np.uint64,
+    "unsigned long long int": np.uint64,
+    "char": np.int8,
+    "signed char": np.int8,
+    "unsigned char": np.uint8,
+    "bool": np.bool_,
+}
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel source failed to compile; the message names the file and line."""
+
+
+class KernelArgumentError(TypeError):
+    """An argument does not match the kernel's parameter type."""
+
+
+def kernel_dir() -> Path:
+    """``kernels_cu/``: package data in an installed wheel, the repository's folder in a checkout."""
+    packaged = Path(__file__).with_name("kernels_cu")
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "kernels_cu"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(f"kernels_cu/ not found beside the package ({packaged}) or in the checkout ({checkout})")
+
+
+def kernel_path(topic: str) -> Path:
+    path = kernel_dir() / f"{topic}.cu"
+    if not path.is_file():
+        raise FileNotFoundError(f"no kernel source {path.name} in {path.parent}")
+    return path
+
+
+def kernel_topics() -> list[str]:
+    """Every kernel source file's topic, sorted."""
+    return sorted(p.stem for p in kernel_dir().glob("*.cu"))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One kernel parameter as written in the source."""
+
+    ctype: str  # base C type, e.g. 'float', 'long long'
+    name: str
+    pointer: bool
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(_C_TYPES[self.ctype])
+
+
+_KERNEL_RE = re.compile(
+    r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?void\s+'
+    r"(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)",
+    re.S,
+)
+_QUALIFIERS = {"const", "__restrict__", "__restrict", "volatile"}
+
+
+def _parse_param(text: str, kernel: str) -> Param:
+    pointer = "*" in text
+    words = [w for w in re.split(r"[\s*]+", text.strip()) if w and w not in _QUALIFIERS]
+    if len(words) < 2:
+        raise KernelArgumentError(f"kernel {kernel}: cannot parse parameter {text.strip()!r}")
+    ctype, name = " ".join(words[:-1]), words[-1]
+    if ctype not in _C_TYPES:
+        raise KernelArgumentError(f"kernel {kernel}: parameter {name} has unsupported type {ctype!r}")
+    return Param(ctype, name, pointer)
+
+
+def parse_signatures(source: str) -> dict[str, tuple[Param, ...]]:
+    """``{kernel name: parameters}`` for every ``extern "C" __global__`` kernel in ``source``."""
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S)
+    signatures = {}
+    for match in _KERNEL_RE.finditer(source):
+        name, params = match.group(1), match.group(2).strip()
+        parts = [p for p in params.split(",") if p.strip()] if params and params != "void" else []
+        signatures[name] = tuple(_parse_param(p, name) for p in parts)
+    return signatures
+
+
+def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
+    """Check arrays and cast scalars to the kernel's exact parameter types.
+
+    CuPy passes a Python float as an 8-byte double whatever the kernel expects; this is where
+    that cannot happen: a scalar becomes ``np.float32``/``np.int32``... as the source declares,
+    and an array of the wrong dtype or layout is refused before any kernel runs.
+    """
+    if len(args) != len(params):
+        raise KernelArgumentError(f"kernel {kernel} takes {len(params)} arguments, got {len(args)}")
+    out = []
+    for param, arg in zip(params, args):
+        if param.pointer:
+            if not hasattr(arg, "dtype") or not hasattr(arg, "flags"):
+                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
+            if arg.dtype != param.dtype:
+                raise KernelArgumentError(
+                    f"kernel {kernel}: parameter {param.name} is {param.ctype}*, got an array of {arg.dtype} {tuple(arg.shape)}"
+                )
+            if not arg.flags.c_contiguous:
+                raise KernelArgumentError(f"kernel {kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
+            out.append(arg)
+            continue
+        if hasattr(arg, "shape") and getattr(arg, "ndim", 0) > 0:
+            raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is a scalar {param.ctype}, got an array")
+        if np.issubdtype(param.dtype, np.integer):
+            if isinstance(arg, (float, np.floating)) and not float(arg).is_integer():
+                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is {param.ctype}, got {arg!r}")
+            info = np.iinfo(param.dtype)
+            if not info.min <= int(arg) <= info.max:
+                raise KernelArgumentError(f"kernel {kernel}: {param.name}={int(arg)} does not fit {param.ctype}")
+            out.append(param.dtype.type(int(arg)))
+        else:
+            out.append(param.dtype.type(arg))
+    return tuple(out)
+
+
+def _dim3(value, what: str) -> tuple[int, int, int]:
+    dims = (value,) if np.isscalar(value) else tuple(value)
+    if not 1 <= len(dims) <= 3:
+        raise ValueError(f"{what} must have 1 to 3 dimensions, got {value!r}")
+    dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    if min(dims) < 1:
+        raise ValueError(f"{what} must be positive in every dimension, got {dims}")
+    return dims
+
+
+def _source_for_compiler(topic: str) -> str:
+    """The file's text behind a #line directive, so compiler messages name kernels_cu/<topic>.cu."""
+    path = kernel_path(topic)
+    return f'#line 1 "kernels_cu/{path.name}"\n' + path.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def signatures(topic: str) -> dict[str, tuple[Param, ...]]:
+    return parse_signatures(kernel_path(topic).read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_module(topic: str, options: tuple[str, ...]):
+    cupy = array_module("cuda")
+    module = cupy.RawModule(code=_source_for_compiler(topic), options=options)
+    try:
+        module.compile()
+    except cupy.cuda.compiler.CompileException as exc:
+        raise KernelCompileError(f"kernels_cu/{topic}.cu failed to compile with NVRTC:\n{exc}") from None
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_function(topic: str, kernel: str, options: tuple[str, ...]):
+    return _cupy_module(topic, options).get_function(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _emu_function(topic: str, kernel: str):
+    from . import emu
+
+    return emu.module_for(kernel_path(topic)).get_function(kernel)
+
+
+def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, options: tuple[str, ...] = NVRTC_OPTIONS):
+    """Launch ``kernel`` from ``kernels_cu/<topic>.cu`` on the device of its array arguments."""
+    params = signatures(topic).get(kernel)
+    if params is None:
+        raise KeyError(f"kernels_cu/{topic}.cu has no extern \"C\" __global__ kernel named {kernel!r}")
+    args = cast_args(kernel, params, args)
+    devices = {device_of(a) for a, p in zip(args, params) if p.pointer}
+    if len(devices) != 1 or "cpu" in devices:
+        raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
+    grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+    if devices == {"emu"}:
+        _emu_function(topic, kernel)(grid, block, args, shared_mem=int(shared_mem))
+        return
+    function = _cupy_function(topic, kernel, tuple(options))
+    if shared_mem > 48 * 1024:
+        function.max_dynamic_shared_size_bytes = int(shared_mem)
+    function(grid, block, args, shared_mem=int(shared_mem))
+
+
+def select_version(op: str, versions: dict, default: int):
+    """Pick ``versions[n]`` for ``op``: ``GPUCONV_KERNEL_<OP>`` if set, else ``default``."""
+    variable = f"GPUCONV_KERNEL_{op.upper()}"
+    chosen = os.environ.get(variable)
+    if chosen is None:
+        return versions[default]
+    try:
+        return versions[int(chosen)]
+    except (ValueError, KeyError):
+        raise ValueError(f"{variable}={chosen!r}: {op} has versions {sorted(versions)}") from None
