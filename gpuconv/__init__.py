@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib
 
 from .device import EmuArray, array_module, cuda_status, device_of, resolve_device, to_device, to_numpy
+from .random import manual_seed
+# Bound eagerly: a lazily imported submodule named `summary` would replace the function with
+# the module on the package the first time it loads.
+from .summary import summary
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,15 +16,11 @@ __all__ = [
     "functional", "nn", "models", "optim", "data", "summary", "manual_seed",
 ]
 
-_SUBMODULES = {"functional", "nn", "models", "optim", "data", "train", "bench", "emu", "kernels"}
+_SUBMODULES = {"functional", "nn", "models", "optim", "data", "train", "bench", "emu", "kernels", "compile_check"}
 
 
 def __getattr__(name):
-    # Submodules load on first use so that `import gpuconv` stays light and never needs CuPy.
+    # The heavier submodules load on first use; `import gpuconv` never needs CuPy.
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name == "summary":
-        return importlib.import_module(".summary", __name__).summary
-    if name == "manual_seed":
-        return importlib.import_module(".random", __name__).manual_seed
     raise AttributeError(f"module 'gpuconv' has no attribute {name!r}")

@@ -118,15 +118,31 @@ def to_numpy(x) -> np.ndarray:
 
 
 def empty(shape, dtype, device: str):
-    """An uninitialised C-contiguous array on ``device``."""
+    """An uninitialised C-contiguous array on ``device``.
+
+    On 'emu' it is filled with 0xFF bytes (NaN as floats): NumPy's fresh memory is often zeros,
+    which would let a kernel that forgets to write part of its output pass.
+    """
     out = array_module(device).empty(shape, dtype=dtype)
-    return out.view(EmuArray) if device == "emu" else out
+    if device != "emu":
+        return out
+    out.view(np.uint8).fill(0xFF)
+    return out.view(EmuArray)
 
 
 def zeros(shape, dtype, device: str):
     """A zero-filled C-contiguous array on ``device``."""
     out = array_module(device).zeros(shape, dtype=dtype)
     return out.view(EmuArray) if device == "emu" else out
+
+
+def contiguous(x):
+    """``x`` if C-contiguous, else a C-contiguous copy on the same device.
+
+    ``numpy.ascontiguousarray`` would drop the :class:`EmuArray` subclass (and with it the
+    device), while ``.copy()`` keeps it on every device.
+    """
+    return x if x.flags.c_contiguous else x.copy()
 
 
 def common_device(**arrays) -> str:

@@ -207,12 +207,28 @@ def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, opti
         raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
     grid, block = _dim3(grid, "grid"), _dim3(block, "block")
     if devices == {"emu"}:
-        _emu_function(topic, kernel)(grid, block, args, shared_mem=int(shared_mem))
-        return
-    function = _cupy_function(topic, kernel, tuple(options))
-    if shared_mem > 48 * 1024:
+        function = _emu_function(topic, kernel)
+    else:
+        function = _cupy_function(topic, kernel, tuple(options))
+    if shared_mem > 48 * 1024:  # past 48 KiB, CUDA wants the kernel's explicit opt-in
         function.max_dynamic_shared_size_bytes = int(shared_mem)
     function(grid, block, args, shared_mem=int(shared_mem))
+
+
+BLOCK = 256
+# Grid-stride kernels are correct for any grid; past a few waves of a large GPU more blocks only
+# add scheduling (and, on the emulated device, fibers), so their grid is capped.
+GRID_STRIDE_CAP = 8192
+
+
+def blocks_for(work_items: int, block: int = BLOCK) -> int:
+    """Blocks of ``block`` threads for one thread per work item (at least one block)."""
+    return max(1, -(-int(work_items) // block))
+
+
+def grid_stride_blocks(work_items: int, items_per_thread: int = 1, block: int = BLOCK) -> int:
+    """Blocks for a 1-D grid-stride launch over ``work_items``, capped at ``GRID_STRIDE_CAP``."""
+    return min(blocks_for(-(-int(work_items) // items_per_thread), block), GRID_STRIDE_CAP)
 
 
 def select_version(op: str, versions: dict, default: int):

@@ -1,2 +1,84 @@
-"""(being written)"""
-__all__ = []
+"""Elementwise activations: ReLU, tanh, sigmoid and their gradients.
+
+The gradients take the forward *output* (as cuDNN's activation backward does), so a layer keeps
+one array per activation and never needs the input again: relu'(x) = [y > 0],
+tanh'(x) = 1 - y^2, sigmoid'(x) = y (1 - y).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from ..device import common_device, contiguous, device_of, empty
+from ._checks import check_array
+
+__all__ = ["relu", "tanh", "sigmoid", "relu_backward", "tanh_backward", "sigmoid_backward"]
+
+
+
+def _launch_map(kernel: str, *arrays):
+    """Run an elementwise kernel of activation.cu: ``kernel(*arrays, out, n)``; returns ``out``."""
+    out = empty(arrays[0].shape, np.float32, device_of(arrays[0]))
+    # The kernels move float4s when the pointers allow, hence four elements per thread.
+    kernels.launch("activation", kernel, kernels.grid_stride_blocks(out.size, 4), kernels.BLOCK,
+                   (*(contiguous(a) for a in arrays), out, out.size))
+    return out
+
+
+def _check_pair(grad_output, output):
+    check_array(grad_output, "grad_output")
+    check_array(output, "output")
+    common_device(grad_output=grad_output, output=output)
+    if grad_output.shape != output.shape:
+        raise ValueError(f"grad_output and output must have one shape, got {tuple(grad_output.shape)} "
+                         f"and {tuple(output.shape)}")
+
+
+def relu(input):
+    """max(input, 0), elementwise; NaN propagates, as in PyTorch."""
+    check_array(input, "input")
+    if device_of(input) == "cpu":
+        return np.maximum(input, 0)
+    return _launch_map("relu_forward_v1", input)
+
+
+def tanh(input):
+    """Hyperbolic tangent, elementwise."""
+    check_array(input, "input")
+    if device_of(input) == "cpu":
+        return np.tanh(input)
+    return _launch_map("tanh_forward_v1", input)
+
+
+def sigmoid(input):
+    """1 / (1 + exp(-input)), elementwise."""
+    check_array(input, "input")
+    if device_of(input) == "cpu":
+        # exp(-x) overflows to inf for very negative x, and 1 / inf = 0 is the right answer.
+        with np.errstate(over="ignore"):
+            return 1 / (1 + np.exp(-input))
+    return _launch_map("sigmoid_forward_v1", input)
+
+
+def relu_backward(grad_output, output):
+    """Gradient of :func:`relu` w.r.t. its input, given its ``output``: grad_output where output > 0."""
+    _check_pair(grad_output, output)
+    if device_of(grad_output) == "cpu":
+        return np.where(output > 0, grad_output, 0)
+    return _launch_map("relu_backward_v1", grad_output, output)
+
+
+def tanh_backward(grad_output, output):
+    """Gradient of :func:`tanh` w.r.t. its input, given its ``output``: grad_output * (1 - output^2)."""
+    _check_pair(grad_output, output)
+    if device_of(grad_output) == "cpu":
+        return grad_output * (1 - output * output)
+    return _launch_map("tanh_backward_v1", grad_output, output)
+
+
+def sigmoid_backward(grad_output, output):
+    """Gradient of :func:`sigmoid` w.r.t. its input, given its ``output``: grad_output * output * (1 - output)."""
+    _check_pair(grad_output, output)
+    if device_of(grad_output) == "cpu":
+        return grad_output * output * (1 - output)
+    return _launch_map("sigmoid_backward_v1", grad_output, output)

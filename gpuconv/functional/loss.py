@@ -1,2 +1,108 @@
-"""(being written)"""
-__all__ = []
+"""Cross-entropy over class scores: log-softmax followed by the negative log-likelihood."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from ..device import common_device, empty
+from ._checks import check_array
+
+__all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_BLOCK = 256
+_ROWS_PER_BLOCK = _BLOCK // 32  # one warp per row
+
+
+def _check_arguments(input, target, reduction: str) -> str:
+    """Check the arguments; return the device. Labels are checked on the device they live on."""
+    check_array(input, "input", 2, "N, C")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not hasattr(target, "dtype") or not np.issubdtype(target.dtype, np.integer):
+        kind = target.dtype if hasattr(target, "dtype") else type(target).__name__
+        raise TypeError(f"target must be an integer array of class indices, got {kind}")
+    rows, classes = input.shape
+    if target.shape != (rows,):
+        raise ValueError(f"target must have shape ({rows},) to match input {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    device = common_device(input=input, target=target)
+    # One fused reduction (a single device round trip on 'cuda') before any kernel reads a label.
+    if rows and bool(((target < 0) | (target >= classes)).any()):
+        raise ValueError(f"target {tuple(target.shape)} holds labels outside [0, {classes}) "
+                         f"(min {int(target.min())}, max {int(target.max())}) for input {tuple(input.shape)}")
+    return device
+
+
+def _reduce(losses, reduction: str):
+    """The per-sample ``losses`` reduced as asked; a 0-d array on their device for 'mean'/'sum'."""
+    if reduction == "none":
+        return losses
+    # Reduce to shape (1,) and reshape last: NumPy turns 0-d results of arithmetic into scalars.
+    total = losses.sum(keepdims=True)
+    if reduction == "mean":
+        total /= losses.shape[0]
+    return total.reshape(())
+
+
+def _numpy(input, target, reduction, want_grad):
+    rows = np.arange(input.shape[0])
+    shifted = input - input.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    sums = exp.sum(axis=1)
+    losses = np.log(sums) - shifted[rows, target]
+    if not want_grad:
+        return losses, None
+    grad = exp / sums[:, None]
+    grad[rows, target] -= 1
+    if reduction == "mean":
+        grad /= input.shape[0]
+    return losses, grad
+
+
+def _kernel(input, target, reduction, device):
+    rows, classes = input.shape
+    # astype rather than ascontiguousarray: it keeps an EmuArray on the emulated device.
+    logits = input.astype(np.float32, order="C", copy=False)
+    labels = target.astype(np.int32, order="C", copy=False)
+    losses = empty((rows,), np.float32, device)
+    grad = empty((rows, classes), np.float32, device)
+    grad_scale = 1.0 / rows if reduction == "mean" and rows else 1.0
+    if rows and classes:
+        kernels.launch("softmax_cross_entropy", "softmax_cross_entropy_v1", -(-rows // _ROWS_PER_BLOCK), _BLOCK,
+                       (logits, labels, rows, classes, grad_scale, losses, grad))
+    return losses, grad
+
+
+def _losses_and_grad(input, target, reduction, want_grad):
+    device = _check_arguments(input, target, reduction)
+    if device == "cpu":
+        return _numpy(input, target, reduction, want_grad)
+    return _kernel(input, target, reduction, device)
+
+
+def cross_entropy(input, target, reduction: str = "mean"):
+    """Cross-entropy of scores ``input`` (N, C) against integer labels ``target`` (N,).
+
+    ``reduction`` 'mean' or 'sum' gives a 0-d array on ``input``'s device, 'none' the (N,) losses.
+    Stable for logits of any magnitude (the row maximum is subtracted before ``exp``).
+    """
+    return _reduce(_losses_and_grad(input, target, reduction, want_grad=False)[0], reduction)
+
+
+def cross_entropy_backward(input, target, reduction: str = "mean"):
+    """d loss / d input: ``softmax(input) - onehot(target)``, divided by N for 'mean'.
+
+    For 'none' it is the gradient of each sample's own loss (the same as for 'sum').
+    """
+    return _losses_and_grad(input, target, reduction, want_grad=True)[1]
+
+
+def cross_entropy_with_grad(input, target, reduction: str = "mean"):
+    """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the scores.
+
+    On 'cuda' and 'emu' every call of this module runs the one kernel that computes the loss and the
+    gradient together; a training step that needs both should call this rather than both functions.
+    """
+    losses, grad = _losses_and_grad(input, target, reduction, want_grad=True)
+    return _reduce(losses, reduction), grad

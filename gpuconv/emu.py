@@ -1,0 +1,657 @@
+"""The emulated CUDA device: the kernels of ``kernels_cu/`` compiled by the host C++ compiler.
+
+Status: usable.
+
+Running a kernel on the emulated device
+---------------------------------------
+Arrays on device ``'emu'`` (:class:`gpuconv.EmuArray`) make every op run its CUDA kernels here;
+``gpuconv.kernels.launch`` is the usual way in. Directly, as with ``cupy.RawModule``::
+
+    from gpuconv import emu, kernels
+    fn = emu.module_for(kernels.kernel_path("activation")).get_function("relu_forward_v1")
+    fn((blocks, 1, 1), (256, 1, 1), (x, y, np.int64(n)), shared_mem=0)
+
+A module is compiled once by ``g++`` (``$CXX``) together with ``gpuconv/emu_runtime/cuda_emu.h``
+and cached on disk by a hash of (source, header, flags, compiler version) in ``$GPUCONV_EMU_CACHE``
+(default ``~/.cache/gpuconv/emu``). The threads of a block run as cooperative fibers that switch
+at ``__syncthreads()`` and at warp intrinsics (a few lines of x86-64 assembly per switch; ucontext
+on other Linux architectures); blocks run one after another. The order in which
+the fibers of a block resume between barriers is chosen by :func:`thread_order` or
+``$GPUCONV_EMU_ORDER`` (``forward``, ``reverse``, ``random`` or ``random:SEED``): running a
+kernel in several orders exposes code that depends on an order the hardware does not promise.
+
+What it catches (each an :class:`EmuError`)
+-------------------------------------------
+* a missing ``__syncthreads()``: shared memory is poisoned with NaN (bytes 0xFF) before every
+  block and threads run in the chosen order, so a read before the write gives NaN or a wrong
+  answer in at least one order;
+* an unwritten shared slot (NaN), an uninitialised local (``-ftrivial-auto-var-init=pattern``:
+  a float starts as -1.7e38);
+* barrier divergence (a ``__syncthreads()`` that returned threads never reach) and deadlock,
+  naming the block and threads; warp intrinsics whose lanes disagree on the operation or mask;
+* out-of-bounds global memory access: every array argument is copied into a buffer whose end
+  touches a 1 MiB ``PROT_NONE`` guard region (and with another before it), so the fault names
+  the kernel, the parameter, the byte offset, the block and the thread. Buffers start 16-byte
+  aligned (for ``float4`` access), which leaves up to 15 bytes of slack after an array whose size
+  is not a multiple of 16, and a head slack within the first page: both are filled with 0xFF (a
+  read gives NaN) and checked after the launch (a write there is reported);
+* writes past the dynamic shared memory size of the launch (a 1 KiB red zone);
+* integer division by zero and other faults inside a kernel, and fiber stack overflow (64 KiB);
+* wrong arguments, below ``kernels.cast_args``: a Python ``float``/``int`` for a scalar (CuPy would
+  pass 8 bytes whatever the parameter), a NumPy scalar or array of another dtype, a non-contiguous
+  array; launch shapes beyond CUDA's limits (block x, y <= 1024, z <= 64, at most 1024 threads;
+  grid x < 2^31, y, z <= 65535; static plus dynamic shared memory <= 48 KiB unless the
+  function's ``max_dynamic_shared_size_bytes`` is raised, up to 227 KiB in all, Hopper's opt-in
+  maximum. Static shared memory is read per kernel from the library's symbol table; a
+  ``__shared__`` variable of a ``__device__`` function or at file scope counts against every kernel).
+
+What is NOT emulated
+--------------------
+Races between blocks (blocks run one at a time, in order), memory ordering and fences, the
+weaker consistency of a real GPU, warps diverging inside a warp (a warp is only synchronised at
+its intrinsics), tensor-core and inline PTX instructions, texture memory, streams, and
+performance. libm's ``expf``/``logf``/``__expf``... are more exact than the GPU's approximations,
+so compare results with a tolerance. Denormals are flushed to zero while a kernel runs, as the
+kernels are compiled with ``-ftz=true`` for the GPU (here for doubles as well). A shuffle that
+reads a lane outside the participating set returns all-ones bits (NaN). ``__activemask()`` is
+every lane that has not exited. One launch runs at a time per process.
+
+The source is compiled as written, with one rewrite: ``extern __shared__ T name[];`` (dynamic
+shared memory, not valid C++ on the host) becomes a pointer to the launch's shared arena, on the
+same line so compiler messages keep their line numbers. ``GPUCONV_EMU`` is defined.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import mmap
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .kernels import Param, parse_signatures
+
+HEADER = Path(__file__).with_name("emu_runtime") / "cuda_emu.h"
+CACHE_ENV = "GPUCONV_EMU_CACHE"
+ORDER_ENV = "GPUCONV_EMU_ORDER"
+# -fstack-clash-protection probes every page of a large stack frame, so a local array too big
+# for a fiber's stack faults in the guard page below it instead of landing in another stack;
+# -z defs turns a function the header declares but nothing defines into a link error, not a
+# failure to load.
+CXX_FLAGS = (
+    "-std=c++17", "-O2", "-shared", "-fPIC", "-ftrivial-auto-var-init=pattern", "-fstack-clash-protection",
+    "-Wno-unknown-pragmas", "-Wl,-z,defs",
+)
+
+ORDERS = ("forward", "reverse", "random")
+MAX_BLOCK = (1024, 1024, 64)
+MAX_THREADS_PER_BLOCK = 1024
+MAX_GRID = (2**31 - 1, 65535, 65535)
+DEFAULT_SHARED_LIMIT = 48 * 1024
+MAX_SHARED_LIMIT = 227 * 1024  # Hopper's opt-in maximum per block (cudaFuncAttributeMaxDynamicSharedMemorySize)
+
+# Room kept inaccessible on each side of an array argument: an index that runs up to 1 MiB past
+# either end faults instead of touching another allocation.
+_GUARD_BYTES = 1 << 20
+_ALIGN = 16
+_POISON = 0xFF
+
+
+class EmuError(RuntimeError):
+    """A kernel failed on the emulated device."""
+
+
+class EmuCompileError(EmuError):
+    """The kernel source does not compile; the message names the file and line."""
+
+
+class EmuLaunchError(EmuError, ValueError):
+    """A launch configuration beyond CUDA's limits."""
+
+
+class EmuArgumentError(EmuError, TypeError):
+    """A kernel argument that does not match its parameter exactly."""
+
+
+class EmuMemoryError(EmuError):
+    """An out-of-bounds access to global or shared memory, or a fault in a kernel."""
+
+
+class EmuSyncError(EmuError):
+    """Barrier divergence, deadlock, or a warp intrinsic whose lanes disagree."""
+
+
+# Result codes of emu::launch (cuda_emu.h).
+_OK, _SIGNAL, _DIVERGENCE, _DEADLOCK, _WARP_MISUSE, _SHARED_OVERRUN, _STACK_OVERFLOW, _NO_MEMORY = range(8)
+
+
+class _Report(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_int),
+        ("signal", ctypes.c_int),
+        ("signal_code", ctypes.c_int),
+        ("fault_address", ctypes.c_ulonglong),
+        ("block", ctypes.c_uint * 3),
+        ("thread", ctypes.c_uint * 3),
+        ("message", ctypes.c_char * 512),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Thread order
+
+_order_override: tuple[str, int] | None = None
+
+
+def _parse_order(text: str) -> tuple[str, int]:
+    name, _, seed = text.strip().lower().partition(":")
+    if name not in ORDERS or (seed and (name != "random" or not seed.isdigit())):
+        raise ValueError(f"${ORDER_ENV} must be 'forward', 'reverse', 'random' or 'random:SEED', got {text!r}")
+    return name, int(seed or 0)
+
+
+def current_order() -> tuple[str, int]:
+    """The (order, seed) the next launch uses: :func:`thread_order`'s, else ``$GPUCONV_EMU_ORDER``'s."""
+    if _order_override is not None:
+        return _order_override
+    return _parse_order(os.environ.get(ORDER_ENV, "forward"))
+
+
+@contextlib.contextmanager
+def thread_order(order: str, seed: int = 0):
+    """Within the ``with`` statement, launches resume the threads of each block between barriers
+    in ``order``: 'forward' (thread 0 first), 'reverse', or 'random' (a new permutation every
+    round, drawn from ``seed``)."""
+    global _order_override
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    previous, _order_override = _order_override, (order, int(seed))
+    try:
+        yield
+    finally:
+        _order_override = previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation
+
+# `extern __shared__ [__align__(n)] T name[];` on one line; see the module docstring.
+_DYNAMIC_SHARED_RE = re.compile(
+    r"\bextern[ \t]+__shared__[ \t]+([^;\[\n]*?)[ \t]*\b(\w+)[ \t]*\[[ \t]*\][ \t]*;"
+)
+_ALIGN_RE = re.compile(r"__align__[ \t]*\([ \t]*\d+[ \t]*\)")
+
+
+def _rewrite_dynamic_shared(source: str) -> str:
+    def pointer(match: re.Match) -> str:
+        ctype = " ".join(_ALIGN_RE.sub(" ", match.group(1)).split())
+        return f"{ctype}* const {match.group(2)} = reinterpret_cast<{ctype}*>(emu_dynamic_shared);"
+
+    return _DYNAMIC_SHARED_RE.sub(pointer, source)
+
+
+def _entry_points(signatures: dict[str, tuple[Param, ...]]) -> str:
+    """One ``emu_launch_<kernel>`` per kernel: unpacks the argument slots and runs the kernel as
+    the body of every fiber."""
+    lines = ['#line 1 "<gpuconv.emu entry points>"']
+    for name, params in signatures.items():
+        unpacked = ", ".join(
+            f"*({p.ctype}**)args[{i}]" if p.pointer else f"*({p.ctype}*)args[{i}]" for i, p in enumerate(params)
+        )
+        lines.append(f"static void emu_body_{name}(void** args) {{ (void)args; {name}({unpacked}); }}")
+        lines.append(
+            f'extern "C" int emu_launch_{name}(const long long* cfg, void** args, emu::Report* report) '
+            f"{{ return emu::launch(cfg, args, emu_body_{name}, report); }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _display_name(path: Path) -> str:
+    """``kernels_cu/foo.cu``: the name compiler messages use, the same on every machine."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpuconv" / "emu")
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    try:
+        result = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise EmuCompileError(f"the emulated device needs a C++17 compiler; {cxx!r} failed: {exc}") from None
+    return result.stdout.splitlines()[0] if result.stdout else cxx
+
+
+_COMPILER_ERROR_RE = re.compile(r"^(?P<file>[^:\n]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: (?P<text>.*)$", re.MULTILINE)
+
+
+def _compile_error(display: str, stderr: str) -> EmuCompileError:
+    first = _COMPILER_ERROR_RE.search(stderr)
+    headline = (
+        f"{first['file']}:{first['line']}: error: {first['text']}" if first else f"{display}: compilation failed"
+    )
+    return EmuCompileError(f"{headline}\n(compiling {display} for the emulated device)\n{stderr.strip()}")
+
+
+class EmuModule:
+    """A ``.cu`` source compiled for the emulated device (as ``cupy.RawModule``).
+
+    ``path`` names a file; ``source`` gives the text directly (``name`` then names it in compiler
+    messages). ``options`` are extra compiler options, such as ``-DNAME=value``. ``compiled``
+    tells whether this instance ran the compiler or found the cached shared library.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        source: str | None = None,
+        name: str = "<source>.cu",
+        options: tuple[str, ...] = (),
+    ):
+        if (path is None) == (source is None):
+            raise TypeError("EmuModule takes exactly one of path= or source=")
+        if path is not None:
+            path = Path(path)
+            source = path.read_text()
+            name = _display_name(path)
+        self.name = name
+        self.signatures = parse_signatures(source)
+        text = f'#line 1 "{name}"\n{_rewrite_dynamic_shared(source)}\n{_entry_points(self.signatures)}'
+        cxx = _compiler()
+        self.options = tuple(options)
+        key = hashlib.sha256(
+            "\0".join([text, HEADER.read_text(), " ".join(CXX_FLAGS + self.options), _compiler_version(cxx)]).encode()
+        ).hexdigest()[:24]
+        stem = re.sub(r"[^\w.-]", "_", Path(name).stem)
+        self.library_path = cache_dir() / f"{stem}-{key}.so"
+        self.compiled = not self.library_path.is_file()
+        if self.compiled:
+            self._compile(cxx, text)
+        self._library = ctypes.CDLL(str(self.library_path))
+        self._functions: dict[str, EmuFunction] = {}
+        self._static_shared = _static_shared_bytes(self.library_path, self.signatures)
+
+    def _compile(self, cxx: str, text: str) -> None:
+        directory = self.library_path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # Compile to a private name and rename: processes compiling the same module at once each
+        # publish a complete library, never a half-written one.
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=self.library_path.stem, suffix=".tmp")
+        os.close(fd)
+        try:
+            command = [cxx, *CXX_FLAGS, *self.options, "-include", str(HEADER), "-x", "c++", "-", "-o", temporary]
+            result = subprocess.run(command, input=text, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise _compile_error(self.name, result.stderr)
+            os.replace(temporary, self.library_path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    def get_function(self, name: str) -> EmuFunction:
+        if name not in self._functions:
+            if name not in self.signatures:
+                raise KeyError(f"{self.name} has no extern \"C\" __global__ kernel named {name!r}")
+            entry = getattr(self._library, f"emu_launch_{name}")
+            entry.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_Report)]
+            entry.restype = ctypes.c_int
+            self._functions[name] = EmuFunction(self, name, self.signatures[name], entry, self._static_shared[name])
+        return self._functions[name]
+
+
+_SHARED_SYMBOL_RE = re.compile(r"^[0-9a-f]+ .*\semu_shared\s+([0-9a-f]+)\s+(\S+)$", re.MULTILINE)
+_LOCAL_STATIC_RE = re.compile(r"_ZZ(\d+)")
+
+
+def _static_shared_bytes(library: Path, signatures) -> dict[str, int]:
+    """Static ``__shared__`` bytes per kernel, from the symbol table of the compiled library.
+
+    A ``__shared__`` variable declared in a kernel is a static local, named ``_ZZ<len><kernel>E..``;
+    one declared in a __device__ function or at file scope cannot be traced to its kernels, so it
+    counts against every kernel of the file (as on a GPU for each kernel that uses it).
+    """
+    try:
+        table = subprocess.run(["objdump", "-t", str(library)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return dict.fromkeys(signatures, 0)  # without binutils the limit applies to dynamic shared memory alone
+    owned = dict.fromkeys(signatures, 0)
+    everyone = 0
+    for size_hex, symbol in _SHARED_SYMBOL_RE.findall(table):
+        size = int(size_hex, 16)
+        match = _LOCAL_STATIC_RE.match(symbol)
+        owner = symbol[match.end() : match.end() + int(match.group(1))] if match else None
+        if owner in owned:
+            owned[owner] += size
+        else:
+            everyone += size
+    return {name: size + everyone for name, size in owned.items()}
+
+
+_modules: dict[tuple[str, str], EmuModule] = {}
+_modules_lock = threading.Lock()
+
+
+def module_for(path: str | os.PathLike) -> EmuModule:
+    """The compiled module of the file at ``path``, once per process and file contents."""
+    path = Path(path).resolve()
+    key = (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    with _modules_lock:
+        if key not in _modules:
+            _modules[key] = EmuModule(path)
+        return _modules[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarded memory
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_PAGE = mmap.PAGESIZE
+_PROT_NONE, _PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
+# Guard regions are never touched, so they need no swap reservation (MAP_NORESERVE, Linux's value).
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (0x4000 if sys.platform.startswith("linux") else 0)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _bytes_at(address: int, nbytes: int) -> np.ndarray:
+    if not nbytes:
+        return np.empty(0, np.uint8)
+    return np.frombuffer((ctypes.c_ubyte * nbytes).from_address(address), dtype=np.uint8)
+
+
+@dataclass
+class _Region:
+    """A span of host memory covered by one or more array arguments (several when they alias)."""
+
+    start: int
+    nbytes: int
+    args: list  # (parameter index, array)
+
+
+class _GuardedBuffer:
+    """``nbytes`` of memory whose end touches a PROT_NONE guard region, with another before it.
+
+    The start is 16-byte aligned, so the last ``round_up(nbytes, 16) - nbytes`` bytes before the
+    guard, and the head of the first page, are slack: filled with 0xFF and checked afterwards.
+    """
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.body = _round_up(_round_up(nbytes, _ALIGN), _PAGE)
+        self.total = 2 * _GUARD_BYTES + self.body
+        base = _libc.mmap(None, self.total, _PROT_NONE, _MAP_FLAGS, -1, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise MemoryError(f"cannot map {self.total} bytes for a kernel argument of {nbytes} bytes")
+        self.base = base
+        self.body_start = base + _GUARD_BYTES
+        if self.body and _libc.mprotect(self.body_start, self.body, _PROT_RW) != 0:
+            self.free()
+            raise MemoryError(f"mprotect failed with errno {ctypes.get_errno()}")
+        self.data = self.body_start + self.body - _round_up(nbytes, _ALIGN)
+        self.memory = _bytes_at(self.body_start, self.body)
+        self.memory[:] = _POISON
+
+    @property
+    def offset(self) -> int:
+        return self.data - self.body_start
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """The ``nbytes`` bytes at ``offset`` from the start of the data."""
+        return self.memory[self.offset + offset : self.offset + offset + nbytes]
+
+    def guard_side(self, address: int) -> str | None:
+        """'before' or 'after' when ``address`` is in a guard region of this buffer."""
+        if self.base <= address < self.body_start:
+            return "before"
+        if self.body_start + self.body <= address < self.base + self.total:
+            return "after"
+        return None
+
+    def slack_written(self) -> tuple[int, int] | None:
+        """(first, last) byte offsets relative to the data of slack bytes a kernel overwrote."""
+        head = np.flatnonzero(self.memory[: self.offset] != _POISON)
+        tail = np.flatnonzero(self.memory[self.offset + self.nbytes :] != _POISON)
+        if not head.size and not tail.size:
+            return None
+        offsets = np.concatenate([head - self.offset, tail + self.nbytes])
+        return int(offsets.min()), int(offsets.max())
+
+    def free(self) -> None:
+        self.memory = None
+        _libc.munmap(self.base, self.total)
+
+
+def _regions(arrays: list[tuple[int, np.ndarray]]) -> list[_Region]:
+    """Group array arguments whose memory overlaps, so an in-place kernel sees one buffer."""
+    spans = sorted(((a.ctypes.data, a.nbytes, i, a) for i, a in arrays), key=lambda s: (s[0], s[1]))
+    regions: list[_Region] = []
+    for start, nbytes, index, array in spans:
+        last = regions[-1] if regions else None
+        if last is not None and nbytes and last.nbytes and start < last.start + last.nbytes:
+            last.nbytes = max(last.nbytes, start + nbytes - last.start)
+            last.args.append((index, array))
+        else:
+            regions.append(_Region(start, nbytes, [(index, array)]))
+    return regions
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+
+_launch_lock = threading.Lock()
+
+
+def _dim3(value, what: str) -> tuple[int, int, int]:
+    dims = (value,) if np.isscalar(value) else tuple(value)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise EmuLaunchError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+class EmuFunction:
+    """One kernel of an :class:`EmuModule`, called as ``cupy.RawKernel``:
+    ``function(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, module: EmuModule, name: str, params: tuple[Param, ...], entry, static_shared_bytes: int):
+        self.module = module
+        self.name = name
+        self.params = params
+        self.static_shared_bytes = static_shared_bytes
+        self._entry = entry
+        self._max_dynamic_shared = max(DEFAULT_SHARED_LIMIT - static_shared_bytes, 0)
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        """The most dynamic shared memory a launch may ask for (CUDA's opt-in attribute): by
+        default 48 KiB less the kernel's static shared memory; at most 227 KiB less it."""
+        return self._max_dynamic_shared
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        limit = MAX_SHARED_LIMIT - self.static_shared_bytes
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value <= limit:
+            raise EmuLaunchError(
+                f"{self.name}: max_dynamic_shared_size_bytes must be an int in [0, {limit}] "
+                f"({MAX_SHARED_LIMIT} bytes less {self.static_shared_bytes} of static shared memory), got {value!r}"
+            )
+        self._max_dynamic_shared = int(value)
+
+    def _check_launch(self, grid, block, shared_mem) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        for what, dims, limits in (("grid", grid, MAX_GRID), ("block", block, MAX_BLOCK)):
+            for axis, size, limit in zip("xyz", dims, limits):
+                if not 1 <= size <= limit:
+                    raise EmuLaunchError(f"{self.name}: {what} {dims}: {what}.{axis} must be in [1, {limit}], got {size}")
+        if block[0] * block[1] * block[2] > MAX_THREADS_PER_BLOCK:
+            raise EmuLaunchError(
+                f"{self.name}: block {block} has {block[0] * block[1] * block[2]} threads, more than {MAX_THREADS_PER_BLOCK}"
+            )
+        if not isinstance(shared_mem, (int, np.integer)) or isinstance(shared_mem, bool) or shared_mem < 0:
+            raise EmuLaunchError(f"{self.name}: shared_mem must be a non-negative int, got {shared_mem!r}")
+        if shared_mem > self._max_dynamic_shared:
+            raise EmuLaunchError(
+                f"{self.name}: shared_mem={shared_mem} bytes exceeds the limit of {self._max_dynamic_shared} "
+                f"(the kernel has {self.static_shared_bytes} bytes of static shared memory; raise "
+                f"max_dynamic_shared_size_bytes, up to {MAX_SHARED_LIMIT - self.static_shared_bytes})"
+            )
+        return grid, block
+
+    def _check_args(self, args) -> tuple:
+        args = tuple(args)
+        if len(args) != len(self.params):
+            raise EmuArgumentError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
+        for param, arg in zip(self.params, args):
+            if param.pointer:
+                if not isinstance(arg, np.ndarray):
+                    raise EmuArgumentError(
+                        f"kernel {self.name}: parameter {param.name} is {param.ctype}*, "
+                        f"needs an array, got {type(arg).__name__}"
+                    )
+                if arg.dtype != param.dtype:
+                    raise EmuArgumentError(
+                        f"kernel {self.name}: parameter {param.name} is {param.ctype}*, "
+                        f"got an array of {arg.dtype} {arg.shape}"
+                    )
+                if not arg.flags.c_contiguous:
+                    raise EmuArgumentError(
+                        f"kernel {self.name}: array for parameter {param.name} {arg.shape} is not C-contiguous"
+                    )
+            elif not isinstance(arg, np.generic):
+                raise EmuArgumentError(
+                    f"kernel {self.name}: parameter {param.name} is {param.ctype}, got {type(arg).__name__} {arg!r}; "
+                    f"pass np.{param.dtype.name}(...) (CuPy passes a Python scalar as 8 bytes whatever the parameter)"
+                )
+            elif arg.dtype != param.dtype:
+                raise EmuArgumentError(
+                    f"kernel {self.name}: parameter {param.name} is {param.ctype} ({param.dtype}), got {arg.dtype} {arg!r}"
+                )
+        return args
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        grid, block = self._check_launch(grid, block, shared_mem)
+        args = self._check_args(args)
+        order, seed = current_order()
+        config = (ctypes.c_longlong * 9)(*grid, *block, int(shared_mem), ORDERS.index(order), seed)
+        with _launch_lock:
+            self._launch(config, args)
+
+    def _launch(self, config, args: tuple) -> None:
+        slots = np.zeros(max(len(args), 1), dtype=np.uint64)  # one 8-byte slot per argument
+        regions = _regions([(i, a) for i, (p, a) in enumerate(zip(self.params, args)) if p.pointer])
+        buffers: list[_GuardedBuffer] = []
+        try:
+            for region in regions:
+                buffer = _GuardedBuffer(region.nbytes)
+                buffers.append(buffer)
+                for index, array in region.args:
+                    offset = array.ctypes.data - region.start
+                    buffer.view(offset, array.nbytes)[:] = _bytes_at(array.ctypes.data, array.nbytes)
+                    slots[index] = buffer.data + offset
+            for index, (param, arg) in enumerate(zip(self.params, args)):
+                if not param.pointer:
+                    slots[index : index + 1].view(np.uint8)[: arg.itemsize] = np.frombuffer(arg.tobytes(), np.uint8)
+            slot_pointers = (ctypes.c_void_p * len(slots))(*(slots.ctypes.data + 8 * i for i in range(len(slots))))
+            report = _Report()
+            if self._entry(config, slot_pointers, ctypes.byref(report)) != _OK:
+                raise self._error(report, regions, buffers)
+            # Every check before any copy back: a failed launch leaves the arrays as they were.
+            for region, buffer in zip(regions, buffers):
+                self._check_slack(region, buffer)
+                for index, array in region.args:
+                    result = buffer.view(array.ctypes.data - region.start, array.nbytes)
+                    unchanged = np.array_equal(result, _bytes_at(array.ctypes.data, array.nbytes))
+                    if not array.flags.writeable and not unchanged:
+                        name = self.params[index].name
+                        raise EmuMemoryError(f"kernel {self.name} wrote to parameter {name}, a read-only array")
+            for region, buffer in zip(regions, buffers):
+                for _, array in region.args:
+                    if array.flags.writeable:
+                        result = buffer.view(array.ctypes.data - region.start, array.nbytes)
+                        _bytes_at(array.ctypes.data, array.nbytes)[:] = result
+        finally:
+            for buffer in buffers:
+                buffer.free()
+
+    def _describe(self, region: _Region) -> str:
+        names = " and ".join(
+            f"{self.params[i].name} ({self.params[i].ctype}*, {a.size} elements)" for i, a in region.args
+        )
+        return f"parameter {names}"
+
+    def _check_slack(self, region: _Region, buffer: _GuardedBuffer) -> None:
+        written = buffer.slack_written()
+        if written is not None:
+            first, last = written
+            raise EmuMemoryError(
+                f"kernel {self.name}: out-of-bounds write to {self._describe(region)}: bytes {first}..{last} "
+                f"relative to its start, outside its {region.nbytes} bytes"
+            )
+
+    def _error(self, report: _Report, regions: list[_Region], buffers: list[_GuardedBuffer]) -> EmuError:
+        where = f"block {tuple(report.block)} thread {tuple(report.thread)}"
+        if report.code == _SIGNAL and report.signal == signal.SIGFPE:
+            what = {1: "integer division by zero", 2: "integer overflow"}.get(report.signal_code, "arithmetic exception")
+            return EmuError(f"kernel {self.name}: {what} (SIGFPE; a GPU returns an undefined value instead) by {where}")
+        if report.code == _SIGNAL:
+            return EmuMemoryError(f"kernel {self.name}: {self._locate(report.fault_address, regions, buffers)}, by {where}")
+        kinds = {
+            _DIVERGENCE: EmuSyncError,
+            _DEADLOCK: EmuSyncError,
+            _WARP_MISUSE: EmuSyncError,
+            _SHARED_OVERRUN: EmuMemoryError,
+            _STACK_OVERFLOW: EmuMemoryError,
+            _NO_MEMORY: EmuError,
+        }
+        if report.code == _SHARED_OVERRUN:  # found after the block ran: the thread is unknown
+            where = f"block {tuple(report.block)}"
+        message = report.message.decode(errors="replace")
+        return kinds.get(report.code, EmuError)(f"kernel {self.name}: {message} ({where})")
+
+    def _locate(self, address: int, regions: list[_Region], buffers: list[_GuardedBuffer]) -> str:
+        """Which array a faulting address belongs to, or which it lies nearest."""
+        for region, buffer in zip(regions, buffers):
+            side = buffer.guard_side(address)
+            if side is not None:
+                offset = address - buffer.data
+                element = offset // region.args[0][1].itemsize
+                if side == "after":
+                    return (
+                        f"out-of-bounds access after the end of {self._describe(region)}: byte offset {offset} "
+                        f"(element {element}) of {region.nbytes} bytes"
+                    )
+                return (
+                    f"out-of-bounds access before the start of {self._describe(region)}: "
+                    f"byte offset {offset} (element {element})"
+                )
+        text = f"invalid memory access at address {address:#x}"
+        if not regions:
+            return text
+        offset, region = min(((address - b.data, r) for r, b in zip(regions, buffers)), key=lambda pair: abs(pair[0]))
+        return (
+            f"{text}, {offset} bytes from the start of {self._describe(region)} "
+            "(an index that wrapped around, a wild or null pointer, or a misaligned vector access)"
+        )

@@ -1,0 +1,620 @@
+"""Layers with explicit backward passes, shaped after ``torch.nn``.
+
+There is no autograd: every layer's ``forward(x)`` keeps what its backward needs, and
+``backward(grad_output)`` returns the gradient with respect to the layer's input while
+*accumulating* the gradients of its parameters into ``Parameter.grad`` (``None`` -> set, else
+``+=``), as ``loss.backward()`` does in PyTorch. A model's backward is its layers' backwards in
+reverse order (:class:`Sequential` does exactly that).
+
+Layers run on the device of their parameters: ``model.to('emu')`` moves them, and an input on
+another device is a ValueError. Parameters are float32, as the kernels are; ``double()`` turns a
+model on the CPU to float64, for finite-difference gradient checks.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+
+from . import functional as F
+from .device import device_of, to_device, to_numpy
+from .functional._checks import pair
+from .random import generator, next_seed
+
+__all__ = [
+    "Parameter", "Module", "Sequential",
+    "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "Tanh", "Sigmoid", "Flatten", "Linear", "Dropout",
+    "LocalResponseNorm", "CrossEntropyLoss",
+]
+
+
+class Parameter:
+    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> str:
+        return device_of(self.data)
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def accumulate_grad(self, grad) -> None:
+        if self.grad is None:
+            self.grad = grad
+        else:
+            self.grad += grad
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
+
+
+_IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+class Module:
+    """Base class: parameters and sub-modules registered by attribute assignment, as in PyTorch.
+
+    Subclasses implement ``forward`` and ``backward``; leaves also implement ``output_shape`` (the
+    shape arithmetic :mod:`gpuconv.summary` uses). A container's ``output_shape`` chains its
+    children in registration order, which is why containers register children in the order
+    their forward runs them.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        self.training = True
+        self._ctx = None
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.__init__ must call super().__init__() before assigning {name!r}"
+            )
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails: parameters and sub-modules live in their dicts.
+        for store in ("_parameters", "_modules"):
+            items = self.__dict__.get(store)
+            if items is not None and name in items:
+                return items[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- forward / backward -------------------------------------------------------------------
+
+    def forward(self, *inputs):
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward")
+
+    def __call__(self, *inputs):
+        return self.forward(*inputs)
+
+    def _save(self, **tensors) -> None:
+        """Keep what backward needs from this forward (and drop what the last one kept)."""
+        self._ctx = tensors
+
+    def _saved(self) -> dict:
+        if self._ctx is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): there is no saved input")
+        return self._ctx
+
+    def _check_input(self, x) -> None:
+        """The input must live where the parameters do: a ValueError naming both otherwise."""
+        x_device = device_of(x)
+        own = self.device
+        if own is not None and x_device != own:
+            raise ValueError(
+                f"{type(self).__name__}: input of shape {tuple(x.shape)} is on {x_device!r} but the layer's "
+                f"parameters are on {own!r}; move one with .to({own!r}) or gpuconv.to_device(x, {x_device!r})"
+            )
+
+    # -- structure ----------------------------------------------------------------------------
+
+    def named_children(self):
+        yield from self._modules.items()
+
+    def children(self):
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix: str = ""):
+        for module_name, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                yield (f"{module_name}.{name}" if module_name else name), param
+
+    def parameters(self):
+        for _, param in self.named_parameters():
+            yield param
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> str | None:
+        """The device of the parameters; None for a module without any."""
+        for param in self.parameters():
+            return param.device
+        return None
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output shape for an input of ``input_shape``, computed without running anything."""
+        if not self._modules:
+            raise NotImplementedError(f"{type(self).__name__} does not implement output_shape")
+        shape = tuple(input_shape)
+        for child in self.children():
+            shape = child.output_shape(shape)
+        return shape
+
+    # -- state --------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        for module in self.modules():
+            module.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for param in self.parameters():
+            param.grad = None
+
+    def _convert(self, convert) -> None:
+        """Apply ``convert`` to every parameter and gradient; saved activations become stale."""
+        for module in self.modules():
+            for param in module._parameters.values():
+                param.data = convert(param.data)
+                if param.grad is not None:
+                    param.grad = convert(param.grad)
+            module._ctx = None
+
+    def to(self, device: str):
+        """Move parameters and gradients to ``device`` ('cpu', 'cuda', 'emu'); returns self."""
+        self._convert(lambda a: to_device(a, device))
+        return self
+
+    def double(self):
+        """float64 parameters, on the CPU only (the kernels are float32): for gradient checks."""
+        if self.device not in (None, "cpu"):
+            raise ValueError(f"double() needs the model on 'cpu' (float64 runs only there), it is on {self.device!r}")
+        self._convert(lambda a: a.astype(np.float64))
+        return self
+
+    def float(self):
+        """float32 parameters, as the kernels of every device take."""
+        self._convert(lambda a: a.astype(np.float32))
+        return self
+
+    def state_dict(self) -> OrderedDict:
+        """``name -> NumPy copy`` of every parameter, names dotted as in PyTorch ('features.0.weight')."""
+        return OrderedDict((name, to_numpy(param.data).copy()) for name, param in self.named_parameters())
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy ``state_dict``'s arrays into the parameters' arrays (keeping their device and dtype).
+
+        Returns ``(missing_keys, unexpected_keys)``; with ``strict`` either being non-empty is a
+        ValueError. A shape mismatch is always a ValueError. Nothing is copied unless every check
+        passes, so a failed load leaves the model as it was.
+        """
+        own = dict(self.named_parameters())
+        missing = [name for name in own if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in own]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        for name, param in own.items():
+            if name in state_dict and tuple(np.shape(state_dict[name])) != param.shape:
+                problems.append(f"{name}: expected shape {param.shape}, got {tuple(np.shape(state_dict[name]))}")
+        if problems:
+            raise ValueError(f"cannot load state_dict into {type(self).__name__}:\n  " + "\n  ".join(problems))
+        for name, param in own.items():
+            if name in state_dict:
+                # Copied into the existing array, as torch does: whoever holds param.data (an
+                # optimizer, a view) sees the loaded values, and nothing shares the caller's memory.
+                value = np.asarray(to_numpy(state_dict[name]), dtype=param.dtype)
+                param.data[...] = to_device(value, param.device)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # -- printing -----------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._modules.items()]
+        head = self.extra_repr()
+        return f"{type(self).__name__}(\n  " + "\n  ".join(([head] if head else []) + lines) + "\n)"
+
+
+class Sequential(Module):
+    """Children named '0', '1'...; forward runs them in order, backward in reverse."""
+
+    def __init__(self, *modules: Module):
+        super().__init__()
+        for index, module in enumerate(modules):
+            if not isinstance(module, Module):
+                raise TypeError(f"Sequential: argument {index} must be a Module, got {type(module).__name__}")
+            setattr(self, str(index), module)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index):
+        modules = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*modules[index])
+        return modules[index]
+
+    def forward(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+    def backward(self, grad_output):
+        for module in reversed(list(self)):
+            grad_output = module.backward(grad_output)
+        return grad_output
+
+
+def _uniform(shape, bound: float) -> np.ndarray:
+    """float32 U(-bound, bound), drawn in float32 and in place: VGG16's 25088x4096 weight has 10^8 entries."""
+    values = generator().random(shape, dtype=np.float32)
+    values *= 2.0 * bound
+    values -= bound
+    return values
+
+
+def _shape_check(layer: str, input_shape, ndim: int, layout: str) -> tuple[int, ...]:
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) != ndim:
+        raise ValueError(f"{layer}: input must be {ndim}-D ({layout}), got shape {input_shape}")
+    return input_shape
+
+
+class Conv2d(Module):
+    """2-D convolution, NCHW input, OIHW weight; initialised as ``torch.nn.Conv2d``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        if min(self.in_channels, self.out_channels) < 1:
+            raise ValueError(
+                f"Conv2d: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
+            )
+        self.kernel_size = pair(kernel_size, "kernel_size", 1)
+        self.stride = pair(stride, "stride", 1)
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", 0)
+        self.dilation = pair(dilation, "dilation", 1)
+        # kaiming_uniform_(a=sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as does the bias.
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        self.weight = Parameter(_uniform((self.out_channels, self.in_channels) + self.kernel_size, bound))
+        self.bias = Parameter(_uniform((self.out_channels,), bound)) if bias else None
+
+    def _conv_args(self):
+        return self.stride, self.padding, self.dilation
+
+    def forward(self, x):
+        self._check_input(x)
+        bias = None if self.bias is None else self.bias.data
+        out = F.conv2d(x, self.weight.data, bias, *self._conv_args())
+        self._save(input=x)
+        return out
+
+    def backward(self, grad_output):
+        x = self._saved()["input"]
+        weight = self.weight.data
+        self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args()))
+        if self.bias is not None:
+            self.bias.accumulate_grad(F.conv2d_bias(grad_output))
+        return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args())
+
+    def output_shape(self, input_shape):
+        n, c, h, w = _shape_check("Conv2d", input_shape, 4, "NCHW")
+        if c != self.in_channels:
+            raise ValueError(
+                f"Conv2d: input has {c} channels, the layer expects {self.in_channels} (input shape {input_shape})"
+            )
+        out_h, out_w = F.conv2d_output_size((h, w), self.kernel_size, *self._conv_args())
+        return n, self.out_channels, out_h, out_w
+
+    def extra_repr(self) -> str:
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class _Pool2d(Module):
+    """What max and average pooling share: the window arguments (stride defaults to the window)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self.padding = padding
+        self.ceil_mode = bool(ceil_mode)
+        # Checked now, but kept as the caller wrote them (2, not (2, 2)), as torch prints them.
+        pair(kernel_size, "kernel_size", 1)
+        pair(self.stride, "stride", 1)
+        pair(padding, "padding", 0)
+
+    def output_shape(self, input_shape):
+        n, c, h, w = _shape_check(type(self).__name__, input_shape, 4, "NCHW")
+        out_h, out_w = F.pool2d_output_size((h, w), self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        return n, c, out_h, out_w
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling; backward routes each gradient to the position its window's maximum came from."""
+
+    def forward(self, x):
+        out, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, return_indices=True)
+        self._save(indices=indices, input_shape=tuple(x.shape))
+        return out
+
+    def backward(self, grad_output):
+        saved = self._saved()
+        return F.max_pool2d_backward(grad_output, saved["indices"], saved["input_shape"], self.kernel_size,
+                                     self.stride, self.padding, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ceil_mode={self.ceil_mode}"
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling; ``count_include_pad=False`` divides by the window's in-image elements only."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+
+    def forward(self, x):
+        out = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+        self._save(input_shape=tuple(x.shape))
+        return out
+
+    def backward(self, grad_output):
+        return F.avg_pool2d_backward(grad_output, self._saved()["input_shape"], self.kernel_size, self.stride,
+                                     self.padding, self.ceil_mode, self.count_include_pad)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.ceil_mode:
+            text += ", ceil_mode=True"
+        if not self.count_include_pad:
+            text += ", count_include_pad=False"
+        return text
+
+
+class _Activation(Module):
+    """An elementwise activation whose derivative is a function of its output.
+
+    ``_op`` names the functional pair ``F.<op>`` / ``F.<op>_backward``, looked up at call time.
+    """
+
+    _op: str
+
+    def forward(self, x):
+        out = getattr(F, self._op)(x)
+        self._save(output=out)
+        return out
+
+    def backward(self, grad_output):
+        return getattr(F, f"{self._op}_backward")(grad_output, self._saved()["output"])
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+class ReLU(_Activation):
+    _op = "relu"
+
+
+class Tanh(_Activation):
+    _op = "tanh"
+
+
+class Sigmoid(_Activation):
+    _op = "sigmoid"
+
+
+class Flatten(Module):
+    """Merge dimensions ``start_dim`` to ``end_dim`` into one (a view; backward restores the shape)."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
+        super().__init__()
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+
+    def output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        start, end = (d % len(shape) if -len(shape) <= d < len(shape) else None for d in (self.start_dim, self.end_dim))
+        if start is None or end is None or start > end:
+            raise ValueError(
+                f"Flatten: start_dim={self.start_dim}, end_dim={self.end_dim} do not fit an input of shape {shape}"
+            )
+        return shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
+
+    def forward(self, x):
+        self._save(input_shape=tuple(x.shape))
+        return x.reshape(self.output_shape(x.shape))
+
+    def backward(self, grad_output):
+        return grad_output.reshape(self._saved()["input_shape"])
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+class Linear(Module):
+    """``y = x W^T + b``, input (N, in_features); initialised as ``torch.nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if min(self.in_features, self.out_features) < 1:
+            raise ValueError(
+                f"Linear: in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight = Parameter(_uniform((self.out_features, self.in_features), bound))
+        self.bias = Parameter(_uniform((self.out_features,), bound)) if bias else None
+
+    def forward(self, x):
+        self._check_input(x)
+        out = F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+        self._save(input=x)
+        return out
+
+    def backward(self, grad_output):
+        grad_input, grad_weight, grad_bias = F.linear_backward(grad_output, self._saved()["input"], self.weight.data)
+        self.weight.accumulate_grad(grad_weight)
+        if self.bias is not None:
+            self.bias.accumulate_grad(grad_bias)
+        return grad_input
+
+    def output_shape(self, input_shape):
+        n, features = _shape_check("Linear", input_shape, 2, "N, in_features")
+        if features != self.in_features:
+            raise ValueError(
+                f"Linear: input has {features} features, the layer expects {self.in_features} "
+                f"(input shape {input_shape})"
+            )
+        return n, self.out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Dropout(Module):
+    """Zero each element with probability ``p`` in training (scaling the rest by 1/(1-p)); identity in eval.
+
+    Each forward draws a fresh seed from :func:`gpuconv.random.next_seed`; backward regenerates the
+    same mask from it, so no mask is stored.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x):
+        active = self.training and self.p > 0.0
+        seed = next_seed() if active else None
+        self._save(seed=seed)
+        return F.dropout(x, self.p, True, seed=seed) if active else x
+
+    def backward(self, grad_output):
+        seed = self._saved()["seed"]
+        return grad_output if seed is None else F.dropout_backward(grad_output, self.p, seed)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LocalResponseNorm(Module):
+    """Across-channel LRN, PyTorch's formula: ``x / (k + alpha/size * sum of squares)^beta``."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__()
+        if int(size) < 1:
+            raise ValueError(f"LocalResponseNorm: size must be positive, got {size}")
+        self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
+
+    def _args(self):
+        return self.size, self.alpha, self.beta, self.k
+
+    def forward(self, x):
+        out = F.local_response_norm(x, *self._args())
+        self._save(input=x, output=out)
+        return out
+
+    def backward(self, grad_output):
+        saved = self._saved()
+        return F.local_response_norm_backward(grad_output, saved["input"], saved["output"], *self._args())
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+class CrossEntropyLoss(Module):
+    """``loss = criterion(logits, labels)`` (log-softmax + NLL); ``criterion.backward()`` -> d loss / d logits."""
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"CrossEntropyLoss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, input, target):
+        # The loss and its gradient come from one pass over the scores (one kernel on the GPU).
+        loss, grad = F.cross_entropy_with_grad(input, target, self.reduction)
+        self._save(grad=grad)
+        return loss
+
+    def backward(self, grad_output=None):
+        """d loss / d logits, times ``grad_output`` (a scalar, or one value per sample for 'none') if given."""
+        grad = self._saved()["grad"]
+        if grad_output is None:
+            return grad
+        # Per-sample factors (reduction 'none') scale their sample's row; a scalar scales everything.
+        return grad * (grad_output if np.ndim(grad_output) == 0 else grad_output[:, None])
+
+    def extra_repr(self) -> str:
+        return "" if self.reduction == "mean" else f"reduction={self.reduction!r}"

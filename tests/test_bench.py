@@ -1,0 +1,329 @@
+"""The benchmark suite: its FLOP/byte accounting, its statistics, its timing loop, and a tiny
+`gpuconv bench --quick` run on the CPU. Nothing here asserts on speed."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from gpuconv import bench
+
+
+def _loop_conv_counts(batch, c_in, h, w, c_out, kh, kw, stride, pad):
+    """Multiply-adds of a direct convolution, counted one by one, and its output size: every
+    output pixel whose window lies inside the padded input, times every tap of every channel."""
+    macs, out_h, out_w = 0, 0, 0
+    for oh in range(h + 2 * pad):
+        if oh * stride + kh > h + 2 * pad:
+            break
+        out_h += 1
+    for ow in range(w + 2 * pad):
+        if ow * stride + kw > w + 2 * pad:
+            break
+        out_w += 1
+    for _n in range(batch):
+        for _co in range(c_out):
+            for _ in range(out_h * out_w):
+                for _ci in range(c_in):
+                    for _i in range(kh):
+                        for _j in range(kw):
+                            macs += 1
+    return macs, out_h, out_w
+
+
+CONV_SHAPES = [  # batch, C_in, H, W, C_out, KH, KW, stride, pad
+    (2, 3, 11, 9, 4, 3, 3, 1, 1),
+    (1, 2, 13, 13, 5, 5, 3, 2, 2),
+    (3, 1, 8, 10, 2, 4, 4, 3, 0),
+]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_flops_and_bytes_match_an_independent_count(shape):
+    batch, c_in, h, w, c_out, kh, kw, stride, pad = shape
+    macs, out_h, out_w = _loop_conv_counts(*shape)
+    spec = bench.Conv(batch, (c_in, h, w), (c_out, c_in, kh, kw), (c_out, out_h, out_w), (stride, stride), (pad, pad))
+    assert spec.macs == macs
+    for op in spec.ops:
+        assert spec.flops(op) == 2 * macs
+    x, y = batch * c_in * h * w, batch * c_out * out_h * out_w
+    weight = c_out * c_in * kh * kw
+    assert spec.bytes("conv2d_forward") == 4 * (x + weight + c_out + y)
+    assert spec.bytes("conv2d_backward_data") == 4 * (y + weight + x)
+    assert spec.bytes("conv2d_backward_filter") == 4 * (x + y + weight)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv_accounting_agrees_with_torch_flop_counter(shape):
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, c_in, h, w, c_out, kh, kw, stride, pad = shape
+    x = torch.randn(batch, c_in, h, w, requires_grad=True)
+    weight = torch.randn(c_out, c_in, kh, kw, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        y = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad)
+    with FlopCounterMode(display=False) as backward:  # grad-input and grad-weight together
+        y.backward(torch.ones_like(y))
+    spec = bench.Conv(batch, (c_in, h, w), (c_out, c_in, kh, kw), tuple(y.shape[1:]), (stride, stride), (pad, pad))
+    assert spec.flops("conv2d_forward") == forward.get_total_flops()
+    assert spec.flops("conv2d_backward_data") + spec.flops("conv2d_backward_filter") == backward.get_total_flops()
+
+
+def test_convnet_benchmarks_layers_are_the_classic_table():
+    layers = dict(bench.convnet_benchmarks_layers())
+    assert list(layers) == ["L1", "L2", "L3", "L4", "L5"]
+    assert [s.out_chw for s in layers.values()] == [(64, 55, 55), (192, 27, 27), (384, 13, 13), (256, 13, 13),
+                                                     (256, 13, 13)]
+    # L1: 128 images x 64 maps x 55 x 55 outputs x 3 x 11 x 11 taps.
+    assert layers["L1"].macs == 128 * 64 * 55 * 55 * 3 * 11 * 11
+
+
+def test_model_shapes_are_read_off_the_models():
+    _, layers, macs = bench.model_layers("alexnet")
+    specs = {name: spec for name, _, spec in layers}
+    assert specs["conv1"].macs == 105_415_200  # 96 maps of 55x55, 11x11x3 kernels, per image
+    assert specs["lrn1"].chw == (96, 55, 55)
+    assert specs["pool3"].out_chw == (256, 6, 6)
+    _, lenet, lenet_macs = bench.model_layers("lenet5")
+    conv = [spec for _, _, spec in lenet if isinstance(spec, bench.Conv)]
+    assert [c.out_chw for c in conv] == [(6, 28, 28), (16, 10, 10)]
+    # conv1 + conv2 + the three fully connected layers, per image
+    assert lenet_macs == 6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 10
+    cases = bench.kernel_cases(["lenet5"])
+    assert all(c.spec.batch == 256 for c in cases)
+    assert {c.op for c in cases} >= {"conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter",
+                                     "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+                                     "avg_pool2d_backward", "relu_forward", "relu_backward"}
+    assert len({c.name for c in cases}) == len(cases)
+
+
+def test_floors_are_flops_over_peak_and_bytes_over_bandwidth():
+    l1 = bench.kernel_cases(["convnet-benchmarks"])[0]
+    (row,) = bench.floors([l1], peak_flops=1e12, peak_bytes_per_s=1e9)
+    assert row["flop_floor_s"] == pytest.approx(2 * 128 * 64 * 55 * 55 * 363 / 1e12)
+    assert row["byte_floor_s"] == pytest.approx(4 * (128 * 3 * 224 * 224 + 64 * 363 + 64 + 128 * 64 * 55 * 55) / 1e9)
+    assert row["floor_s"] == max(row["flop_floor_s"], row["byte_floor_s"])
+    assert row["bound"] == "memory"
+    text = bench.floors_markdown()
+    assert text.count("convnet-benchmarks/L") == 15 and "67 TFLOP/s" in text
+
+
+def test_statistics_on_known_samples():
+    stats = bench.summarize([9.0, 1.0, 5.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0])
+    assert (stats.median, stats.q1, stats.q3, stats.min, stats.max, stats.n) == (5.0, 3.0, 7.0, 1.0, 9.0, 9)
+    assert stats.iqr == 4.0
+    # Even count: the quartiles interpolate between neighbours (positions 0.75, 1.5, 2.25 of 0..3).
+    stats = bench.summarize([4.0, 1.0, 3.0, 2.0])
+    assert (stats.q1, stats.median, stats.q3) == (1.75, 2.5, 3.25)
+    assert bench.summarize([0.5]).iqr == 0.0
+    with pytest.raises(ValueError, match="non-empty"):
+        bench.summarize([])
+
+
+class _FakeTimer:
+    def __init__(self):
+        self.calls = 0
+
+    def start(self):
+        pass
+
+    def stop(self):
+        self.calls += 1
+
+    def seconds(self):
+        return [float(i) for i in range(self.calls)]
+
+
+def test_timing_loop_warms_up_then_rotates_buffers():
+    seen = []
+    timer = _FakeTimer()
+    times = bench.time_calls(lambda tag: seen.append(tag), [("a",), ("b",), ("c",)], timer, lambda: None,
+                             warmup=2, repeats=4, max_seconds=60.0)
+    assert seen == ["a", "b", "c", "a", "b", "c"]
+    assert times == [0.0, 1.0, 2.0, 3.0]
+
+
+class _FakeEvent:
+    """Records a position in a fake stream; a pair's elapsed time is the gap in milliseconds."""
+
+    clock = 0.0
+    synchronized = 0
+
+    def record(self):
+        _FakeEvent.clock += 2.5
+        self.at = _FakeEvent.clock
+
+    def synchronize(self):
+        _FakeEvent.synchronized += 1
+
+
+def test_event_timer_reads_every_pair_once_at_the_end():
+    timer = bench.EventTimer(_FakeEvent, lambda start, stop: stop.at - start.at)
+    times = bench.time_calls(lambda: None, [()], timer, lambda: None, warmup=1, repeats=3, max_seconds=60.0)
+    assert times == [2.5e-3] * 3  # milliseconds from `elapsed`, reported in seconds
+    assert _FakeEvent.synchronized == 1
+
+
+def test_buffer_sets_exceed_twice_the_cache_within_limits():
+    mib = 1 << 20
+    assert bench.buffer_sets(40 * mib, 50 * mib, 64 << 30) == 3
+    assert bench.buffer_sets(200 * mib, 50 * mib, 64 << 30) == 1
+    assert bench.buffer_sets(1 * mib, 50 * mib, 64 << 30) == bench.MAX_BUFFER_SETS
+    assert bench.buffer_sets(40 * mib, 50 * mib, 100 * mib) == 1  # memory-bound: no more than a quarter
+
+
+def test_cases_run_most_important_first():
+    names = [c.name for c in bench.select_cases(bench.parse_args([]))]
+    first_model_kernel = names.index("lenet5/conv1/conv2d_forward")
+    assert names[:15] == [c.name for c in bench.kernel_cases(["convnet-benchmarks"])]
+    assert names[15:17] == ["lenet5/train/step", "alexnet/train/step"] and first_model_kernel == 17
+    assert names[-1] == "lenet5/train/epoch" and "alexnet/lrn2/lrn_backward" in names
+    quick = [c.name for c in bench.select_cases(bench.parse_args(["--quick", "--no-epoch"]))]
+    assert quick[0] == "convnet-benchmarks/L3/conv2d_forward" and "lenet5/train/step" in quick
+    assert not any(n.startswith("alexnet") or n.endswith("epoch") for n in quick)
+    only = bench.select_cases(bench.parse_args(["--only", "alexnet/conv2/*", "--only", "L1/conv2d_forward"]))
+    assert [c.name for c in only] == ["convnet-benchmarks/L1/conv2d_forward", "alexnet/conv2/conv2d_forward",
+                                      "alexnet/conv2/conv2d_backward_data", "alexnet/conv2/conv2d_backward_filter"]
+
+
+def test_only_patterns_and_device_slug():
+    assert bench._matches("alexnet/conv2/conv2d_forward", ["conv2d_forward"])
+    assert bench._matches("alexnet/conv2/conv2d_forward", ["alexnet/conv*/conv2d_*"])
+    assert not bench._matches("lenet5/conv2/conv2d_forward", ["alexnet/*"])
+    info = {"gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "13.0"}, "cpu": "x"}
+    assert bench.device_slug(info) == "nvidia-h100-80gb-hbm3"
+    assert bench.device_slug({"gpu": {"name": "no device"}, "cpu": "AMD EPYC 7B13"}) == "cpu-amd-epyc-7b13"
+
+
+TINY = [
+    bench.Conv(2, (3, 7, 6), (4, 3, 3, 3), (4, 4, 3), (2, 2), (1, 1)),
+    bench.Pool(2, "max", (3, 7, 7), (3, 3, 3), (3, 3), (2, 2), (0, 0)),
+    bench.Pool(2, "avg", (3, 7, 7), (3, 3, 3), (3, 3), (2, 2), (0, 0)),
+    bench.Relu(2, (3, 4, 5)),
+    bench.LRN(2, (6, 3, 3), 5, 5e-4, 0.75, 2.0),
+]
+
+
+@pytest.mark.parametrize("spec", TINY, ids=lambda s: type(s).__name__ + getattr(s, "kind", ""))
+def test_contenders_run_the_same_op(spec):
+    """Each op's gpuconv workload and PyTorch workload give results of one shape, so the rows
+    put side by side compare like with like."""
+    torch = pytest.importorskip("torch")
+    for op in spec.ops:
+        case = bench.Case("tiny", "layer", op, spec)
+        ours = bench.Gpuconv("cpu").workload(case, np.random.default_rng(0))
+        theirs = bench.Torch("cpu").workload(case, np.random.default_rng(0))
+        mine, reference = ours.run(*ours.make()), theirs.run(*theirs.make())
+        mine = mine if isinstance(mine, tuple) else (mine,)
+        reference = reference if isinstance(reference, tuple) else (reference,)
+        assert [tuple(a.shape) for a in mine] == [tuple(t.shape) for t in reference], op
+        assert all(torch.isfinite(t).all() for t in reference if t.is_floating_point())
+
+
+def test_kernel_versions_come_from_the_sources():
+    versions = bench.kernel_versions()
+    assert set(versions) == set(bench.BENCHMARKED_OPS)
+    for op in bench.BASELINE_VERSION_OPS:
+        assert versions[op][0] == 0  # the im2col + cuBLAS baseline
+    with bench._environ("GPUCONV_KERNEL_TEST_ONLY", 3):
+        assert os.environ["GPUCONV_KERNEL_TEST_ONLY"] == "3"
+    assert "GPUCONV_KERNEL_TEST_ONLY" not in os.environ
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """The CPU-only machine, also where a GPU is present: CuPy and PyTorch both see no device."""
+    monkeypatch.setattr(bench, "cuda_status", lambda: (False, "CuPy is not installed (test)"))
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_quick_run_on_cpu_writes_reports_and_says_no_device(tmp_path, no_gpu, capsys):
+    out = tmp_path / "results"
+    code = bench.main(["--quick", "--only", "lenet5/conv2/conv2d_forward", "--only", "lenet5/train/step",
+                       "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "no device" in printed
+    text = (out / "results.md").read_text()
+    assert "| numpy |" in text and "no device" in text and "GPU: no device" in text
+    data = json.loads((out / "results.json").read_text())
+    rows = {(r["case"], r["contender"]): r for r in data["rows"]}
+    assert {case for case, _ in rows} == {"lenet5/conv2/conv2d_forward", "lenet5/train/step"}
+    numpy_row = rows[("lenet5/conv2/conv2d_forward", "numpy")]
+    assert numpy_row["status"] == "ok" and numpy_row["repeats"] == 2
+    assert numpy_row["min_s"] <= numpy_row["q1_s"] <= numpy_row["median_s"] <= numpy_row["q3_s"] <= numpy_row["max_s"]
+    assert numpy_row["flops"] == 2 * 64 * 16 * 10 * 10 * 6 * 25  # the quick CPU batch, 64
+    assert numpy_row["pct_peak"] > 0 and "vs_torch" in numpy_row
+    gpu_rows = [r for r in data["rows"] if r["device"] == "cuda"]
+    assert gpu_rows and all(r["status"] == "no device" and "median_s" not in r for r in gpu_rows)
+    assert rows[("lenet5/train/step", "numpy")]["status"] == "ok"
+    assert data["peaks"]["cpu"]["flops"] > 0 and data["machine"]["numpy"] == np.__version__
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_epoch_is_extrapolated_and_says_so(no_gpu):
+    args = bench.parse_args(["--quick", "--cpu-epoch-limit", "64", "--repeats", "1", "--warmup", "0"])
+    (case,) = [c for c in bench.training_cases(["lenet5"], epoch=True) if c.op == "epoch"]
+    info = {"cpu_cache_bytes": 1 << 20, "gpu": {"name": "no device"}}
+    row = bench.run_row(case, bench.Gpuconv("cpu"), args, info)
+    assert row.status == "ok", row.status
+    assert "timed on 64 images, extrapolated to 60000" in row.note
+    assert row.case.spec.images == 60000 and row.per_image == pytest.approx(row.stats.median / 60000)
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert bench.main(["--only", "no-such-case"]) == 2
+
+
+def test_annotate_ratios_use_time_per_image():
+    conv = bench.convnet_benchmarks_layers()[2][1]
+    case = bench.Case("g", "L3", "conv2d_forward", conv)
+    small = bench.Case("g", "L3", "conv2d_forward", dataclasses.replace(conv, batch=16))
+    rows = [bench.Row(small, bench.NUMPY, "cpu", "gpuconv", stats=bench.summarize([1.6])),
+            bench.Row(small, bench.TORCH_REFERENCE["cpu"], "cpu", "torch", stats=bench.summarize([0.8])),
+            bench.Row(case, "gpuconv cuda", "cuda", "gpuconv", stats=bench.summarize([0.01])),
+            bench.Row(case, bench.TORCH_REFERENCE["cuda"], "cuda", "torch", stats=bench.summarize([0.005]))]
+    bench.annotate(rows, {"cpu": {"flops": 1e12, "bytes_per_s": 1e10}, "cuda": {"flops": 5e13, "bytes_per_s": 3e12}})
+    numpy_row, torch_cpu, ours, torch_gpu = rows
+    assert numpy_row.vs_torch == pytest.approx(0.5) and math.isnan(torch_cpu.vs_torch)
+    assert ours.vs_torch == pytest.approx(0.5)
+    assert ours.speedup == pytest.approx((1.6 / 16) / (0.01 / 128))
+    assert torch_gpu.speedup == pytest.approx((0.8 / 16) / (0.005 / 128))
+    assert ours.achieved == pytest.approx(conv.flops("conv2d_forward") / 0.01)
+    assert ours.pct_peak == pytest.approx(100 * conv.flops("conv2d_forward") / 0.01 / 5e13)
+
+
+def test_notes_hold_the_floors_the_code_computes():
+    from pathlib import Path
+
+    notes = Path(__file__).resolve().parent.parent / "benchmarks" / "NOTES.md"
+    if not notes.is_file():
+        pytest.skip("benchmarks/NOTES.md is not beside the tests (installed package)")
+    assert bench.floors_markdown() in notes.read_text(), "regenerate the table with `gpuconv bench --floors`"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bench.cuda_status()[0], reason="no CUDA GPU (CuPy)")
+def test_quick_run_on_the_gpu_times_every_gpu_contender(tmp_path):
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--device", "cuda", "--only", "lenet5/conv2/conv2d_forward",
+                       "--only", "lenet5/pool1/max_pool2d_backward", "--only", "lenet5/train/step",
+                       "--repeats", "3", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert all(r["device"] == "cuda" for r in data["rows"])
+    ours = [r for r in data["rows"] if r["contender"].startswith("gpuconv")]
+    assert ours and all(r["status"] == "ok" and r["repeats"] == 3 and r["median_s"] > 0 for r in ours), ours
+    assert all(r["status"] in ("ok", "no device") for r in data["rows"] if r["contender"].startswith("torch"))
+    versions = bench.kernel_versions()["conv2d_forward"]
+    expected = {"gpuconv cuda v0 (im2col+cuBLAS)" if n == 0 else f"gpuconv cuda v{n}" for n in versions}
+    assert {r["contender"] for r in ours if r["case"] == "lenet5/conv2/conv2d_forward"} == expected
+    assert data["peaks"]["cuda"]["flops"] > 1e12 and data["machine"]["gpu"]["l2_bytes"] > 0

@@ -1,0 +1,304 @@
+"""Convolution: forward (bias, fused ReLU), the three gradients, on every device.
+
+Every device runs float32 and is held to a float64 reference written as plain loops over the
+definition. Tolerances: float32 against float64 with rtol 1e-4 and atol 1e-5 * sqrt(K), K the
+length of the dot product behind each output element (C_in*KH*KW for the forward pass,
+C_out*KH*KW for the input gradient, N*H_out*W_out for the weight and bias gradients): rounding
+errors of a K-term float32 sum of unit-variance products grow as sqrt(K).
+"""
+import functools
+
+import numpy as np
+import pytest
+
+from gpuconv import functional as F
+from gpuconv.device import EmuArray, to_device, to_numpy
+from gpuconv.functional import conv as conv_module
+
+# (N, C_in, H, W, C_out, KH, KW, stride, padding, dilation): chosen so that together they cover
+# odd and rectangular sizes, stride above the kernel size, padding, PyTorch's asymmetric 'same',
+# dilation, batch 1, 1x1 kernels, and sizes that do not divide the 64x64x16 kernel tiles,
+# including more than one tile along M (C_out 67), N (N*H_out*W_out 99) and K (K 45 and 180).
+CASES = [
+    (2, 3, 7, 9, 5, 3, 2, (2, 1), 1, 1),
+    (1, 4, 10, 8, 6, 1, 1, 3, 0, 1),
+    (2, 2, 9, 9, 4, 3, 3, 1, "same", 2),
+    (2, 2, 8, 7, 3, 4, 2, 1, "same", 1),
+    (2, 3, 6, 6, 2, 2, 2, 4, 2, 1),
+    (1, 5, 9, 11, 67, 3, 3, 1, 1, 1),
+    (1, 20, 5, 5, 3, 3, 3, 2, (1, 2), (1, 2)),
+    (3, 2, 4, 5, 3, 4, 5, 1, "valid", 1),
+]
+CASE_IDS = [f"case{i}" for i in range(len(CASES))]
+
+
+def _reference_padding(size, kernel, stride, padding, dilation):
+    """(before, output size) along one axis, from PyTorch's documented rules."""
+    if padding == "same":
+        total = dilation * (kernel - 1)
+        return total // 2, size
+    before = 0 if padding == "valid" else padding
+    return before, (size + 2 * before - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _per_axis(value):
+    return (value, value) if isinstance(value, (int, str)) else value
+
+
+def _reference(x, w, b, grad_output_seed, stride, padding, dilation):
+    """Forward output and the three gradients of sum(output * grad_output), by direct loops in float64."""
+    n_batch, c_in, height, width = x.shape
+    c_out, _, kernel_h, kernel_w = w.shape
+    (s_h, s_w), (p_h, p_w), (d_h, d_w) = _per_axis(stride), _per_axis(padding), _per_axis(dilation)
+    top, out_h = _reference_padding(height, kernel_h, s_h, p_h, d_h)
+    left, out_w = _reference_padding(width, kernel_w, s_w, p_w, d_w)
+    grad_output = np.random.default_rng(grad_output_seed).standard_normal((n_batch, c_out, out_h, out_w))
+    y = np.zeros((n_batch, c_out, out_h, out_w))
+    dx, dw = np.zeros_like(x), np.zeros_like(w)
+    for n in range(n_batch):
+        for co in range(c_out):
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    g = grad_output[n, co, oh, ow]
+                    total = b[co]
+                    for ci in range(c_in):
+                        for i in range(kernel_h):
+                            ih = oh * s_h - top + i * d_h
+                            if not 0 <= ih < height:
+                                continue
+                            for j in range(kernel_w):
+                                iw = ow * s_w - left + j * d_w
+                                if 0 <= iw < width:
+                                    total += x[n, ci, ih, iw] * w[co, ci, i, j]
+                                    dx[n, ci, ih, iw] += w[co, ci, i, j] * g
+                                    dw[co, ci, i, j] += x[n, ci, ih, iw] * g
+                    y[n, co, oh, ow] = total
+    return y, grad_output, dx, dw, grad_output.sum(axis=(0, 2, 3))
+
+
+@functools.cache
+def _problem(index):
+    """Inputs of CASES[index] in float64 and their reference results, computed once for all devices."""
+    n, c_in, h, w, c_out, kh, kw, stride, padding, dilation = CASES[index]
+    rng = np.random.default_rng(index)
+    x = rng.standard_normal((n, c_in, h, w))
+    weight = rng.standard_normal((c_out, c_in, kh, kw))
+    bias = rng.standard_normal(c_out)
+    y, grad_output, dx, dw, db = _reference(x, weight, bias, 100 + index, stride, padding, dilation)
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation)
+    return x, weight, bias, grad_output, conv_args, (y, dx, dw, db)
+
+
+def _on(device, *arrays):
+    return [to_device(a.astype(np.float32), device) for a in arrays]
+
+
+def _assert_close(actual, expected, depth, device):
+    actual = to_numpy(actual)
+    assert actual.shape == expected.shape
+    assert actual.dtype == np.float32, f"result on {device} is {actual.dtype}"
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.sqrt(depth))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_conv2d_matches_loop_reference(device, index):
+    x, weight, bias, _, args, (y, _, _, _) = _problem(index)
+    xd, wd, bd = _on(device, x, weight, bias)
+    depth = weight[0].size
+    _assert_close(F.conv2d(xd, wd, bd, **args), y, depth, device)
+    # Without bias, with the fused ReLU: both flags of the kernel's epilogue.
+    expected_relu = np.maximum(y - bias.reshape(1, -1, 1, 1), 0)
+    _assert_close(F.conv2d(xd, wd, **args, activation="relu"), expected_relu, depth, device)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_conv2d_input_matches_loop_reference(device, index):
+    x, weight, _, grad_output, args, (_, dx, _, _) = _problem(index)
+    wd, god = _on(device, weight, grad_output)
+    depth = weight.shape[0] * weight.shape[2] * weight.shape[3]
+    _assert_close(F.conv2d_input(x.shape, wd, god, **args), dx, depth, device)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_conv2d_weight_and_bias_match_loop_reference(device, index):
+    x, weight, _, grad_output, args, (_, _, dw, db) = _problem(index)
+    xd, god = _on(device, x, grad_output)
+    depth = grad_output[:, 0].size
+    _assert_close(F.conv2d_weight(xd, weight.shape, god, **args), dw, depth, device)
+    _assert_close(F.conv2d_bias(god), db, depth, device)
+
+
+def test_conv2d_bias_over_planes_wider_than_a_block(device, rng):
+    # 3 x 19 x 17 = 969 pixels per channel: every thread of the 256-thread reduction sums several.
+    grad_output = rng.standard_normal((3, 2, 19, 17))
+    expected = np.array([sum(grad_output[n, c, h, w] for n in range(3) for h in range(19) for w in range(17))
+                         for c in range(2)])
+    _assert_close(F.conv2d_bias(*_on(device, grad_output)), expected, grad_output[:, 0].size, device)
+
+
+def test_kernel_devices_accept_non_contiguous_arrays(kernel_device):
+    x, weight, bias, _, args, (y, _, _, _) = _problem(0)
+    xd, wd, bd = _on(kernel_device, np.ascontiguousarray(x.transpose(0, 1, 3, 2)), weight, bias)
+    _assert_close(F.conv2d(xd.transpose(0, 1, 3, 2), wd, bd, **args), y, weight[0].size, kernel_device)
+
+
+def test_weight_gradient_split_k_with_several_tiles_per_split(kernel_device, monkeypatch):
+    # Case 0 has K = 2*4*10 = 80, five K tiles; two splits of 48 and 32 cover several tiles each
+    # and end on a partial tile (tiny problems otherwise get one tile per split).
+    monkeypatch.setattr(conv_module, "_TARGET_BLOCKS", 2)
+    x, weight, _, grad_output, args, (_, _, dw, _) = _problem(0)
+    xd, god = _on(kernel_device, x, grad_output)
+    _assert_close(F.conv2d_weight(xd, weight.shape, god, **args), dw, grad_output[:, 0].size, kernel_device)
+
+
+def test_kernels_refuse_sizes_past_their_int_indices(monkeypatch):
+    # 50000 x 50000 pixels, broadcast from one float: the check must come before any copy.
+    monkeypatch.delenv("GPUCONV_KERNEL_CONV2D_FORWARD", raising=False)
+    huge = np.broadcast_to(np.zeros(1, np.float32), (1, 1, 50000, 50000))
+    with pytest.raises(ValueError, match=r"input \(1, 1, 50000, 50000\) .* too large for the conv2d kernels"):
+        F.conv2d(huge.view(EmuArray), to_device(np.ones((1, 1, 1, 1), np.float32), "emu"))
+
+
+@pytest.mark.parametrize("index", [0, 3, 6], ids=[CASE_IDS[i] for i in (0, 3, 6)])
+def test_baseline_version_on_kernel_devices(kernel_device, index, monkeypatch):
+    for op in ("CONV2D_FORWARD", "CONV2D_BACKWARD_DATA", "CONV2D_BACKWARD_FILTER", "CONV2D_BIAS_GRAD"):
+        monkeypatch.setenv(f"GPUCONV_KERNEL_{op}", "0")
+    x, weight, bias, grad_output, args, (y, dx, dw, db) = _problem(index)
+    xd, wd, bd, god = _on(kernel_device, x, weight, bias, grad_output)
+    results = [F.conv2d(xd, wd, bd, **args), F.conv2d_input(x.shape, wd, god, **args),
+               F.conv2d_weight(xd, weight.shape, god, **args), F.conv2d_bias(god)]
+    for result, expected in zip(results, (y, dx, dw, db)):
+        assert type(result) is type(xd), "the baseline must return arrays on the device of its inputs"
+        np.testing.assert_allclose(to_numpy(result), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_cpu_float64_matches_torch(index):
+    torch = pytest.importorskip("torch")
+    x, weight, bias, grad_output, args, _ = _problem(index)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, weight, bias))
+    expected = torch.nn.functional.conv2d(tx, tw, tb, **args)
+    # Autograd rather than torch.nn.grad.conv2d_input/_weight: those take numeric padding only.
+    expected.backward(torch.from_numpy(grad_output))
+    y = F.conv2d(x, weight, bias, **args)
+    assert y.dtype == np.float64
+    for ours, theirs in [(y, expected), (F.conv2d_input(x.shape, weight, grad_output, **args), tx.grad),
+                         (F.conv2d_weight(x, weight.shape, grad_output, **args), tw.grad),
+                         (F.conv2d_bias(grad_output), tb.grad)]:
+        np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_functions_match_torch_nn_grad():
+    torch = pytest.importorskip("torch")
+    x, weight, _, grad_output, args, _ = _problem(0)
+    tx, tw, tg = (torch.from_numpy(a) for a in (x, weight, grad_output))
+    expected_input = torch.nn.grad.conv2d_input(x.shape, tw, tg, **args).numpy()
+    expected_weight = torch.nn.grad.conv2d_weight(tx, weight.shape, tg, **args).numpy()
+    np.testing.assert_allclose(F.conv2d_input(x.shape, weight, grad_output, **args), expected_input, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(F.conv2d_weight(x, weight.shape, grad_output, **args), expected_weight,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_match_finite_differences(rng):
+    x = rng.standard_normal((2, 2, 5, 4))
+    weight = rng.standard_normal((3, 2, 3, 2))
+    args = dict(stride=(2, 1), padding="valid", dilation=(1, 2))
+    grad_output = rng.standard_normal(F.conv2d(x, weight, **args).shape)
+
+    def loss(x_, w_):
+        return float((F.conv2d(x_, w_, **args) * grad_output).sum())
+
+    def numeric(array, evaluate, step=1e-6):
+        grad = np.zeros_like(array)
+        for index in np.ndindex(array.shape):
+            saved = array[index]
+            array[index] = saved + step
+            up = evaluate()
+            array[index] = saved - step
+            grad[index] = (up - evaluate()) / (2 * step)
+            array[index] = saved
+        return grad
+
+    np.testing.assert_allclose(F.conv2d_input(x.shape, weight, grad_output, **args),
+                               numeric(x, lambda: loss(x, weight)), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(F.conv2d_weight(x, weight.shape, grad_output, **args),
+                               numeric(weight, lambda: loss(x, weight)), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("index", [0, 4], ids=[CASE_IDS[0], CASE_IDS[4]])
+def test_chunked_batch_gives_the_same_answer(index, monkeypatch):
+    x, weight, bias, grad_output, args, _ = _problem(index)
+    whole = (F.conv2d(x, weight, bias, **args), F.conv2d_input(x.shape, weight, grad_output, **args),
+             F.conv2d_weight(x, weight.shape, grad_output, **args))
+    monkeypatch.setattr(conv_module, "IM2COL_BUDGET_BYTES", 1)  # one image per chunk
+    chunks = conv_module._batch_chunks(conv_module._geometry(x.shape, weight.shape, **args), x.itemsize)
+    assert len(chunks) == x.shape[0]
+    chunked = (F.conv2d(x, weight, bias, **args), F.conv2d_input(x.shape, weight, grad_output, **args),
+               F.conv2d_weight(x, weight.shape, grad_output, **args))
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_im2col_chunks_respect_the_budget():
+    # AlexNet conv1 at batch 128: 363 x 3025 floats per image, 562 MB for the batch at once.
+    g = conv_module._geometry((128, 3, 227, 227), (96, 3, 11, 11), 4, 0, 1)
+    chunks = conv_module._batch_chunks(g, 4)
+    assert len(chunks) > 1 and sum(c.stop - c.start for c in chunks) == 128
+    largest = max(c.stop - c.start for c in chunks)
+    assert largest * g.patch_size * g.out_h * g.out_w * 4 <= conv_module.IM2COL_BUDGET_BYTES
+
+
+@pytest.mark.parametrize("input_size, kernel, stride, padding, dilation, expected", [
+    ((28, 28), 5, 1, 2, 1, (28, 28)),
+    ((227, 227), 11, 4, 0, 1, (55, 55)),
+    ((8, 7), (4, 2), 1, "same", 1, (8, 7)),
+    ((9, 9), 3, 1, "same", 3, (9, 9)),
+    ((7, 9), (3, 2), (2, 1), 1, 1, (4, 10)),
+    ((5, 5), 3, 2, (1, 0), (1, 2), (3, 1)),
+])
+def test_conv2d_output_size(input_size, kernel, stride, padding, dilation, expected):
+    assert F.conv2d_output_size(input_size, kernel, stride, padding, dilation) == expected
+
+
+def _bad_calls():
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    go = np.zeros((2, 4, 6, 6), np.float32)
+    return [
+        (lambda: F.conv2d(x[0], w), ValueError, r"input must be 4-D \(NCHW\), got shape \(3, 8, 8\)"),
+        (lambda: F.conv2d(x, w[0]), ValueError, r"weight must be 4-D \(OIHW\), got shape \(3, 3, 3\)"),
+        (lambda: F.conv2d(x, np.zeros((4, 2, 3, 3), np.float32)), ValueError,
+         r"weight \(4, 2, 3, 3\) .* expects 2 input channels, but input \(2, 3, 8, 8\) .* has 3"),
+        (lambda: F.conv2d(x, np.zeros((4, 3, 9, 3), np.float32)), ValueError,
+         r"kernel extent \(9, 3\) .* larger than the padded input \(8, 8\)"),
+        (lambda: F.conv2d(x, w, dilation=4), ValueError, r"kernel extent \(9, 9\)"),
+        (lambda: F.conv2d(x, w, stride=0), ValueError, "stride must be positive"),
+        (lambda: F.conv2d(x, w, dilation=(1, 0)), ValueError, "dilation must be positive"),
+        (lambda: F.conv2d(x, w, padding=-1), ValueError, "padding must be at least 0"),
+        (lambda: F.conv2d(x, w, padding="full"), ValueError, "padding must be an int, a pair, 'same' or 'valid'"),
+        (lambda: F.conv2d(x, w, stride=2, padding="same"), ValueError, "padding='same' needs stride 1"),
+        (lambda: F.conv2d(x, w, stride=1.5), TypeError, "stride must be an int or a pair of ints"),
+        (lambda: F.conv2d(x.astype(np.int32), w), TypeError, "input must be float32 or float64 on cpu, got int32"),
+        (lambda: F.conv2d(x.astype(np.float64), w), TypeError, r"one dtype, got input float64 .*weight float32"),
+        (lambda: F.conv2d(x.tolist(), w), TypeError, "input must be an array, got list"),
+        (lambda: F.conv2d(x, w, np.zeros(5, np.float32)), ValueError, r"bias must have shape \(4,\) .* got \(5,\)"),
+        (lambda: F.conv2d(x, w, np.zeros((4, 1), np.float32)), ValueError, r"bias must be 1-D, got shape \(4, 1\)"),
+        (lambda: F.conv2d(x, w, activation="gelu"), ValueError, "activation must be None or 'relu'"),
+        (lambda: F.conv2d(to_device(x, "emu"), w), ValueError, "one device, got input on emu, weight on cpu"),
+        (lambda: F.conv2d(to_device(x.astype(np.float64), "emu"), w), TypeError, "input must be float32 on emu"),
+        (lambda: F.conv2d_input((2, 3, 8, 8), w, go[:, :3]), ValueError,
+         r"grad_output has shape \(2, 3, 6, 6\), .* output of shape \(2, 4, 6, 6\)"),
+        (lambda: F.conv2d_input((2, 3, 8), w, go), TypeError, "input_shape must be a tuple of 4 ints"),
+        (lambda: F.conv2d_weight(x, (4, 3, 3, 3), go, stride=2), ValueError, r"output of shape \(2, 4, 3, 3\)"),
+        (lambda: F.conv2d_weight(x, (4, 3, 3, 3), go[0]), ValueError, "grad_output must be 4-D"),
+        (lambda: F.conv2d_weight(x, (4, 3, 3, 3), go.astype(np.float64)), TypeError, "one dtype"),
+        (lambda: F.conv2d_bias(go[0]), ValueError, "grad_output must be 4-D"),
+        (lambda: F.conv2d_output_size((8, 8), 9), ValueError, "kernel extent"),
+    ]
+
+
+@pytest.mark.parametrize("call, error, message", _bad_calls())
+def test_bad_arguments_are_refused_with_the_shapes_involved(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
