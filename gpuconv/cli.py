@@ -32,6 +32,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -62,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
     train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
+    train.add_argument("--lr-step-size", type=_non_negative_int, default=defaults.lr_step_size, metavar="N",
+                       help="multiply the lr by --lr-gamma every N epochs, 0 for a constant lr (default: %(default)s)")
+    train.add_argument("--lr-gamma", type=_positive_float, default=defaults.lr_gamma, help="(default: %(default)s)")
     train.add_argument("--seed", type=int, default=defaults.seed,
                        help="seeds initialisation, shuffling and dropout (default: %(default)s)")
     train.add_argument("--out", metavar="DIR", help="output directory for metrics, curves and checkpoints "
@@ -97,8 +107,9 @@ def _train(args) -> int:
     config = TrainConfig(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, device=args.device, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
-        weight_decay=args.weight_decay, seed=args.seed, out=out, resume=resume, limit_train=args.limit_train,
-        limit_test=args.limit_test, download=not args.no_download, progress=not args.no_progress,
+        weight_decay=args.weight_decay, lr_step_size=args.lr_step_size or None, lr_gamma=args.lr_gamma,
+        seed=args.seed, out=out, resume=resume, limit_train=args.limit_train, limit_test=args.limit_test,
+        download=not args.no_download, progress=not args.no_progress,
     )
     try:
         history = train(config)

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kernels import NVRTC_OPTIONS, kernel_dir
+from .kernels import NVRTC_OPTIONS, compiler_source, display_name, kernel_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 
@@ -56,11 +56,6 @@ def _nvrtc():
     return nvrtc
 
 
-def _display_name(path: Path) -> str:
-    """``kernels_cu/foo.cu``: the name messages use, the same on every machine."""
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
 _ARCH_RE = re.compile(r"sm_\d+a?")
 _ENTRY_RE = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _FRAME_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -94,8 +89,8 @@ def compile_source(path: Path, arch: str, options: tuple[str, ...] = NVRTC_OPTIO
     """Compile one file for one architecture (e.g. 'sm_80') with NVRTC."""
     nvrtc = _nvrtc()
     path = Path(path)
-    name = _display_name(path)
-    source = f'#line 1 "{name}"\n' + path.read_text()
+    name = display_name(path)
+    source = compiler_source(path)
     status, program = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
     if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise RuntimeError(f"nvrtcCreateProgram failed for {name}: {status}")
@@ -129,13 +124,13 @@ def check(paths=None, archs=DEFAULT_ARCHS) -> list[CompileResult]:
 def format_table(results: list[CompileResult]) -> str:
     header = ("file", "kernel", "arch", "registers", "spill st/ld (B)", "smem (B)", "stack (B)")
     rows = [
-        (_display_name(r.path), k.name, r.arch, str(k.registers), f"{k.spill_stores}/{k.spill_loads}",
+        (display_name(r.path), k.name, r.arch, str(k.registers), f"{k.spill_stores}/{k.spill_loads}",
          str(k.shared_bytes), str(k.stack_frame_bytes))
         for r in results
         for k in r.kernels
     ]
     rows.sort(key=lambda row: row[:3])
-    rows += [(_display_name(r.path), "-", r.arch, "FAILED", "", "", "") for r in results if not r.ok]
+    rows += [(display_name(r.path), "-", r.arch, "FAILED", "", "", "") for r in results if not r.ok]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 

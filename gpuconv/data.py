@@ -394,9 +394,14 @@ class DeviceDataset:
             raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
         if labels.shape != (len(images),):
             raise ValueError(f"labels must be (N,) with N = {len(images)} images, got shape {labels.shape}")
+        classes = len(DATASETS[name].classes)
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise ValueError(f"labels must lie in [0, {classes}) for {name}, got min {labels.min()}, max {labels.max()}")
         self.device = device
         self.images = to_device(normalize(images, name)[:, None], device)
-        self.labels = to_device(labels.astype(np.int64), device)
+        # Checked here once, so the loss need not check every batch (a device round trip each);
+        # int32 is what the loss kernel reads.
+        self.labels = to_device(labels.astype(np.int32), device)
         self.input_shape = tuple(input_shape) if input_shape is not None else (1,) + images.shape[1:]
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")

@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import Param, parse_signatures
+from .kernels import Param, compiler_source, display_name, parse_signatures
 
 HEADER = Path(__file__).with_name("emu_runtime") / "cuda_emu.h"
 CACHE_ENV = "GPUCONV_EMU_CACHE"
@@ -218,11 +218,6 @@ def _entry_points(signatures: dict[str, tuple[Param, ...]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _display_name(path: Path) -> str:
-    """``kernels_cu/foo.cu``: the name compiler messages use, the same on every machine."""
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpuconv" / "emu")
 
@@ -270,11 +265,13 @@ class EmuModule:
             raise TypeError("EmuModule takes exactly one of path= or source=")
         if path is not None:
             path = Path(path)
-            source = path.read_text()
-            name = _display_name(path)
+            source = compiler_source(path)
+            name = display_name(path)
+        else:
+            source = f'#line 1 "{name}"\n{source}'
         self.name = name
         self.signatures = parse_signatures(source)
-        text = f'#line 1 "{name}"\n{_rewrite_dynamic_shared(source)}\n{_entry_points(self.signatures)}'
+        text = f"{_rewrite_dynamic_shared(source)}\n{_entry_points(self.signatures)}"
         cxx = _compiler()
         self.options = tuple(options)
         key = hashlib.sha256(
@@ -352,7 +349,7 @@ _modules_lock = threading.Lock()
 def module_for(path: str | os.PathLike) -> EmuModule:
     """The compiled module of the file at ``path``, once per process and file contents."""
     path = Path(path).resolve()
-    key = (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    key = (str(path), hashlib.sha256(compiler_source(path).encode()).hexdigest())
     with _modules_lock:
         if key not in _modules:
             _modules[key] = EmuModule(path)

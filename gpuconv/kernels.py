@@ -162,10 +162,43 @@ def _dim3(value, what: str) -> tuple[int, int, int]:
     return dims
 
 
-def _source_for_compiler(topic: str) -> str:
-    """The file's text behind a #line directive, so compiler messages name kernels_cu/<topic>.cu."""
-    path = kernel_path(topic)
-    return f'#line 1 "kernels_cu/{path.name}"\n' + path.read_text()
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
+
+
+def display_name(path: Path) -> str:
+    """``kernels_cu/foo.cu``: the name compiler messages use, the same on every machine."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def compiler_source(path: str | os.PathLike) -> str:
+    """The text every compiler gets for a kernel file: NVRTC on 'cuda', g++ on 'emu', the gate.
+
+    ``#include "x.cuh"`` of the kernels' own headers is expanded here, once per header, rather
+    than left to each compiler's include path: the three compilers then see the same text, and
+    a cache keyed on that text (the emulator's) notices a changed header. ``#line`` directives
+    keep every message pointing at the real file and line.
+    """
+    path = Path(path)
+    included: set[Path] = set()
+
+    def expand(file: Path) -> str:
+        name = display_name(file)
+        lines = [f'#line 1 "{name}"']
+        for number, line in enumerate(file.read_text().splitlines(), start=1):
+            match = _INCLUDE_RE.match(line)
+            if not match:
+                lines.append(line)
+                continue
+            header = (file.parent / match.group(1)).resolve()
+            if not header.is_file():
+                raise FileNotFoundError(f"{name}:{number}: included file {match.group(1)!r} not found beside it")
+            if header not in included:
+                included.add(header)
+                lines.append(expand(header))
+            lines.append(f'#line {number + 1} "{name}"')
+        return "\n".join(lines)
+
+    return expand(path) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,7 +209,7 @@ def signatures(topic: str) -> dict[str, tuple[Param, ...]]:
 @functools.lru_cache(maxsize=None)
 def _cupy_module(topic: str, options: tuple[str, ...]):
     cupy = array_module("cuda")
-    module = cupy.RawModule(code=_source_for_compiler(topic), options=options)
+    module = cupy.RawModule(code=compiler_source(kernel_path(topic)), options=options)
     try:
         module.compile()
     except cupy.cuda.compiler.CompileException as exc:

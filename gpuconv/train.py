@@ -51,9 +51,8 @@ _FORMAT = 1
 class TrainConfig:
     """Everything a run depends on (the CLI's options).
 
-    The defaults (SGD, lr 0.02, momentum 0.9, batch 64) take LeNet-5 to 89.3% Fashion-MNIST test
-    accuracy in 5 epochs on the CPU (seed 0); lr 0.05 with batch 128 is too aggressive for that
-    (88.3%).
+    The defaults (SGD, lr 0.02, momentum 0.9, batch 64, lr divided by 10 after epoch 4) take
+    LeNet-5 past 89% Fashion-MNIST test accuracy in 5 epochs (see the project's measured results).
     """
 
     model: str = "lenet5"
@@ -66,6 +65,8 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_step_size: int | None = 4  # StepLR: multiply lr by lr_gamma every lr_step_size epochs; None: constant
+    lr_gamma: float = 0.1
     seed: int = 0
     out: str | None = None  # default runs/<model>
     resume: str | None = None  # a checkpoint path
@@ -86,7 +87,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, got {value!r}")
-        for name in ("limit_train", "limit_test"):
+        for name in ("limit_train", "limit_test", "lr_step_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -172,6 +173,7 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
     # A bare Figure draws through Agg without pyplot: no GUI backend is chosen and the caller's
     # own matplotlib backend stays as it was.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
@@ -179,6 +181,7 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
         for split in ("train", "test"):
             axes.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.legend()
@@ -208,7 +211,10 @@ class Trainer:
         manual_seed(config.seed)
         self.model = get_model(config.model, num_classes=len(data.DATASETS[config.dataset].classes)).to(self.device)
         self.optimizer = make_optimizer(config, self.model.parameters())
-        self.criterion = nn.CrossEntropyLoss()
+        self.scheduler = (optim.StepLR(self.optimizer, config.lr_step_size, config.lr_gamma)
+                          if config.lr_step_size else None)
+        # The datasets check their labels once when loaded (DeviceDataset).
+        self.criterion = nn.CrossEntropyLoss(validate_target=False)
         self.train_set = self._dataset("train", config.limit_train)
         self.test_set = self._dataset("test", config.limit_test)
         self.history: list[dict] = []
@@ -235,6 +241,11 @@ class Trainer:
                 raise ResumeError(f"cannot resume: checkpoint {path} is of {key} {theirs!r}, but {flag} is {ours!r}")
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.scheduler is not None:
+            if checkpoint["scheduler_state"] is not None:
+                self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+            else:  # the checkpoint's run had a constant lr: the schedule counts from here
+                self.scheduler.last_epoch = checkpoint["epoch"]
         generator().bit_generator.state = checkpoint["rng_state"]
         self.history = checkpoint["history"]
         self.epochs_done = checkpoint["epoch"]
@@ -250,6 +261,7 @@ class Trainer:
             "epoch": self.epochs_done,
             "model_state": self.model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng_state": generator().bit_generator.state,
             "history": self.history,
         }
@@ -308,13 +320,16 @@ class Trainer:
             self.log(f"nothing to do: {self.epochs_done} of {c.epochs} epochs are done")
         info = {"model": c.model, "dataset": c.dataset, "device": self.device, "config": dataclasses.asdict(c)}
         for epoch in range(self.epochs_done + 1, c.epochs + 1):
+            lr = float(self.optimizer.lr)
             train_loss, train_acc, seconds = self.train_epoch(epoch)
+            if self.scheduler is not None:
+                self.scheduler.step()
             test_loss, test_acc = self.evaluate()
             if not math.isfinite(test_loss):
                 raise self._diverged("test loss", test_loss, epoch)
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc, "seconds": seconds, "images_per_s": len(self.train_set) / seconds,
-                   "lr": float(self.optimizer.lr)}
+                   "lr": lr}
             self.history.append(row)
             self.epochs_done = epoch
             save_checkpoint(self.checkpoint_path, self._checkpoint())

@@ -3,8 +3,9 @@
 // Versions: softmax_cross_entropy_v1.
 //
 // softmax_cross_entropy_v1(logits, target, rows, classes, grad_scale, loss, grad)
-//   logits (N, C) float32 row-major, target (N,) int32 in [0, C) (checked on the host side), loss (N,),
-//   grad (N, C).
+//   logits (N, C) float32 row-major, target (N,) int32, loss (N,), grad (N, C).
+//   A label outside [0, C) gives a NaN loss and a NaN gradient row, never an out-of-bounds read:
+//   the Python side refuses such labels first unless the caller validated them once up front.
 //   loss_n = log(sum_j exp(x_nj - m_n)) - (x_n,t - m_n) with m_n = max_j x_nj (max-subtracted, so
 //   logits of any magnitude stay finite);
 //   grad_nj = grad_scale * (softmax_nj - [j == t_n]), grad_scale = 1/N for a mean, 1 otherwise.
@@ -41,6 +42,12 @@ extern "C" __global__ void __launch_bounds__(256) softmax_cross_entropy_v1(
         sum += __shfl_xor_sync(FULL_MASK, sum, offset);
 
     const int t = target[row];
+    if (t < 0 || t >= classes) {
+        const float nan = __int_as_float(0x7fffffff);
+        for (int j = lane; j < classes; j += WARP_SIZE) dx[j] = nan;
+        if (lane == 0) loss[row] = nan;
+        return;
+    }
     const float inv_sum = 1.0f / sum;
     for (int j = lane; j < classes; j += WARP_SIZE) {
         const float p = expf(x[j] - m) * inv_sum;

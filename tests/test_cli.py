@@ -34,7 +34,7 @@ def train_args(root, out, *extra):
 
 def test_train_writes_metrics_curves_and_checkpoint(synthetic, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(train_args(synthetic, out, "--optimizer", "adam", "--lr", "0.002")) == 0
+    assert cli.main(train_args(synthetic, out, "--optimizer", "adam", "--lr", "0.002", "--lr-step-size", "0")) == 0
     stdout = capsys.readouterr().out
     assert "device: cpu (cpu requested (argument): NumPy CPU path)" in stdout
     assert f"results in {out}" in stdout
@@ -42,7 +42,8 @@ def test_train_writes_metrics_curves_and_checkpoint(synthetic, tmp_path, capsys)
         assert (out / name).is_file(), name
     metrics = json.loads((out / train.METRICS_JSON).read_text())
     assert metrics["config"]["optimizer"] == "adam" and metrics["config"]["lr"] == 0.002
-    assert metrics["config"]["limit_train"] == 32 and len(metrics["epochs"]) == 1
+    assert metrics["config"]["limit_train"] == 32 and metrics["config"]["lr_step_size"] is None
+    assert len(metrics["epochs"]) == 1
 
     assert cli.main(train_args(synthetic, out, "--optimizer", "adam", "--epochs", "2", "--resume")) == 0
     assert f"resumed from {out / train.CHECKPOINT} after epoch 1" in capsys.readouterr().out
@@ -68,6 +69,7 @@ def test_train_on_cuda_without_a_gpu_is_a_clear_error(synthetic, tmp_path, capsy
     ["train", "--model", "resnet"],
     ["train", "--epochs", "0"],
     ["train", "--lr", "-1"],
+    ["train", "--lr-step-size", "-1"],
     ["train", "--device", "tpu"],
     ["summary", "nosuchnet"],
     [],

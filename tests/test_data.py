@@ -329,3 +329,9 @@ def test_device_dataset_checks_shapes():
         data.DeviceDataset(np.zeros((2, 3, 3), np.uint8), np.zeros(3), "cpu", "mnist")
     with pytest.raises(ValueError, match=r"input_shape must be \(C, H, W\), got \(3, 3\)"):
         data.DeviceDataset(np.zeros((2, 3, 3), np.uint8), np.zeros(2), "cpu", "mnist", input_shape=(3, 3))
+
+
+def test_device_dataset_refuses_labels_outside_the_classes():
+    images = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\) for fashion-mnist, got min 0, max 10"):
+        data.DeviceDataset(images, np.array([0, 10]), "cpu", "fashion-mnist")

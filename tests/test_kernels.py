@@ -74,7 +74,9 @@ def test_every_kernel_file_documents_itself_and_parses(topic):
     text = kernels.kernel_path(topic).read_text()
     assert text.lstrip().startswith(("//", "/*")), f"{topic}.cu must open with its header comment"
     assert re.search(r"[Ll]aunch", text.split("extern")[0]), f"{topic}.cu header must state the launch shape"
-    assert "#include" not in text, "NVRTC has no host headers"
+    assert not re.search(r"#\s*include\s*<", text), "NVRTC has no host headers"
+    for header in re.findall(r'#\s*include\s*"([^"]+)"', text):
+        assert (kernels.kernel_dir() / header).is_file(), f"{topic}.cu includes {header}, which is not in kernels_cu/"
     assert kernels.signatures(topic), f"{topic}.cu has no extern \"C\" __global__ kernel"
 
 
@@ -88,6 +90,22 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
     assert result.returncode == 0, result.stderr
     (wheel,) = tmp_path.glob("gpuconv-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for topic in kernels.kernel_topics():
-        assert f"gpuconv/kernels_cu/{topic}.cu" in names
+    for source in kernels.kernel_dir().iterdir():
+        assert f"gpuconv/kernels_cu/{source.name}" in names
     assert any(n.startswith("gpuconv/emu_runtime/") for n in names)
+
+
+def test_compiler_source_expands_local_headers_once_with_line_markers(tmp_path):
+    folder = tmp_path / "kernels_cu"
+    folder.mkdir()
+    (folder / "tile.cuh").write_text("constexpr int TILE = 16;\n")
+    (folder / "a.cu").write_text('#include "tile.cuh"\n#include "tile.cuh"\nint x = TILE;\n')
+    text = kernels.compiler_source(folder / "a.cu")
+    assert text.count("constexpr int TILE") == 1
+    assert text.splitlines() == [
+        '#line 1 "kernels_cu/a.cu"', '#line 1 "kernels_cu/tile.cuh"', "constexpr int TILE = 16;",
+        '#line 2 "kernels_cu/a.cu"', '#line 3 "kernels_cu/a.cu"', "int x = TILE;",
+    ]
+    (folder / "b.cu").write_text('\n#include "missing.cuh"\n')
+    with pytest.raises(FileNotFoundError, match="kernels_cu/b.cu:2: included file 'missing.cuh'"):
+        kernels.compiler_source(folder / "b.cu")

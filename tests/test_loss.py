@@ -117,3 +117,14 @@ def test_bad_arguments_are_named():
         cross_entropy(x[0], np.zeros(3, int))
     with pytest.raises(ValueError, match="input on emu, target on cpu"):
         cross_entropy(to_device(x, "emu"), np.zeros(3, int))
+
+
+def test_unvalidated_bad_label_gives_nan_not_an_out_of_bounds_read(kernel_device):
+    logits = to_device(np.zeros((3, 4), np.float32), kernel_device)
+    labels = to_device(np.array([1, 7, -2], np.int32), kernel_device)
+    loss, grad = cross_entropy_with_grad(logits, labels, reduction="none", validate_target=False)
+    loss, grad = to_numpy(loss), to_numpy(grad)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1:]).all()
+    assert np.isfinite(grad[0]).all() and np.isnan(grad[1:]).all()
+    with pytest.raises(ValueError, match="labels outside"):
+        cross_entropy(logits, labels)

@@ -105,14 +105,16 @@ def test_unreadable_checkpoint_is_named(tmp_path):
 
 
 def test_resume_continues_exactly_where_it_stopped(config):
-    config = dataclasses.replace(config, limit_train=64, limit_test=32, epochs=3)
+    # The lr drops after epoch 3, so a resume after epoch 2 must bring back the schedule too.
+    config = dataclasses.replace(config, limit_train=64, limit_test=32, epochs=4, lr_step_size=3)
     straight = train.train(dataclasses.replace(config, out=config.out + "-straight"), log=quiet)
+    assert [row["lr"] for row in straight] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-4])
     train.train(dataclasses.replace(config, epochs=2), log=quiet)
     messages = []
     resumed = train.train(dataclasses.replace(config, resume=str(Path(config.out) / train.CHECKPOINT)),
                           log=messages.append)
     assert any(m.startswith(f"resumed from {Path(config.out) / train.CHECKPOINT} after epoch 2") for m in messages)
-    assert len(resumed) == 3
+    assert len(resumed) == 4
     for a, b in zip(resumed, straight, strict=True):
         for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"):
             assert a[key] == b[key], (key, a, b)
@@ -184,6 +186,7 @@ def test_divergence_before_any_checkpoint_says_so(config):
     ("epochs", -1, "epochs must be a non-negative int, got -1"),
     ("batch_size", 0, "batch_size must be a positive int, got 0"),
     ("limit_train", 0, "limit_train must be a positive int or None, got 0"),
+    ("lr_step_size", 0, "lr_step_size must be a positive int or None, got 0"),
     ("lr", 0.0, "lr must be positive, got 0.0"),
 ])
 def test_config_validation(field, value, message):

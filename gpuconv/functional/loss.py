@@ -14,7 +14,7 @@ _BLOCK = 256
 _ROWS_PER_BLOCK = _BLOCK // 32  # one warp per row
 
 
-def _check_arguments(input, target, reduction: str) -> str:
+def _check_arguments(input, target, reduction: str, validate_target: bool) -> str:
     """Check the arguments; return the device. Labels are checked on the device they live on."""
     check_array(input, "input", 2, "N, C")
     if reduction not in _REDUCTIONS:
@@ -28,7 +28,9 @@ def _check_arguments(input, target, reduction: str) -> str:
                          f"got {tuple(target.shape)}")
     device = common_device(input=input, target=target)
     # One fused reduction (a single device round trip on 'cuda') before any kernel reads a label.
-    if rows and bool(((target < 0) | (target >= classes)).any()):
+    # A training loop whose labels were checked once when loaded skips it (validate_target=False):
+    # the kernel then turns a bad label into a NaN loss rather than reading out of bounds.
+    if validate_target and rows and bool(((target < 0) | (target >= classes)).any()):
         raise ValueError(f"target {tuple(target.shape)} holds labels outside [0, {classes}) "
                          f"(min {int(target.min())}, max {int(target.max())}) for input {tuple(input.shape)}")
     return device
@@ -69,40 +71,42 @@ def _kernel(input, target, reduction, device):
     grad = empty((rows, classes), np.float32, device)
     grad_scale = 1.0 / rows if reduction == "mean" and rows else 1.0
     if rows and classes:
-        kernels.launch("softmax_cross_entropy", "softmax_cross_entropy_v1", -(-rows // _ROWS_PER_BLOCK), _BLOCK,
+        kernels.launch("softmax_cross_entropy", "softmax_cross_entropy_v1", kernels.blocks_for(rows, _ROWS_PER_BLOCK), _BLOCK,
                        (logits, labels, rows, classes, grad_scale, losses, grad))
     return losses, grad
 
 
-def _losses_and_grad(input, target, reduction, want_grad):
-    device = _check_arguments(input, target, reduction)
+def _losses_and_grad(input, target, reduction, want_grad, validate_target):
+    device = _check_arguments(input, target, reduction, validate_target)
     if device == "cpu":
         return _numpy(input, target, reduction, want_grad)
     return _kernel(input, target, reduction, device)
 
 
-def cross_entropy(input, target, reduction: str = "mean"):
+def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """Cross-entropy of scores ``input`` (N, C) against integer labels ``target`` (N,).
 
     ``reduction`` 'mean' or 'sum' gives a 0-d array on ``input``'s device, 'none' the (N,) losses.
     Stable for logits of any magnitude (the row maximum is subtracted before ``exp``).
+    ``validate_target=False`` skips the label range check, which costs a device-to-host round trip
+    on 'cuda'; only for labels already checked (a bad label then gives NaN on the kernel devices).
     """
-    return _reduce(_losses_and_grad(input, target, reduction, want_grad=False)[0], reduction)
+    return _reduce(_losses_and_grad(input, target, reduction, False, validate_target)[0], reduction)
 
 
-def cross_entropy_backward(input, target, reduction: str = "mean"):
+def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """d loss / d input: ``softmax(input) - onehot(target)``, divided by N for 'mean'.
 
     For 'none' it is the gradient of each sample's own loss (the same as for 'sum').
     """
-    return _losses_and_grad(input, target, reduction, want_grad=True)[1]
+    return _losses_and_grad(input, target, reduction, True, validate_target)[1]
 
 
-def cross_entropy_with_grad(input, target, reduction: str = "mean"):
+def cross_entropy_with_grad(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the scores.
 
     On 'cuda' and 'emu' every call of this module runs the one kernel that computes the loss and the
     gradient together; a training step that needs both should call this rather than both functions.
     """
-    losses, grad = _losses_and_grad(input, target, reduction, want_grad=True)
+    losses, grad = _losses_and_grad(input, target, reduction, True, validate_target)
     return _reduce(losses, reduction), grad

@@ -28,10 +28,12 @@
 
 #define TILE 16
 
-extern "C" __global__ void matmul_tiled(const float* __restrict__ a, const float* __restrict__ b,
-                                        float* __restrict__ c, int m, int n, int k) {
-    __shared__ float ta[TILE][TILE];
-    __shared__ float tb[TILE][TILE];
+// The tile loops of matmul_tiled and its defective copy, which differ only in the barrier that
+// ends each step. The kernels declare the tiles: the emulator charges a __shared__ variable of a
+// __device__ function to every kernel of the file.
+template <bool SECOND_SYNC>
+__device__ void matmul_tiles(float (&ta)[TILE][TILE], float (&tb)[TILE][TILE], const float* __restrict__ a,
+                             const float* __restrict__ b, float* __restrict__ c, int m, int n, int k) {
     int row = blockIdx.y * TILE + threadIdx.y, col = blockIdx.x * TILE + threadIdx.x;
     float acc = 0.0f;
     for (int k0 = 0; k0 < k; k0 += TILE) {
@@ -39,47 +41,47 @@ extern "C" __global__ void matmul_tiled(const float* __restrict__ a, const float
         tb[threadIdx.y][threadIdx.x] = col < n && k0 + threadIdx.y < k ? b[(k0 + threadIdx.y) * n + col] : 0.0f;
         __syncthreads();
         for (int kk = 0; kk < TILE; ++kk) acc += ta[threadIdx.y][kk] * tb[kk][threadIdx.x];
-        __syncthreads();
+        if (SECOND_SYNC) __syncthreads();
     }
     if (row < m && col < n) c[row * n + col] = acc;
+}
+
+extern "C" __global__ void matmul_tiled(const float* __restrict__ a, const float* __restrict__ b,
+                                        float* __restrict__ c, int m, int n, int k) {
+    __shared__ float ta[TILE][TILE];
+    __shared__ float tb[TILE][TILE];
+    matmul_tiles<true>(ta, tb, a, b, c, m, n, k);
 }
 
 extern "C" __global__ void matmul_tiled_no_second_sync(const float* __restrict__ a, const float* __restrict__ b,
                                                        float* __restrict__ c, int m, int n, int k) {
     __shared__ float ta[TILE][TILE];
     __shared__ float tb[TILE][TILE];
-    int row = blockIdx.y * TILE + threadIdx.y, col = blockIdx.x * TILE + threadIdx.x;
-    float acc = 0.0f;
-    for (int k0 = 0; k0 < k; k0 += TILE) {
-        ta[threadIdx.y][threadIdx.x] = row < m && k0 + threadIdx.x < k ? a[row * k + k0 + threadIdx.x] : 0.0f;
-        tb[threadIdx.y][threadIdx.x] = col < n && k0 + threadIdx.y < k ? b[(k0 + threadIdx.y) * n + col] : 0.0f;
-        __syncthreads();
-        for (int kk = 0; kk < TILE; ++kk) acc += ta[threadIdx.y][kk] * tb[kk][threadIdx.x];
+    matmul_tiles<false>(ta, tb, a, b, c, m, n, k);
+}
+
+// The shared-memory tree of block_sum and its defective copy, which differ only in the barrier
+// inside the tree loop.
+template <bool TREE_SYNC>
+__device__ void block_sum_tree(float* partial, const float* __restrict__ x, float* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    partial[threadIdx.x] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        if (TREE_SYNC) __syncthreads();
     }
-    if (row < m && col < n) c[row * n + col] = acc;
+    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
 }
 
 extern "C" __global__ void block_sum(const float* __restrict__ x, float* __restrict__ out, int n) {
     extern __shared__ float partial[];
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    partial[threadIdx.x] = i < n ? x[i] : 0.0f;
-    __syncthreads();
-    for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
+    block_sum_tree<true>(partial, x, out, n);
 }
 
 extern "C" __global__ void block_sum_no_sync(const float* __restrict__ x, float* __restrict__ out, int n) {
     extern __shared__ __align__(16) float partial[];
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    partial[threadIdx.x] = i < n ? x[i] : 0.0f;
-    __syncthreads();
-    for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-    }
-    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
+    block_sum_tree<false>(partial, x, out, n);
 }
 
 extern "C" __global__ void warp_sum(const float* __restrict__ x, float* __restrict__ out, int n) {
