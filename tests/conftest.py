@@ -34,6 +34,10 @@ def _order_context(device, order):
     return emu.thread_order(order)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests that take minutes on the CPU")
+
+
 @pytest.fixture(params=DEVICE_PARAMS)
 def device(request):
     """A device name; for 'emu' the threads of every block run in the order named in the id."""
