@@ -647,6 +647,8 @@ class Torch(Contender):
             import torch
         except ImportError:
             return False, "PyTorch is not installed"
+        except Exception as exc:  # a broken install (CUDA libraries missing) must not end the run
+            return False, f"PyTorch does not import ({type(exc).__name__}: {exc})"
         if self.device == "cuda" and not torch.cuda.is_available():
             return False, "PyTorch sees no CUDA device"
         return True, ""
@@ -706,7 +708,9 @@ def _gpuconv_train(case: Case, device: str, rng) -> Workload:
     model = models.get_model(s.model).to(device)
     model.train()
     optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
+    # As the trainer runs it: labels int32 (what the loss kernel reads) and range-checked once,
+    # not per step, so a step has no device round trip (the check is one on 'cuda').
+    criterion = nn.CrossEntropyLoss(validate_target=False)
 
     def step(x, y):
         criterion(model(x), y)
@@ -715,9 +719,11 @@ def _gpuconv_train(case: Case, device: str, rng) -> Workload:
         optimizer.zero_grad()
 
     if s.images:
-        return _epoch(_epoch_data(model.input_shape, s.images, rng), s.batch, lambda a: to_device(a, device), step, rng)
+        images, labels, what = _epoch_data(model.input_shape, s.images, rng)
+        return _epoch((images, labels.astype(np.int32), what), s.batch, lambda a: to_device(a, device), step, rng)
     randn = _normal_source(device, rng)
-    return Workload(lambda: (randn(s.batch, *model.input_shape), to_device(rng.integers(0, 10, s.batch), device)), step)
+    return Workload(lambda: (randn(s.batch, *model.input_shape),
+                             to_device(rng.integers(0, 10, s.batch, dtype=np.int32), device)), step)
 
 
 def _torch_train(case: Case, torch, device: str, rng) -> Workload:
@@ -896,6 +902,8 @@ def machine_info(use_gpu: bool) -> dict:
         info["cudnn"] = str(torch.backends.cudnn.version()) if torch.cuda.is_available() else "n/a"
     except ImportError:
         info["torch"], info["cudnn"] = "not installed", "n/a"
+    except Exception as exc:  # a broken install: its rows say so, the run goes on
+        info["torch"], info["cudnn"] = f"does not import ({type(exc).__name__})", "n/a"
     usable, why = cuda_status()
     if use_gpu and usable:
         info["gpu"] = _gpu_info()
@@ -1008,6 +1016,7 @@ def run_row(case: Case, contender: Contender, args, info: dict) -> Row:
     if epoch_images:  # an epoch is long: fewer repeats, one warm-up epoch at most
         repeats, warmup = min(repeats, 3), min(warmup, 1)
     rng = np.random.default_rng(args.seed)
+    work = first = sets = None
     try:
         with contender.selected_for(case):
             timed_case = row.case
@@ -1030,6 +1039,8 @@ def run_row(case: Case, contender: Contender, args, info: dict) -> Row:
         row.status = f"error: {type(exc).__name__}: {message}"
         print(f"{case.name}, {contender.name}:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
+        # Dropped first: the pools can only give back blocks that nothing refers to any more.
+        work = first = sets = None
         _free_device_memory(contender.device)
     row.note = "; ".join(n for n in notes if n)
     return row
@@ -1043,7 +1054,7 @@ def _free_device_memory(device: str):
         import cupy
 
         cupy.get_default_memory_pool().free_all_blocks()
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(Exception):  # best effort: PyTorch may be missing or broken
         import torch
 
         torch.cuda.empty_cache()
@@ -1293,6 +1304,7 @@ def main(argv=None) -> int:
         peaks["cpu"] = measure_peaks("cpu", args.quick)
     if use_gpu:
         peaks["cuda"] = measure_peaks("cuda", args.quick)
+        _free_device_memory("cuda")  # the peaks' GiBs of operands, before the rows size their buffers
     print("\n".join(_header_lines(info, peaks)), flush=True)
     rows, charted = [], time.perf_counter()
     for case in cases:

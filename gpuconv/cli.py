@@ -46,6 +46,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # `not >=` also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .models import MODELS
@@ -67,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="(default: %(default)s)")
     train.add_argument("--lr", type=_positive_float, default=defaults.lr, help="learning rate (default: %(default)s)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
-    train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default: %(default)s)")
+    train.add_argument("--momentum", type=_non_negative_float, default=defaults.momentum,
+                       help="SGD momentum (default: %(default)s)")
+    train.add_argument("--weight-decay", type=_non_negative_float, default=defaults.weight_decay,
+                       help="(default: %(default)s)")
     train.add_argument("--lr-step-size", type=_non_negative_int, default=defaults.lr_step_size, metavar="N",
                        help="multiply the lr by --lr-gamma every N epochs, 0 for a constant lr (default: %(default)s)")
     train.add_argument("--lr-gamma", type=_positive_float, default=defaults.lr_gamma, help="(default: %(default)s)")
@@ -168,7 +177,10 @@ def _nvrtc_status() -> str:
             return f"NVRTC: {major}.{minor} (through CuPy)"
         except Exception:
             return "NVRTC: not available (pip install 'gpuconv[nvrtc]' for the compile check without a GPU)"
-    error, major, minor = nvrtc.nvrtcVersion()
+    try:
+        error, major, minor = nvrtc.nvrtcVersion()
+    except Exception as exc:  # the bindings import, but libnvrtc itself is missing
+        return f"NVRTC: cuda-bindings installed, but the library does not load ({exc})"
     if error != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         return f"NVRTC: cuda-bindings installed, but the library does not load ({error})"
     return f"NVRTC: {major}.{minor} (through cuda-bindings)"

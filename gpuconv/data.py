@@ -30,6 +30,7 @@ import numpy as np
 
 from . import functional as F
 from .device import to_device
+from .nn import host_array
 
 DATA_ENV = "GPUCONV_DATA"
 OFFLINE_ENV = "GPUCONV_OFFLINE"
@@ -388,8 +389,8 @@ class DeviceDataset:
     """
 
     def __init__(self, images, labels, device: str, name: str, input_shape=None):
-        images = np.asarray(images)
-        labels = np.asarray(labels)
+        # On the host, from any device: the checks and the normalisation are NumPy, which refuses CuPy arrays.
+        images, labels = host_array(images), host_array(labels)
         if images.ndim != 3:
             raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
         if labels.shape != (len(images),):
@@ -422,7 +423,7 @@ class DeviceDataset:
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 drop_last: bool = False) -> Iterator[tuple[object, object]]:
-        """``(x, y)`` device batches of one epoch: x ``(B, C, H, W)`` float32, y ``(B,)`` int64."""
+        """``(x, y)`` device batches of one epoch: x ``(B, C, H, W)`` float32, y ``(B,)`` int32."""
         slices = _batch_slices(len(self), batch_size, drop_last)
         order = to_device(epoch_order(len(self), shuffle, seed, epoch), self.device) if shuffle else None
         for start in slices:

@@ -102,19 +102,25 @@ def array_module(device_or_array):
 
 
 def to_device(x, device: str):
-    """Copy (or view) ``x`` onto ``device``: a NumPy array for 'cpu', CuPy for 'cuda', EmuArray for 'emu'."""
+    """``x`` on ``device``: a NumPy array for 'cpu', CuPy for 'cuda', EmuArray for 'emu'.
+
+    As ``torch.Tensor.to``: ``x`` itself when it is already there, otherwise a copy, so kernels
+    writing in place on the emulated device (optimizer updates) never touch the caller's array.
+    """
     device = resolve_device(device)[0]
     if device == "cuda":
         return array_module("cuda").asarray(x)
-    host = to_numpy(x)
-    return np.ascontiguousarray(host).view(EmuArray) if device == "emu" else host
+    if device == "emu":
+        return x if isinstance(x, EmuArray) else np.array(to_numpy(x), order="C", copy=True).view(EmuArray)
+    return to_numpy(x)
 
 
 def to_numpy(x) -> np.ndarray:
-    """A plain NumPy array with the contents of ``x``, from any device."""
-    if device_of(x) == "cuda":
+    """A plain NumPy array with the contents of ``x``: ``x`` itself on 'cpu', a copy from a device."""
+    device = device_of(x)
+    if device == "cuda":
         return x.get()
-    return np.asarray(x)
+    return np.array(x, copy=True) if device == "emu" else np.asarray(x)
 
 
 def empty(shape, dtype, device: str):

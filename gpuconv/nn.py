@@ -63,6 +63,14 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
 
 
+def host_array(value) -> np.ndarray:
+    """``value`` as a NumPy array, from any device: NumPy's own calls raise on a CuPy array."""
+    try:
+        return to_numpy(value)
+    except TypeError:  # not an array of a device: a list, a scalar
+        return np.asarray(value)
+
+
 _IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
@@ -238,17 +246,17 @@ class Module:
             problems.append(f"missing keys: {', '.join(missing)}")
         if strict and unexpected:
             problems.append(f"unexpected keys: {', '.join(unexpected)}")
-        for name, param in own.items():
-            if name in state_dict and tuple(np.shape(state_dict[name])) != param.shape:
-                problems.append(f"{name}: expected shape {param.shape}, got {tuple(np.shape(state_dict[name]))}")
+        values = {name: host_array(value) for name, value in state_dict.items() if name in own}
+        for name, value in values.items():
+            if value.shape != own[name].shape:
+                problems.append(f"{name}: expected shape {own[name].shape}, got {value.shape}")
         if problems:
             raise ValueError(f"cannot load state_dict into {type(self).__name__}:\n  " + "\n  ".join(problems))
-        for name, param in own.items():
-            if name in state_dict:
-                # Copied into the existing array, as torch does: whoever holds param.data (an
-                # optimizer, a view) sees the loaded values, and nothing shares the caller's memory.
-                value = np.asarray(to_numpy(state_dict[name]), dtype=param.dtype)
-                param.data[...] = to_device(value, param.device)
+        for name, value in values.items():
+            param = own[name]
+            # Copied into the existing array, as torch does: whoever holds param.data (an
+            # optimizer, a view) sees the loaded values, and nothing shares the caller's memory.
+            param.data[...] = to_device(value.astype(param.dtype, copy=False), param.device)
         return _IncompatibleKeys(missing, unexpected)
 
     # -- printing -----------------------------------------------------------------------------
@@ -396,6 +404,11 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     """Max pooling; backward routes each gradient to the position its window's maximum came from."""
+
+    # ceil_mode keyword-only: torch.nn.MaxPool2d's fourth argument is dilation (unsupported here),
+    # so MaxPool2d(3, 2, 0, 1) must fail rather than turn ceil_mode on.
+    def __init__(self, kernel_size, stride=None, padding=0, *, ceil_mode: bool = False):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
 
     def forward(self, x):
         out, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, return_indices=True)
@@ -616,7 +629,8 @@ class CrossEntropyLoss(Module):
         if grad_output is None:
             return grad
         # Per-sample factors (reduction 'none') scale their sample's row; a scalar scales everything.
-        return grad * (grad_output if np.ndim(grad_output) == 0 else grad_output[:, None])
+        # getattr rather than np.ndim, which needs NumPy's dispatch to reach CuPy for a device array.
+        return grad * (grad_output if getattr(grad_output, "ndim", 0) == 0 else grad_output[:, None])
 
     def extra_repr(self) -> str:
         return "" if self.reduction == "mean" else f"reduction={self.reduction!r}"

@@ -20,7 +20,6 @@ from .device import device_of, empty, to_device, to_numpy, zeros
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR"]
 
 
-
 def _check_number(value, name: str, low: float, high: float | None = None, *, high_open: bool = True):
     """``value`` as a float in ``[low, high)`` (or ``[low, high]``); a ValueError naming it otherwise."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -98,8 +97,12 @@ class Optimizer(abc.ABC):
         """Update one float32 parameter on 'cuda' or 'emu' with one kernel launch."""
 
     def state_dict(self) -> dict:
-        """``{'state': {index: {name: ndarray or number}}, 'hyperparameters': {name: value}}``."""
-        state = {index: {name: to_numpy(v) if hasattr(v, "shape") else v for name, v in entry.items()}
+        """``{'state': {index: {name: ndarray or number}}, 'hyperparameters': {name: value}}``.
+
+        The arrays are copies (as :meth:`Module.state_dict`'s): on 'cpu' and 'emu' ``to_numpy``
+        alone would return the live buffers, which the next step changes in place.
+        """
+        state = {index: {name: to_numpy(v).copy() if hasattr(v, "shape") else v for name, v in entry.items()}
                  for index, entry in self.state.items()}
         hyper = {name: getattr(self, name) for name in self._hyperparameters}
         return {"state": state, "hyperparameters": hyper}
@@ -119,7 +122,9 @@ class Optimizer(abc.ABC):
                     if tuple(value.shape) != tuple(data.shape):
                         raise ValueError(f"state_dict's {name} for parameter {index} has shape "
                                          f"{tuple(value.shape)}, the parameter {tuple(data.shape)}")
-                    value = to_device(np.asarray(value, dtype=data.dtype), device_of(data))
+                    # A copy: the caller's arrays (another optimizer's state, say) must not become
+                    # buffers this optimizer updates in place.
+                    value = to_device(np.array(to_numpy(value), dtype=data.dtype), device_of(data))
                 state[index][name] = value
         for name, value in state_dict["hyperparameters"].items():
             if name not in self._hyperparameters:
@@ -140,7 +145,10 @@ class SGD(Optimizer):
 
     _hyperparameters = ("lr", "momentum", "weight_decay", "nesterov")
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False):
+    # Keyword-only past momentum: torch.optim.SGD's fourth is dampening, which this SGD lacks, so
+    # SGD(params, 0.1, 0.9, 0, 1e-4) must fail rather than take 0 and 1e-4 for two other settings.
+    def __init__(self, params, lr: float, momentum: float = 0.0, *, weight_decay: float = 0.0,
+                 nesterov: bool = False):
         self.momentum = _check_number(momentum, "momentum", 0.0)
         self.weight_decay = _check_number(weight_decay, "weight_decay", 0.0)
         self.nesterov = bool(nesterov)

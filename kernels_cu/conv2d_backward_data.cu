@@ -16,8 +16,9 @@
 //   test fails. Each thread owns one input pixel column of the tile, decoded once.
 //   Launch: grid (ceil(batch*height*width / 64), ceil(c_in / 64)), block 256, no dynamic shared
 //   memory (8.3 KB static).
-//   Limits: batch*height*width and c_out*c_in*kernel_h*kernel_w below 2^31 (int); offsets into
-//   grad_out and grad_x are 64-bit; gridDim.y <= 65535, so c_in <= 4194240. With stride s > 1 only
+//   Limits: batch*height*width and c_out*c_in*kernel_h*kernel_w below 2^31 - 64 (int, with a tile
+//   of headroom for the unmasked tile indices); offsets into grad_out and grad_x are 64-bit;
+//   gridDim.y <= 65535, so c_in <= 4194240. With stride s > 1 only
 //   about 1/s^2 of the K terms are non-zero, and they are still multiplied: the cost is that of
 //   the stride-1 problem.
 

@@ -20,8 +20,9 @@
 //   Launch: grid (ceil(N / 64), ceil(c_out / 64), ceil(K / k_per_split)), block 256, no dynamic
 //   shared memory (8.5 KB static); k_per_split a positive multiple of 16. Block z covers K indices
 //   [z*k_per_split, min(K, (z+1)*k_per_split)).
-//   Limits: K = batch*out_h*out_w and c_out*N below 2^31 (int); offsets into x, grad_out and
-//   grad_w are 64-bit; gridDim.y and gridDim.z <= 65535, so c_out <= 4194240.
+//   Limits: K = batch*out_h*out_w and c_out*N below 2^31 - 64 (int, with a tile of headroom for the
+//   unmasked tile indices); offsets into x, grad_out and grad_w are 64-bit; gridDim.y and
+//   gridDim.z <= 65535, so c_out <= 4194240.
 //   The float atomics make the summation order, and so the last bits, vary between runs on a GPU.
 //
 // conv2d_bias_grad_v1
@@ -49,7 +50,9 @@ conv2d_backward_filter_v1(const float* __restrict__ x, const float* __restrict__
     const int patch = c_in * taps;
     const int plane = out_h * out_w;
     const int k_begin = blockIdx.z * k_per_split;
-    const int k_end = min(batch * plane, k_begin + k_per_split);
+    // Not min(K, k_begin + k_per_split): for the last split that sum can pass 2^31 when K is near
+    // it (k_begin < K, but k_begin + k_per_split < K + k_per_split), and wrap negative.
+    const int k_end = k_begin + min(k_per_split, batch * plane - k_begin);
 
     // Both tiles are loaded along K: the output pixels, contiguous in grad_out and, up to the
     // stride, in x. This thread's B columns (ci, i, j): offset of the channel plane and of the tap.

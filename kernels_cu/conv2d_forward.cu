@@ -8,7 +8,7 @@
 // conv2d_forward_v1
 //   out[n][co][oh][ow] = act(bias[co] + sum over ci, i, j of
 //                            w[co][ci][i][j] * x[n][ci][oh*stride_h - pad_top + i*dil_h][ow*stride_w - pad_left + j*dil_w])
-//   with zeros outside the input, act = ReLU when relu != 0, identity otherwise.
+//   with zeros outside the input, act = ReLU when relu != 0 (NaN propagates), identity otherwise.
 //   Layout: x (batch, c_in, height, width) NCHW; w (c_out, c_in, kernel_h, kernel_w) OIHW, i.e. a
 //   c_out x K row-major matrix with K = c_in*kernel_h*kernel_w; bias (c_out); out (batch, c_out,
 //   out_h, out_w) NCHW. float32, C-contiguous. Padding is given as top/left offsets plus the output
@@ -17,8 +17,9 @@
 //   (no im2col buffer): each thread owns one output pixel column of the tile, decoded once.
 //   Launch: grid (ceil(batch*out_h*out_w / 64), ceil(c_out / 64)), block 256, no dynamic shared
 //   memory (8.3 KB static).
-//   Limits: batch*out_h*out_w and c_out*K below 2^31 (int); offsets into x and out are 64-bit;
-//   gridDim.y <= 65535, so c_out <= 4194240.
+//   Limits: batch*out_h*out_w and c_out*K below 2^31 - 64 (int, with a tile of headroom for the
+//   unmasked tile indices); offsets into x and out are 64-bit; gridDim.y <= 65535, so
+//   c_out <= 4194240.
 
 #include "implicit_gemm.cuh"
 
@@ -90,6 +91,8 @@ conv2d_forward_v1(const float* __restrict__ x, const float* __restrict__ w, cons
 
     store_nchw(out, acc, t, c_out, columns, plane, [&](int m, float sum) {
         const float value = sum + __ldg(bias + m);
-        return relu ? fmaxf(value, 0.0f) : value;
+        // Not fmaxf(value, 0): it returns 0 for a NaN, where the NumPy path and relu_forward_v1
+        // (as PyTorch) propagate it, so a diverging layer would look finite only when fused.
+        return relu && value < 0.0f ? 0.0f : value;
     });
 }

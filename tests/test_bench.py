@@ -327,3 +327,83 @@ def test_quick_run_on_the_gpu_times_every_gpu_contender(tmp_path):
     expected = {"gpuconv cuda v0 (im2col+cuBLAS)" if n == 0 else f"gpuconv cuda v{n}" for n in versions}
     assert {r["contender"] for r in ours if r["case"] == "lenet5/conv2/conv2d_forward"} == expected
     assert data["peaks"]["cuda"]["flops"] > 1e12 and data["machine"]["gpu"]["l2_bytes"] > 0
+
+
+def test_gpuconv_training_step_runs_as_the_trainer_does(monkeypatch):
+    """int32 labels and no per-step label check: on 'cuda' that check is a device round trip,
+    which the trainer does not make (its labels are checked once, when loaded)."""
+    from gpuconv import nn
+
+    calls = []
+    loss_with_grad = nn.F.cross_entropy_with_grad
+
+    def spy(input, target, reduction="mean", *, validate_target=True):
+        calls.append((target.dtype, validate_target))
+        return loss_with_grad(input, target, reduction, validate_target=validate_target)
+
+    monkeypatch.setattr(nn.F, "cross_entropy_with_grad", spy)
+    rng = np.random.default_rng(0)
+    for case in bench.training_cases(["lenet5"], epoch=True):
+        spec = dataclasses.replace(case.spec, batch=8, images=16 if case.spec.images else 0)
+        work = bench.Gpuconv("cpu").workload(dataclasses.replace(case, spec=spec), rng)
+        work.run(*work.make())
+    assert len(calls) == 1 + 2 and set(calls) == {(np.dtype(np.int32), False)}
+
+
+_FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python3 in benchmarks/gpu_check.sh: logs each call, answers as told.
+echo "$*" >> "$FAKE_LOG"
+case "$1" in
+    -) cat > /dev/null; echo "machine info" ;;
+    -c) exit "$FAKE_GPU_STATUS" ;;
+    -m) if [ "$2" = pytest ]; then exit "$FAKE_TESTS_STATUS"; fi
+        while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+        for name in results.md results.json results.png; do echo x > "$out/$name"; done ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("gpu, tests, expected", [(0, 0, 0), (0, 3, 3), (1, 0, 1)])
+def test_gpu_check_script_exit_status_and_outputs(tmp_path, gpu, tests, expected):
+    """The script's own logic, with python faked: its status is the GPU tests' (1 without a GPU),
+    and it leaves few files, at most one folder deep, as a machine that returns $OUT needs."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    if not script.is_file():
+        pytest.skip("benchmarks/gpu_check.sh is not beside the tests (installed package)")
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "calls.log"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "FAKE_LOG": str(log),
+           "FAKE_GPU_STATUS": str(gpu), "FAKE_TESTS_STATUS": str(tests)}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == expected, result.stdout + result.stderr
+    assert "unbound variable" not in result.stdout + result.stderr
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.parts) <= 2 for p in files), files
+    assert {"machine.txt", "pytest-gpu.log", "bench.log", "bench/results.md"} <= {p.as_posix() for p in files}
+    (bench_call,) = [line for line in log.read_text().splitlines() if line.startswith("-m gpuconv.bench")]
+    assert "--time-budget" in bench_call
+
+
+def test_a_broken_pytorch_install_does_not_end_the_run(monkeypatch):
+    """`import torch` raising OSError (CUDA libraries missing): its rows say so, the rest run."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise OSError("libcudnn.so.9: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert bench.machine_info(use_gpu=False)["torch"] == "does not import (OSError)"
+    usable, why = bench.Torch("cpu").available()
+    assert not usable and "libcudnn" in why
+    bench._free_device_memory("cuda")  # a cleanup, never an error

@@ -70,6 +70,8 @@ def test_train_on_cuda_without_a_gpu_is_a_clear_error(synthetic, tmp_path, capsy
     ["train", "--epochs", "0"],
     ["train", "--lr", "-1"],
     ["train", "--lr-step-size", "-1"],
+    ["train", "--momentum", "-0.9"],  # the optimizer would refuse it only after loading the data
+    ["train", "--weight-decay", "nan"],
     ["train", "--device", "tpu"],
     ["summary", "nosuchnet"],
     [],
@@ -109,3 +111,20 @@ def test_python_dash_m():
     result = subprocess.run([sys.executable, "-m", "gpuconv", "--version"], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == f"gpuconv {__version__}"
+
+
+def test_info_survives_nvrtc_bindings_without_the_library(monkeypatch, capsys):
+    """cuda-bindings raise on the first call when libnvrtc cannot be loaded: `info` says so."""
+    bindings = types.ModuleType("cuda.bindings")
+    nvrtc = types.ModuleType("cuda.bindings.nvrtc")
+
+    def missing():
+        raise RuntimeError("Failed to dlopen libnvrtc.so.13")
+
+    nvrtc.nvrtcVersion = missing
+    bindings.nvrtc = nvrtc
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", nvrtc)
+    assert cli.main(["info"]) == 0
+    assert "NVRTC: cuda-bindings installed, but the library does not load (Failed to dlopen" in capsys.readouterr().out

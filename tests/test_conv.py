@@ -14,6 +14,7 @@ import pytest
 from gpuconv import functional as F
 from gpuconv.device import EmuArray, to_device, to_numpy
 from gpuconv.functional import conv as conv_module
+from gradcheck import numerical_gradient
 
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, dilation): chosen so that together they cover
 # odd and rectangular sizes, stride above the kernel size, padding, PyTorch's asymmetric 'same',
@@ -136,6 +137,17 @@ def test_conv2d_bias_over_planes_wider_than_a_block(device, rng):
     _assert_close(F.conv2d_bias(*_on(device, grad_output)), expected, grad_output[:, 0].size, device)
 
 
+def test_fused_relu_propagates_nan(device):
+    # As F.relu and PyTorch: a NaN output stays NaN through the fused ReLU (fmaxf would give 0).
+    x = np.ones((1, 1, 3, 3), np.float32)
+    x[0, 0, 1, 1] = np.nan
+    weight = np.ones((2, 1, 1, 1), np.float32)
+    weight[1] = -1.0
+    y = to_numpy(F.conv2d(to_device(x, device), to_device(weight, device), activation="relu"))
+    expected = np.where(np.isnan(x), np.nan, np.concatenate([x, np.zeros_like(x)], axis=1))
+    np.testing.assert_array_equal(y, expected)
+
+
 def test_kernel_devices_accept_non_contiguous_arrays(kernel_device):
     x, weight, bias, _, args, (y, _, _, _) = _problem(0)
     xd, wd, bd = _on(kernel_device, np.ascontiguousarray(x.transpose(0, 1, 3, 2)), weight, bias)
@@ -157,6 +169,32 @@ def test_kernels_refuse_sizes_past_their_int_indices(monkeypatch):
     huge = np.broadcast_to(np.zeros(1, np.float32), (1, 1, 50000, 50000))
     with pytest.raises(ValueError, match=r"input \(1, 1, 50000, 50000\) .* too large for the conv2d kernels"):
         F.conv2d(huge.view(EmuArray), to_device(np.ones((1, 1, 1, 1), np.float32), "emu"))
+
+
+def test_kernel_limits_keep_a_tile_of_headroom_below_2_31():
+    # batch*H*W = 2^31 - 2 fits an int, but the last tile's unmasked indices (n0 + 63) would not.
+    geometry = conv_module._geometry((1, 1, 1386, 1549411), (1, 1, 1, 1), 1, 0, 1)
+    assert geometry.batch * geometry.height * geometry.width == 2**31 - 2
+    with pytest.raises(ValueError, match="too large for the conv2d kernels"):
+        conv_module._check_kernel_limits(geometry)
+    conv_module._check_kernel_limits(conv_module._geometry((1, 1, 1024, 2**21 - 1), (1, 1, 1, 1), 1, 0, 1))
+
+
+@pytest.mark.parametrize("op", ["forward", "input", "weight"])
+def test_kernels_refuse_channels_past_grid_y(op, monkeypatch):
+    # 65536 tiles of 64 channels: gridDim.y past CUDA's 65535, a launch that fails only on a GPU.
+    # Broadcast arrays: the check must come before any copy.
+    for name in ("CONV2D_FORWARD", "CONV2D_BACKWARD_DATA", "CONV2D_BACKWARD_FILTER"):
+        monkeypatch.delenv(f"GPUCONV_KERNEL_{name}", raising=False)
+    channels = 65536 * 64
+    on_emu = lambda shape: np.broadcast_to(np.zeros(1, np.float32), shape).view(EmuArray)  # noqa: E731
+    with pytest.raises(ValueError, match=r"too many channels for the conv2d kernels: C_in and C_out must each be at most 4194240"):
+        if op == "forward":
+            F.conv2d(on_emu((1, 1, 1, 1)), on_emu((channels, 1, 1, 1)))
+        elif op == "input":
+            F.conv2d_input((1, channels, 1, 1), on_emu((1, channels, 1, 1)), on_emu((1, 1, 1, 1)))
+        else:
+            F.conv2d_weight(on_emu((1, 1, 1, 1)), (channels, 1, 1, 1), on_emu((1, channels, 1, 1)))
 
 
 @pytest.mark.parametrize("index", [0, 3, 6], ids=[CASE_IDS[i] for i in (0, 3, 6)])
@@ -209,21 +247,10 @@ def test_gradients_match_finite_differences(rng):
     def loss(x_, w_):
         return float((F.conv2d(x_, w_, **args) * grad_output).sum())
 
-    def numeric(array, evaluate, step=1e-6):
-        grad = np.zeros_like(array)
-        for index in np.ndindex(array.shape):
-            saved = array[index]
-            array[index] = saved + step
-            up = evaluate()
-            array[index] = saved - step
-            grad[index] = (up - evaluate()) / (2 * step)
-            array[index] = saved
-        return grad
-
     np.testing.assert_allclose(F.conv2d_input(x.shape, weight, grad_output, **args),
-                               numeric(x, lambda: loss(x, weight)), rtol=1e-6, atol=1e-8)
+                               numerical_gradient(x, lambda: loss(x, weight)), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(F.conv2d_weight(x, weight.shape, grad_output, **args),
-                               numeric(weight, lambda: loss(x, weight)), rtol=1e-6, atol=1e-8)
+                               numerical_gradient(weight, lambda: loss(x, weight)), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("index", [0, 4], ids=[CASE_IDS[0], CASE_IDS[4]])

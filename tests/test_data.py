@@ -235,6 +235,20 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert path.read_bytes() == b"new"
 
 
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    data.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"new"))
+    expected = ["file", "rename", "dir"] if hasattr(os, "O_DIRECTORY") else ["file", "rename"]
+    assert events == expected and (tmp_path / "f.bin").read_bytes() == b"new"
+
+
 def test_normalize_uses_dataset_statistics():
     images = np.array([[[0, 255]]], np.uint8)
     out = data.normalize(images, "fashion-mnist")
@@ -291,6 +305,7 @@ def test_device_dataset_matches_host_batches(device):
         assert x.dtype == np.float32 and x.shape == hx.shape and x.flags.c_contiguous
         np.testing.assert_array_equal(to_numpy(x), hx)
         np.testing.assert_array_equal(to_numpy(y), hy)
+        assert y.dtype == np.int32  # what the loss kernel reads: no per-step conversion
 
 
 def bilinear_reference(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

@@ -52,3 +52,14 @@ def test_import_never_needs_cupy():
     assert gpuconv.to_numpy is to_numpy
     with pytest.raises(TypeError, match="expected a NumPy or CuPy array"):
         device_of([1, 2])
+
+
+def test_moving_between_cpu_and_emu_copies_like_torch_to():
+    host = np.zeros(3, np.float32)
+    on_emu = to_device(host, "emu")
+    on_emu += 1
+    assert host.sum() == 0, "writing on the emulated device must not change the host array"
+    assert to_device(on_emu, "emu") is on_emu and to_device(host, "cpu") is host
+    back = to_numpy(on_emu)
+    back += 1
+    np.testing.assert_array_equal(to_numpy(on_emu), [1, 1, 1])

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from gpuconv import kernels
-from gpuconv.device import to_device
 
 SOURCE = r'''
 // a comment mentioning extern "C" __global__ void ignored(int x)

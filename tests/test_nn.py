@@ -11,6 +11,7 @@ import gpuconv.functional as F
 from gpuconv import nn
 from gpuconv.device import device_of, to_device, to_numpy
 from gpuconv.random import manual_seed, next_seed
+from gradcheck import numerical_gradient
 
 
 # -- torch.nn equivalence ---------------------------------------------------------------------
@@ -170,24 +171,10 @@ def test_finite_differences_check_input_and_every_parameter_gradient(rng):
     loss_at(x)
     grad_input = model.backward(criterion.backward())
     assert grad_input.dtype == np.float64
-    eps = 1e-6
-
-    def numeric(array, restore):
-        grad = np.zeros_like(array)
-        for index in np.ndindex(array.shape):
-            saved = array[index]
-            array[index] = saved + eps
-            plus = restore()
-            array[index] = saved - eps
-            minus = restore()
-            array[index] = saved
-            grad[index] = (plus - minus) / (2 * eps)
-        return grad
-
-    np.testing.assert_allclose(grad_input, numeric(x, lambda: loss_at(x)), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(grad_input, numerical_gradient(x, lambda: loss_at(x)), rtol=1e-5, atol=1e-8)
     for name, param in model.named_parameters():
         assert param.grad.dtype == np.float64, name
-        np.testing.assert_allclose(param.grad, numeric(param.data, lambda: loss_at(x)), rtol=1e-5, atol=1e-8,
+        np.testing.assert_allclose(param.grad, numerical_gradient(param.data, lambda: loss_at(x)), rtol=1e-5, atol=1e-8,
                                    err_msg=name)
 
 
@@ -356,6 +343,10 @@ def test_load_state_dict_keeps_each_parameter_device_and_dtype():
     model.load_state_dict({"weight": np.ones((2, 3)), "bias": np.zeros(2)})
     assert model.weight.device == "emu" and model.weight.dtype == np.float32
     np.testing.assert_array_equal(to_numpy(model.weight.data), np.ones((2, 3)))
+    # Values from another device, or plain nested lists, load too.
+    model.load_state_dict({"weight": [[2.0] * 3] * 2, "bias": to_device(np.full(2, 3.0, np.float32), "emu")})
+    np.testing.assert_array_equal(to_numpy(model.weight.data), np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(to_numpy(model.bias.data), [3.0, 3.0])
 
 
 def test_to_moves_parameters_and_gradients_and_returns_self(rng):
@@ -396,6 +387,8 @@ def test_argument_errors_name_the_argument():
         nn.Conv2d(1, 2, 2.5)
     with pytest.raises(ValueError, match="stride must be positive"):
         nn.MaxPool2d(2, stride=0)
+    with pytest.raises(TypeError):  # torch's fourth argument is dilation: never silently ceil_mode
+        nn.MaxPool2d(3, 2, 0, 1)
     with pytest.raises(ValueError, match="in_features and out_features must be positive"):
         nn.Linear(0, 3)
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):

@@ -133,6 +133,29 @@ def test_state_dict_resumes_exactly_across_devices(device, rng, make):
         np.testing.assert_allclose(got.data, expected.data, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("make", [lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.01)])
+def test_state_dict_is_a_snapshot_and_loading_it_shares_no_buffer(device, rng, make):
+    """state_dict() does not change with later steps, and two optimizers loaded from one do not
+    update each other's buffers (on 'cpu' and 'emu' a plain conversion would alias them)."""
+    params = _params(rng, device)
+    first = make(params)
+    _run(first, params, _grads(rng, 1), device)
+    checkpoint = first.state_dict()
+    saved = {(i, k): v.copy() for i, entry in checkpoint["state"].items() for k, v in entry.items() if hasattr(v, "shape")}
+    _run(first, params, _grads(rng, 1), device)
+    for (i, k), v in saved.items():
+        np.testing.assert_array_equal(checkpoint["state"][i][k], v)
+
+    copies = [[SimpleNamespace(data=to_device(to_numpy(p.data), device), grad=None) for p in params] for _ in range(2)]
+    twins = [make(c) for c in copies]
+    for twin in twins:
+        twin.load_state_dict(checkpoint)
+    _run(twins[0], copies[0], _grads(rng, 1), device)
+    for (i, k), v in saved.items():
+        np.testing.assert_array_equal(to_numpy(twins[1].state[i][k]), v)
+        np.testing.assert_array_equal(checkpoint["state"][i][k], v)
+
+
 def test_load_state_dict_checks_shapes(rng):
     params = _params(rng, "cpu")
     optimizer = SGD(params, lr=0.1, momentum=0.9)
@@ -176,6 +199,13 @@ def test_step_lr_matches_torch():
 def test_bad_hyperparameters_are_named(rng, make, error, message):
     with pytest.raises(error, match=message):
         make(_params(rng, "cpu"))
+
+
+def test_sgd_arguments_past_momentum_are_keyword_only(rng):
+    """torch.optim.SGD's fourth argument is dampening: a positional call written for torch must
+    fail here, not take its dampening for weight_decay and its weight_decay for nesterov."""
+    with pytest.raises(TypeError):
+        SGD(_params(rng, "cpu"), 0.1, 0.9, 0.0, 1e-4)
 
 
 def test_a_grad_of_the_wrong_shape_is_named(rng):

@@ -160,6 +160,21 @@ def test_pooling_accepts_non_contiguous_input(device, rng):
                                rtol=1e-6)
 
 
+def test_kernels_refuse_planes_past_their_int_indices():
+    # pool.cu indexes a plane as h * W + w in an int: a 50000 x 50000 plane would read out of
+    # bounds on a GPU. Broadcast from one float, so the check must come before any copy.
+    from gpuconv.device import EmuArray
+
+    huge = np.broadcast_to(np.zeros(1, np.float32), (1, 1, 50000, 50000)).view(EmuArray)
+    small = np.broadcast_to(np.zeros(1, np.float32), (1, 1, 25000, 25000)).view(EmuArray)
+    message = r"input of shape \(1, 1, 50000, 50000\) is too large for the pooling kernels"
+    for call in (lambda: F.max_pool2d(huge, 2), lambda: F.avg_pool2d(huge, 2),
+                 lambda: F.avg_pool2d_backward(small, huge.shape, 2),
+                 lambda: F.max_pool2d_backward(small, np.broadcast_to(np.int32(0), small.shape).view(EmuArray), huge.shape, 2)):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_float64_cpu_matches_loops(rng):
     x = rng.standard_normal((2, 2, 7, 6))
     out, idx = F.max_pool2d(x, 3, 2, 1, True, return_indices=True)

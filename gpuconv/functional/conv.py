@@ -32,6 +32,8 @@ IM2COL_BUDGET_BYTES = 256 * 2**20
 _TILE_M, _TILE_N, _TILE_K, _THREADS = 64, 64, 16, 256
 # Backward-filter splits K = batch*H_out*W_out across blocks until about this many are in flight.
 _TARGET_BLOCKS = 256
+# CUDA's limit on gridDim.y (and z), where the kernels put their channel tiles.
+_MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
@@ -255,12 +257,22 @@ def _conv2d_bias_sum(grad_output):
 
 
 def _check_kernel_limits(g: _Geometry) -> None:
-    """The kernels count pixels and weights in 32-bit ints (element offsets are 64-bit)."""
+    """The kernels count pixels and weights in 32-bit ints (element offsets are 64-bit).
+
+    A tile's indices run up to one tile past the last real one (``n0 + 63``, ``k0 + 16``) before
+    they are masked, so the counts must stay a tile below 2^31, not merely below it. The channel
+    tiles go in gridDim.y, which CUDA caps at 65535 (a launch past it fails only on a GPU).
+    """
     largest = max(g.batch * g.height * g.width, g.batch * g.out_h * g.out_w, g.c_out * g.patch_size)
-    if largest > np.iinfo(np.int32).max:
+    if largest > np.iinfo(np.int32).max - max(_TILE_M, _TILE_N, _TILE_K):
         raise ValueError(
             f"input {g.input_shape} with weight {g.weight_shape} is too large for the conv2d kernels: "
-            f"batch*H*W, batch*H_out*W_out and the weight's element count must each be below 2^31"
+            f"batch*H*W, batch*H_out*W_out and the weight's element count must each be below 2^31 - 64"
+        )
+    if max(g.c_in, g.c_out) > _MAX_GRID_Y * _TILE_M:
+        raise ValueError(
+            f"input {g.input_shape} with weight {g.weight_shape} has too many channels for the conv2d kernels: "
+            f"C_in and C_out must each be at most {_MAX_GRID_Y * _TILE_M} (gridDim.y <= {_MAX_GRID_Y} tiles of {_TILE_M})"
         )
 
 
@@ -363,6 +375,8 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
+    On 'cuda' the kernel adds the partial sums of its blocks with float ``atomicAdd``, so the last
+    bits of the result may differ from run to run (as cuDNN's non-deterministic algorithms do).
     """
     check_array(input, "input", 4, "NCHW")
     weight_shape = _shape4(weight_shape, "weight_shape")

@@ -141,7 +141,17 @@ def _max_pool2d_numpy(x, window: _Window):
     return out, indices
 
 
+def _check_plane(input_shape, window: _Window) -> None:
+    """pool.cu indexes within a plane in 32-bit ints (``h * W + w``; the indices are int32 too):
+    refuse, before any copy, a plane the kernels would index past 2^31 (out of bounds on a GPU)."""
+    (h, w), (oh, ow) = input_shape[2:], window.out
+    if max(h * w, oh * ow) > np.iinfo(np.int32).max:
+        raise ValueError(f"input of shape {tuple(input_shape)} is too large for the pooling kernels: "
+                         f"H*W and H_out*W_out must each be below 2^31")
+
+
 def _max_pool2d_kernel(x, window: _Window):
+    _check_plane(x.shape, window)
     n, c = x.shape[:2]
     device = device_of(x)
     out = empty((n, c, *window.out), np.float32, device)
@@ -169,6 +179,7 @@ def _max_pool2d_backward_numpy(grad_output, indices, input_shape):
 
 
 def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window):
+    _check_plane(input_shape, window)
     grad_input = empty(input_shape, np.float32, device_of(grad_output))
     kernels.launch("pool", "max_pool2d_backward_v1", kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
                    (contiguous(grad_output), contiguous(indices), grad_input, *window.kernel_args(input_shape)))
@@ -202,6 +213,7 @@ def _avg_pool2d_numpy(x, window: _Window, count_include_pad: bool):
 
 
 def _avg_pool2d_kernel(x, window: _Window, count_include_pad: bool):
+    _check_plane(x.shape, window)
     out = empty((*x.shape[:2], *window.out), np.float32, device_of(x))
     kernels.launch("pool", "avg_pool2d_forward_v1", kernels.grid_stride_blocks(out.size), kernels.BLOCK,
                    (contiguous(x), out, *window.kernel_args(x.shape), count_include_pad))
@@ -227,6 +239,7 @@ def _avg_pool2d_backward_numpy(grad_output, input_shape, window: _Window, count_
 
 
 def _avg_pool2d_backward_kernel(grad_output, input_shape, window: _Window, count_include_pad: bool):
+    _check_plane(input_shape, window)
     grad_input = empty(input_shape, np.float32, device_of(grad_output))
     kernels.launch("pool", "avg_pool2d_backward_v1", kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
                    (contiguous(grad_output), grad_input, *window.kernel_args(input_shape), count_include_pad))
