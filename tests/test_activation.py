@@ -115,3 +115,11 @@ def test_emu_refuses_float64_and_mixed_devices(rng):
     y = x.astype(np.float32)
     with pytest.raises(ValueError, match="grad_output on emu, output on cpu"):
         F.tanh_backward(to_device(y, "emu"), y)
+
+
+def test_relu_backward_zeroes_even_nan_gradients_where_the_unit_is_off(device):
+    grad = np.array([np.nan, np.inf, 3.0, np.nan, -2.0], np.float32)
+    output = np.array([0.0, 0.0, 0.0, 1.0, 5.0], np.float32)
+    result = to_numpy(F.relu_backward(to_device(grad, device), to_device(output, device)))
+    np.testing.assert_array_equal(result, [0.0, 0.0, 0.0, np.nan, -2.0])
+    assert not np.signbit(result[:3]).any()

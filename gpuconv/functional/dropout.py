@@ -20,6 +20,7 @@ from .. import kernels
 from ..device import contiguous, device_of, empty
 from ..random import next_seed
 from ._checks import check_array
+from .activation import select
 
 __all__ = ["dropout", "dropout_backward", "dropout_mask"]
 
@@ -76,7 +77,7 @@ def _apply(x, p: float, seed: int):
     """``x * keep * 1/(1-p)`` for 0 < p < 1, on the device of ``x``."""
     if device_of(x) == "cpu":
         scale = x.dtype.type(1.0 / (1.0 - p))
-        return np.where(dropout_mask(x.shape, p, seed), x * scale, x.dtype.type(0))
+        return select(dropout_mask(x.shape, p, seed), x * scale)
     out = empty(x.shape, np.float32, device_of(x))
     kernels.launch("dropout", "dropout_v1", kernels.grid_stride_blocks(out.size), kernels.BLOCK,
                    (contiguous(x), out, out.size, seed, _threshold(p), 1.0 / (1.0 - p)))
