@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import Param, compiler_source, display_name, parse_signatures
+from .kernels import Param, compiler_source, dim3, display_name, parse_signatures
 
 HEADER = Path(__file__).with_name("emu_runtime") / "cuda_emu.h"
 CACHE_ENV = "GPUCONV_EMU_CACHE"
@@ -462,13 +462,6 @@ def _regions(arrays: list[tuple[int, np.ndarray]]) -> list[_Region]:
 _launch_lock = threading.Lock()
 
 
-def _dim3(value, what: str) -> tuple[int, int, int]:
-    dims = (value,) if np.isscalar(value) else tuple(value)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
-        raise EmuLaunchError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
-
-
 class EmuFunction:
     """One kernel of an :class:`EmuModule`, called as ``cupy.RawKernel``:
     ``function(grid, block, args, shared_mem=0)``."""
@@ -498,7 +491,7 @@ class EmuFunction:
         self._max_dynamic_shared = int(value)
 
     def _check_launch(self, grid, block, shared_mem) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        grid, block = dim3(grid, "grid", EmuLaunchError), dim3(block, "block", EmuLaunchError)
         for what, dims, limits in (("grid", grid, MAX_GRID), ("block", block, MAX_BLOCK)):
             for axis, size, limit in zip("xyz", dims, limits):
                 if not 1 <= size <= limit:

@@ -152,14 +152,12 @@ def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
     return tuple(out)
 
 
-def _dim3(value, what: str) -> tuple[int, int, int]:
+def dim3(value, what: str, error: type[Exception] = ValueError) -> tuple[int, int, int]:
+    """A grid or block given as an int or 1 to 3 ints, as the (x, y, z) triple; ``error`` otherwise."""
     dims = (value,) if np.isscalar(value) else tuple(value)
-    if not 1 <= len(dims) <= 3:
-        raise ValueError(f"{what} must have 1 to 3 dimensions, got {value!r}")
-    dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
-    if min(dims) < 1:
-        raise ValueError(f"{what} must be positive in every dimension, got {dims}")
-    return dims
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise error(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
 
 
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
@@ -238,7 +236,9 @@ def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, opti
     devices = {device_of(a) for a, p in zip(args, params) if p.pointer}
     if len(devices) != 1 or "cpu" in devices:
         raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
-    grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+    grid, block = dim3(grid, "grid"), dim3(block, "block")
+    if min(grid + block) < 1:
+        raise ValueError(f"kernel {kernel}: grid {grid} and block {block} must be positive in every dimension")
     if devices == {"emu"}:
         function = _emu_function(topic, kernel)
     else:

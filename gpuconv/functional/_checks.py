@@ -29,6 +29,14 @@ def check_array(x, name: str, ndim: int | None = None, layout: str = ""):
     return x
 
 
+def check_same_dtype(**arrays) -> None:
+    """A TypeError naming each array, its dtype and shape unless all (None skipped) share one dtype."""
+    dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} {arrays[name].dtype} {tuple(arrays[name].shape)}" for name in dtypes)
+        raise TypeError(f"arrays must have one dtype, got {listing}")
+
+
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each at least ``minimum``, as a pair."""
     items = (value, value) if np.isscalar(value) else tuple(value)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import array_module, common_device, contiguous, device_of, empty, zeros
-from ._checks import check_array, pair
+from ._checks import check_array, check_same_dtype, pair
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size"]
 
@@ -137,13 +137,6 @@ def _shape4(shape, name: str) -> tuple[int, int, int, int]:
     if items is None or len(items) != 4 or not all(isinstance(v, (int, np.integer)) for v in items):
         raise TypeError(f"{name} must be a tuple of 4 ints, got {shape!r}")
     return tuple(int(v) for v in items)
-
-
-def _check_same_dtype(**arrays) -> None:
-    dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{name} {arrays[name].dtype} {tuple(arrays[name].shape)}" for name in dtypes)
-        raise TypeError(f"arrays must have one dtype, got {listing}")
 
 
 def _check_grad_output(grad_output, g: _Geometry) -> None:
@@ -347,7 +340,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     if bias is not None:
         check_array(bias, "bias", 1)
     device = common_device(input=input, weight=weight, bias=bias)
-    _check_same_dtype(input=input, weight=weight, bias=bias)
+    check_same_dtype(input=input, weight=weight, bias=bias)
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     g = _geometry(input.shape, weight.shape, stride, padding, dilation)
@@ -365,7 +358,7 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     check_array(weight, "weight", 4, "OIHW")
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = common_device(weight=weight, grad_output=grad_output)
-    _check_same_dtype(weight=weight, grad_output=grad_output)
+    check_same_dtype(weight=weight, grad_output=grad_output)
     g = _geometry(input_shape, weight.shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
@@ -382,7 +375,7 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     weight_shape = _shape4(weight_shape, "weight_shape")
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = common_device(input=input, grad_output=grad_output)
-    _check_same_dtype(input=input, grad_output=grad_output)
+    check_same_dtype(input=input, grad_output=grad_output)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
     return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g)

@@ -7,16 +7,9 @@ the layer sizes of AlexNet, and the library's own kernels are the convolutions a
 from __future__ import annotations
 
 from ..device import array_module, common_device
-from ._checks import check_array
+from ._checks import check_array, check_same_dtype
 
 __all__ = ["linear", "linear_backward"]
-
-
-def _check_same_dtype(**arrays):
-    dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{name} {arrays[name].dtype} {tuple(arrays[name].shape)}" for name in dtypes)
-        raise TypeError(f"arrays must have one dtype, got {listing}")
 
 
 def _check_weight(input, weight):
@@ -36,7 +29,7 @@ def linear(input, weight, bias=None):
             raise ValueError(f"bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}: "
                              f"need ({weight.shape[0]},)")
     common_device(input=input, weight=weight, bias=bias)
-    _check_same_dtype(input=input, weight=weight, bias=bias)
+    check_same_dtype(input=input, weight=weight, bias=bias)
     output = array_module(input).matmul(input, weight.T)
     if bias is not None:
         output += bias
@@ -52,7 +45,7 @@ def linear_backward(grad_output, input, weight):
         raise ValueError(f"grad_output must have shape {expected} for input {tuple(input.shape)} and "
                          f"weight {tuple(weight.shape)}, got {tuple(grad_output.shape)}")
     common_device(grad_output=grad_output, input=input, weight=weight)
-    _check_same_dtype(grad_output=grad_output, input=input, weight=weight)
+    check_same_dtype(grad_output=grad_output, input=input, weight=weight)
     matmul = array_module(input).matmul
     # Every leading dimension is a batch dimension of the weight's gradient.
     flat_grad = grad_output.reshape(-1, weight.shape[0])
