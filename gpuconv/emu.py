@@ -7,8 +7,8 @@ Running a kernel on the emulated device
 Arrays on device ``'emu'`` (:class:`gpuconv.EmuArray`) make every op run its CUDA kernels here;
 ``gpuconv.kernels.launch`` is the usual way in. Directly, as with ``cupy.RawModule``::
 
-    from gpuconv import emu, kernels
-    fn = emu.module_for(kernels.kernel_path("activation")).get_function("relu_forward_v1")
+    from gpuconv import emu, kernel_source
+    fn = emu.module_for(kernel_source.kernel_path("activation")).get_function("relu_forward_v1")
     fn((blocks, 1, 1), (256, 1, 1), (x, y, np.int64(n)), shared_mem=0)
 
 A module is compiled once by ``g++`` (``$CXX``) together with ``gpuconv/emu_runtime/cuda_emu.h``
@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import Param, compiler_source, dim3, display_name, parse_signatures
+from .kernel_source import Param, compiler_source, dim3, display_name, parse_signatures
 
 HEADER = Path(__file__).with_name("emu_runtime") / "cuda_emu.h"
 CACHE_ENV = "GPUCONV_EMU_CACHE"
