@@ -15,13 +15,20 @@ A module is compiled once by ``g++`` (``$CXX``) together with ``gpuconv/emu_runt
 and cached on disk by a hash of (source, header, flags, compiler version) in ``$GPUCONV_EMU_CACHE``
 (default ``~/.cache/gpuconv/emu``). The threads of a block run as cooperative fibers that switch
 at ``__syncthreads()`` and at warp intrinsics (a few lines of x86-64 assembly per switch; ucontext
-on other Linux architectures); blocks run one after another. The order in which
+on other Linux architectures); blocks run one after another, in the order :func:`block_order`
+or ``$GPUCONV_EMU_BLOCK_ORDER`` chooses (the same names; random permutes the whole grid). The
+order in which
 the fibers of a block resume between barriers is chosen by :func:`thread_order` or
 ``$GPUCONV_EMU_ORDER`` (``forward``, ``reverse``, ``random`` or ``random:SEED``): running a
 kernel in several orders exposes code that depends on an order the hardware does not promise.
 
 What it catches (each an :class:`EmuError`)
 -------------------------------------------
+* under :func:`racecheck` (``$GPUCONV_EMU_RACECHECK=1``; :mod:`gpuconv.emu_racecheck`), any two
+  accesses to the same shared or global memory, one a write, that no ``__syncthreads()``, warp
+  intrinsic or atomic orders, within a block or between blocks, in every thread order
+  (:class:`EmuRaceError`, naming both source lines, the memory, the blocks and threads);
+* code that depends on the order of blocks (:func:`block_order`), such as a float-atomic sum;
 * a missing ``__syncthreads()``: shared memory is poisoned with NaN (bytes 0xFF) before every
   block and threads run in the chosen order, so a read before the write gives NaN or a wrong
   answer in at least one order;
@@ -47,7 +54,8 @@ What it catches (each an :class:`EmuError`)
 
 What is NOT emulated
 --------------------
-Races between blocks (blocks run one at a time, in order), memory ordering and fences, the
+Races between blocks outside :func:`racecheck` (blocks run one at a time), memory ordering and
+fences (under racecheck atomics are relaxed and ``__threadfence()`` orders nothing), the
 weaker consistency of a real GPU, warps diverging inside a warp (a warp is only synchronised at
 its intrinsics), tensor-core and inline PTX instructions, texture memory, streams, and
 performance. libm's ``expf``/``logf``/``__expf``... are more exact than the GPU's approximations,

@@ -20,7 +20,8 @@
 // * Shared memory is poisoned with 0xFF bytes (NaN as float) before every block: static
 //   __shared__ variables live in the `emu_shared` section, dynamic shared memory in a fixed
 //   arena that gpuconv.emu points `extern __shared__ T name[]` at (the only source rewrite).
-// * Threads are cooperative, so atomics are plain read-modify-writes.
+// * Threads are cooperative, so atomics are plain read-modify-writes (real atomics under the race
+//   detector, racecheck.h, which also turns every thread into a ThreadSanitizer fiber).
 // * SIGSEGV/SIGBUS/SIGFPE raised by a kernel are caught on an alternate signal stack and turned
 //   into an error report naming the block and thread; gpuconv.emu places every array argument
 //   against guard pages, so an out-of-bounds access faults.

@@ -27,6 +27,8 @@
 
 #if defined(GPUCONV_EMU_RACECHECK)
 
+#include <deque>
+
 #define EMU_RUNTIME __attribute__((no_sanitize_thread))
 
 extern "C" {
@@ -52,6 +54,11 @@ static void** fiber_of;      // the TSan fiber of each thread of the running blo
 static char* sync_objects;   // per block: [0] the block, [1 + w] warp w, [1 + warps + i] thread i
 static size_t sync_bytes;
 static char* launch_done;    // every block's fibers release here; the launcher acquires at the end
+// Fibers of finished blocks, destroyed at the end of the launch: a report about an access of a
+// finished block names its thread and source line only while its fiber lives. Past this many
+// the oldest go first, to stay well within TSan's limit on live threads.
+static std::deque<void*> finished;
+static const size_t kFinishedLimit = 1024;
 
 // Maps [begin, begin + bytes) afresh (whole pages that hold nothing else): TSan forgets every
 // access to it and every sync object in it.
@@ -129,12 +136,16 @@ EMU_RUNTIME static void block_end(int fiber_count) {
         enter(i);
         __tsan_release(launch_done);
         leave();
-        __tsan_destroy_fiber(fiber_of[i]);
+        finished.push_back(fiber_of[i]);
         fiber_of[i] = nullptr;
     }
+    for (; finished.size() > kFinishedLimit; finished.pop_front()) __tsan_destroy_fiber(finished.front());
 }
 
-EMU_RUNTIME static void launch_end() { __tsan_acquire(launch_done); }
+EMU_RUNTIME static void launch_end() {
+    __tsan_acquire(launch_done);
+    for (; !finished.empty(); finished.pop_front()) __tsan_destroy_fiber(finished.front());
+}
 
 // Every thread of the block has arrived at __syncthreads(): all before it, then all after.
 EMU_RUNTIME static void barrier(int fiber_count) {
