@@ -125,15 +125,20 @@ def test_random_order_is_reproducible_from_its_seed(harness):
     assert not np.array_equal(ranks(11), ranks(12))
 
 
-def test_order_from_the_environment(monkeypatch):
-    monkeypatch.setenv(emu.ORDER_ENV, "random:42")
-    assert emu.current_order() == ("random", 42)
-    with emu.thread_order("reverse"):
-        assert emu.current_order() == ("reverse", 0)
-    monkeypatch.setenv(emu.ORDER_ENV, "sideways")
-    with pytest.raises(ValueError, match="GPUCONV_EMU_ORDER"):
-        emu.current_order()
-    with pytest.raises(ValueError, match="order"), emu.thread_order("sideways"):
+@pytest.mark.parametrize(
+    "variable, statement, current",
+    [(emu.ORDER_ENV, emu.thread_order, emu.current_order), (emu.BLOCK_ORDER_ENV, emu.block_order, emu.current_block_order)],
+    ids=["threads", "blocks"],
+)
+def test_order_from_the_environment(monkeypatch, variable, statement, current):
+    monkeypatch.setenv(variable, "random:42")
+    assert current() == ("random", 42)
+    with statement("reverse"):
+        assert current() == ("reverse", 0)
+    monkeypatch.setenv(variable, "sideways")
+    with pytest.raises(ValueError, match=variable):
+        current()
+    with pytest.raises(ValueError, match="order"), statement("sideways"):
         pass
 
 
@@ -495,16 +500,6 @@ def test_blocks_run_in_the_chosen_order(races):
     np.testing.assert_array_equal(block_ranks(races, "random", seed=5), shuffled)
     assert not np.array_equal(block_ranks(races, "random", seed=6), shuffled)
     assert sorted(block_ranks(races, "random", seed=1, grid=(1000, 1, 1))) == list(range(1000))
-
-
-def test_block_order_from_the_environment(monkeypatch):
-    monkeypatch.setenv(emu.BLOCK_ORDER_ENV, "random:9")
-    assert emu.current_block_order() == ("random", 9)
-    with emu.block_order("reverse"):
-        assert emu.current_block_order() == ("reverse", 0)
-    monkeypatch.setenv(emu.BLOCK_ORDER_ENV, "backwards")
-    with pytest.raises(ValueError, match="GPUCONV_EMU_BLOCK_ORDER"):
-        emu.current_block_order()
 
 
 def test_block_reading_another_blocks_write_shows_in_reverse_block_order(races):
