@@ -312,12 +312,13 @@ static unsigned long long block_seed;
 
 // The dynamic shared memory arena; gpuconv.emu rewrites `extern __shared__ T name[];` into
 // `T* const name = reinterpret_cast<T*>(emu_dynamic_shared);`.
+// The race detector maps it afresh before every block: pages of its own (racecheck.ld).
 #if defined(GPUCONV_EMU_RACECHECK)
-// Mapped by the first launch: the race detector maps it afresh before every block.
-static char* emu_dynamic_shared;
+#define EMU_ARENA_PLACEMENT __attribute__((aligned(4096), section("emu_arena"), used))
 #else
-static char emu_dynamic_shared[emu::kMaxDynamicShared + emu::kSharedRedzone] __attribute__((aligned(64), used));
+#define EMU_ARENA_PLACEMENT __attribute__((aligned(64), used))
 #endif
+static char emu_dynamic_shared[emu::kMaxDynamicShared + emu::kSharedRedzone] EMU_ARENA_PLACEMENT;
 // Bounds of the static __shared__ variables, provided by the linker (weak: a file may have none).
 extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
@@ -726,17 +727,10 @@ EMU_RUNTIME static int launch(const long long* cfg, void** args, void (*kernel_b
         fail(NO_MEMORY, "cannot map %d fiber stacks of %zu KiB", fiber_count, kStackBytes / 1024);
         return report->code;
     }
-#if defined(GPUCONV_EMU_RACECHECK)
-    if (!emu_dynamic_shared) {
-        void* arena = mmap(nullptr, kMaxDynamicShared + kSharedRedzone, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        emu_dynamic_shared = arena == MAP_FAILED ? nullptr : (char*)arena;
-    }
-    if (!emu_dynamic_shared || !race::launch_begin(fiber_count)) {
+    if (!race::launch_begin(fiber_count)) {
         fail(NO_MEMORY, "cannot map the race detector's memory");
         return report->code;
     }
-#endif
     for (int i = 0; i < fiber_count; ++i) {
         int x = i % (int)blockDim.x, rest = i / (int)blockDim.x;
         fibers[i].tid = make_uint3((unsigned)x, (unsigned)(rest % (int)blockDim.y), (unsigned)(rest / (int)blockDim.y));
