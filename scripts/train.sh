@@ -6,5 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${GPUCONV_VENV:-.venv}/bin/gpuconv" train --model lenet5 --dataset fashion-mnist --device auto --epochs 5 \
+# The command to print for resuming after Ctrl-C is this script's, as it was typed.
+command="bash $(printf '%q' "$0")"
+[ $# -eq 0 ] || command+="$(printf ' %q' "$@")"
+GPUCONV_COMMAND="$command" exec "${GPUCONV_VENV:-.venv}/bin/gpuconv" train --model lenet5 --dataset fashion-mnist --device auto --epochs 5 \
     --out runs/lenet5 "$@"
