@@ -135,7 +135,7 @@ def _fail(command: str, message) -> int:
 def _program() -> list[str]:
     """How this process was started, to print a command the user can run again."""
     launcher = sys.argv[0] if sys.argv else ""
-    if Path(launcher).name == "__main__.py":
+    if Path(launcher).name == "__main__.py" and Path(launcher).parent.name == "gpuconv":
         return [sys.executable, "-m", "gpuconv"]
     if Path(launcher).name != "gpuconv":  # called as a function (tests, another program)
         return ["gpuconv"]

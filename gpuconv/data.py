@@ -149,10 +149,11 @@ def read_idx(path) -> np.ndarray:
     dtype = _IDX_DTYPES[code]
     expected = math.prod(shape) * dtype.itemsize  # Python ints: 255 dimensions of 2**32 - 1 do not overflow
     payload = len(data) - header
+    if expected >= 2**63:  # more than any file can hold: the header is wrong, not the payload short
+        raise IdxError(f"{path}: corrupt header: dimensions {shape} of {dtype.name} would need about "
+                       f"2**{expected.bit_length() - 1} payload bytes, found {payload}")
     if payload < expected:
-        need = f"{expected}" if expected < 2**63 else f"about 2**{expected.bit_length() - 1}"
-        raise IdxError(f"{path}: truncated or corrupt header: dimensions {shape} of {dtype.name} need {need} "
-                       f"payload bytes, found {payload}")
+        raise IdxError(f"{path}: truncated: dimensions {shape} of {dtype.name} need {expected} payload bytes, found {payload}")
     if payload > expected:
         raise IdxError(f"{path}: corrupt: {payload - expected} bytes after the payload of dimensions {shape}")
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)

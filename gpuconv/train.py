@@ -198,6 +198,7 @@ class Trainer:
         self.log = log
         self.out = Path(config.out)
         resume = Path(config.resume) if config.resume is not None else None
+        checkpoint = self._read_checkpoint(resume) if resume is not None else None  # fail before loading data
         make_run_directory(self.out)
         # Checked again under the run's lock in fit(); here so a refused run fails before loading anything.
         self._signature = prepare_run_directory(self.out, resume, config.overwrite, remove=False)
@@ -210,14 +211,14 @@ class Trainer:
                           if config.lr_step_size else None)
         # The datasets check their labels once when loaded (DeviceDataset).
         self.criterion = nn.CrossEntropyLoss(validate_target=False)
-        self.train_set, self.test_set = self._load_data()
         self.history: list[dict] = []
         self.epochs_done = 0
         self._progress: _EpochProgress | None = None  # a resumed or finished-but-unevaluated epoch
         self._stop = False
         self._estimated = False
-        if resume is not None:
-            self._resume(resume)
+        self.train_set, self.test_set = self._load_data()
+        if checkpoint is not None:
+            self._restore(checkpoint, resume)
 
     def _load_data(self) -> tuple[data.DeviceDataset, data.DeviceDataset]:
         c = self.config
@@ -240,7 +241,8 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
 
-    def _resume(self, path: Path) -> None:
+    def _read_checkpoint(self, path: Path) -> dict:
+        """The checkpoint to resume from, checked against this run's configuration."""
         if not path.is_file():
             raise ResumeError(f"cannot resume: no checkpoint at {path}")
         try:
@@ -267,6 +269,11 @@ class Trainer:
                 if theirs != ours:
                     raise ResumeError(f"cannot resume: checkpoint {path} stopped inside epoch {partial['epoch']} "
                                       f"with {flag} {theirs}, but {flag} is {ours}; resume with the same value")
+        return checkpoint
+
+    def _restore(self, checkpoint: dict, path: Path) -> None:
+        partial = checkpoint.get("partial")
+        if partial is not None:
             self._progress = _EpochProgress(**partial)
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
