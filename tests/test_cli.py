@@ -311,3 +311,16 @@ def test_info_survives_nvrtc_bindings_without_the_library(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", nvrtc)
     assert cli.main(["info"]) == 0
     assert "NVRTC: cuda-bindings installed, but the library does not load (Failed to dlopen" in capsys.readouterr().out
+
+
+def test_the_readme_api_example_runs_as_written(tmp_path):
+    """On any machine: it picks 'cuda' only where there is a GPU."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The API"):]
+    example = section[section.index("```python\n") + len("```python\n"):]
+    example = example[:example.index("```")]
+    assert "cuda_status()" in example
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    assert "Total params: 62,378,344" in result.stdout
