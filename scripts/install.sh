@@ -44,12 +44,20 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     fi
 fi
 
+# The stamp: a hash of what the install depends on, then the extras installed with it. A run
+# that asks for no extra beyond those (e.g. train.sh after test.sh) has nothing to do.
 stamp="$venv/.gpuconv-installed"
-wanted="$(cat pyproject.toml; echo "extras=$extras"; echo "repo=$PWD"; "$python" --version 2>&1)"
-wanted="$(printf '%s' "$wanted" | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
-    exit 0  # installed by an earlier run from the same pyproject.toml and extras
+setup="$( { cat pyproject.toml; echo "repo=$PWD"; "$python" --version; } 2>&1 | sha256sum | cut -d' ' -f1)"
+installed=""
+[ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$setup" ] && installed="$(sed -n 2p "$stamp")"
+missing=""
+for extra in ${extras//,/ }; do
+    case ",$installed," in *",$extra,"*) ;; *) missing="${missing:+$missing,}$extra" ;; esac
+done
+if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$setup" ] && [ -z "$missing" ]; then
+    exit 0
 fi
+extras="$(printf '%s\n' ${installed//,/ } ${extras//,/ } | sort -u | paste -sd, -)"
 say "installing gpuconv${extras:+[$extras]} into $venv"
 rm -f "$stamp"
 "$python" -m pip install -q -e ".${extras:+[$extras]}"
@@ -57,4 +65,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     as_root_apt dataset-fashion-mnist \
         || say "note: could not install dataset-fashion-mnist; gpuconv will look elsewhere or download"
 fi
-echo "$wanted" > "$stamp"
+printf '%s\n%s\n' "$setup" "$extras" > "$stamp"
