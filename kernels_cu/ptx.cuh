@@ -44,7 +44,6 @@
 //     COUNT 8x8 matrices of 16-bit elements; lane 8*i + j gives the address of row j of matrix
 //     i (16-byte aligned; lanes past 8*COUNT give none). r[i] = elements (g, 2t) low and
 //     (g, 2t + 1) high of matrix i, or with TRANS (2t, g) and (2t + 1, g).
-#pragma once
 
 #ifndef GPUCONV_EMU
 

@@ -86,6 +86,13 @@ def test_reading_a_copy_before_its_wait_is_caught(ptx, order, rng):
     assert np.isnan(out).all()
 
 
+@needs_cxx
+def test_copies_left_in_flight_do_not_reach_the_next_block(ptx, rng):
+    out = np.zeros(64, np.float32)
+    run(ptx, "abandoned_copies", 2, 64, rng.standard_normal(64).astype(np.float32), out)
+    np.testing.assert_array_equal(out, 7.0)
+
+
 # --- rounding ---
 
 

@@ -21,6 +21,9 @@
 // ldmatrix_all: block 32. m holds four 8x8 matrices of 16-bit values (one per int), row-major; stored
 //   in shared memory with a row pitch of 16 elements and loaded with x1, x2, x4, then x1.trans,
 //   x2.trans, x4.trans: out[(variant * 32 + lane) * 4 + i] = register i (unused registers 0).
+// abandoned_copies: block 64, grid 2. Block 0's threads issue a copy of src[t] into buf[t] and
+//   exit without waiting; block 1's write 7 into buf[t], wait for all their (no) copies and give
+//   out[t] = buf[t]: 7, as nothing a thread left in flight carries over to another block.
 // round_operands: tf32[i] = to_tf32(x[i]) bits; bf16[i] = pack_bf16x2(x[i], -x[i]).
 
 #include "../../kernels_cu/ptx.cuh"
@@ -128,6 +131,21 @@ extern "C" __global__ void ldmatrix_all(const unsigned int* __restrict__ m, unsi
     ldmatrix_variant<1, true>(s, out, 3);
     ldmatrix_variant<2, true>(s, out, 4);
     ldmatrix_variant<4, true>(s, out, 5);
+}
+
+extern "C" __global__ void abandoned_copies(const float* __restrict__ src, float* __restrict__ out)
+{
+    __shared__ float buf[64];
+    const int t = threadIdx.x;
+    if (blockIdx.x == 0) {
+        cp_async_ca<4>(&buf[t], src + t);
+        cp_async_commit();
+        return;
+    }
+    buf[t] = 7.0f;
+    cp_async_wait_all();
+    __syncthreads();
+    out[t] = buf[t];
 }
 
 extern "C" __global__ void round_operands(const float* __restrict__ x, unsigned int* __restrict__ tf32,
