@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -72,16 +73,24 @@ def _depth(op, x, w, dy) -> int:
     return {"forward": w[0].size, "input": w.shape[0] * w.shape[2] * w.shape[3], "weight": dy[:, 0].size}[op]
 
 
-def _exact_and_magnitude(op, x, w, dy, args):
-    """The float64 result and the same op on the magnitudes (the sum of |products|)."""
+@dataclass
+class _Bounds:
+    """Elementwise error bounds of one op of a problem at one precision (see the module docstring)."""
+
+    exact: np.ndarray  # the float64 result of the unrounded problem
+    rounding: np.ndarray  # |result - exact| at this precision stays below this
+    summation: np.ndarray  # two devices rounding the operands alike stay this close
+    fp32: np.ndarray  # an FP32 computation would stay this close to `exact`
+
+
+def _bounds(op, x, w, dy, args, precision) -> _Bounds:
     exact = _run(op, x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64), args, "cpu")
     magnitude = _run(op, np.abs(x).astype(np.float64), np.abs(w).astype(np.float64),
                      np.abs(dy).astype(np.float64), args, "cpu")
-    return exact, magnitude
-
-
-def _gamma(k: int) -> float:
-    return k * 2.0**-24 / (1 - k * 2.0**-24)
+    k = _depth(op, x, w, dy)
+    u, gamma = UNIT_ROUNDOFF[precision], k * 2.0**-24 / (1 - k * 2.0**-24)
+    return _Bounds(exact, ((1 + u) ** 2 - 1 + gamma * (1 + u) ** 2) * magnitude,
+                   2 * gamma * (1 + u) ** 2 * magnitude, gamma * magnitude)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
@@ -89,14 +98,13 @@ def _gamma(k: int) -> float:
 @pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
 def test_reduced_precision_within_its_error_bound(device, index, op, precision):
     x, w, dy, args = _problem(index)
-    exact, magnitude = _exact_and_magnitude(op, x, w, dy, args)
-    u, gamma = UNIT_ROUNDOFF[precision], _gamma(_depth(op, x, w, dy))
+    bounds = _bounds(op, x, w, dy, args, precision)
     result = _run(op, x, w, dy, args, device, precision=precision)
-    assert result.dtype == np.float32 and result.shape == exact.shape
-    error = np.abs(result - exact)
-    assert (error <= ((1 + u) ** 2 - 1 + gamma * (1 + u) ** 2) * magnitude).all(), f"max error {error.max()}"
+    assert result.dtype == np.float32 and result.shape == bounds.exact.shape
+    error = np.abs(result - bounds.exact)
+    assert (error <= bounds.rounding).all(), f"max error {error.max()}"
     # The operands were rounded: an FP32 computation would sit within gamma of the exact result.
-    assert (error > 4 * gamma * magnitude).any()
+    assert (error > 4 * bounds.fp32).any()
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
@@ -106,11 +114,9 @@ def test_kernels_compute_the_problem_the_cpu_rounds(kernel_device, index, op, pr
     # The CPU rounds the operands exactly as the kernels do, so the two differ only by FP32
     # summation order: far inside the TF32/BF16 bound.
     x, w, dy, args = _problem(index)
-    _, magnitude = _exact_and_magnitude(op, x, w, dy, args)
-    u, gamma = UNIT_ROUNDOFF[precision], _gamma(_depth(op, x, w, dy))
     on_cpu = _run(op, x, w, dy, args, "cpu", precision=precision)
     on_device = _run(op, x, w, dy, args, kernel_device, precision=precision)
-    assert (np.abs(on_device - on_cpu) <= 2 * gamma * (1 + u) ** 2 * magnitude + 1e-30).all()
+    assert (np.abs(on_device - on_cpu) <= _bounds(op, x, w, dy, args, precision).summation).all()
 
 
 def test_forward_bias_and_fused_relu(kernel_device):
@@ -126,11 +132,9 @@ def test_weight_gradient_over_several_splits(kernel_device, monkeypatch):
     # 2 x 5 x 11 = 110 pixels of K, 7 tiles of 16: two blocks of splits, the last partial.
     monkeypatch.setattr(conv_tensorcore, "TARGET_BLOCKS", 2)
     x, w, dy, args = _problem(0)
-    _, magnitude = _exact_and_magnitude("weight", x, w, dy, args)
-    gamma = _gamma(_depth("weight", x, w, dy))
     on_cpu = _run("weight", x, w, dy, args, "cpu", precision="bf16")
     on_device = _run("weight", x, w, dy, args, kernel_device, precision="bf16")
-    assert (np.abs(on_device - on_cpu) <= 2 * gamma * (1 + 2**-8) ** 2 * magnitude).all()
+    assert (np.abs(on_device - on_cpu) <= _bounds("weight", x, w, dy, args, "bf16").summation).all()
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
@@ -223,16 +227,13 @@ def test_tf32_matches_cudnn_tf32(index, op):
         pytest.skip("torch has no CUDA device")
     torch.backends.cudnn.allow_tf32 = True
     x, w, dy, args = _problem(index)
-    _, magnitude = _exact_and_magnitude(op, x, w, dy, args)
     xt, wt = (torch.from_numpy(a).cuda().requires_grad_() for a in (x, w))
     yt = torch.nn.functional.conv2d(xt, wt, **args)
     yt.backward(torch.from_numpy(dy).cuda())
     reference = {"forward": yt, "input": xt.grad, "weight": wt.grad}[op].detach()
     ours = _run(op, x, w, dy, args, "cuda", precision="tf32")
-    u, gamma = UNIT_ROUNDOFF["tf32"], _gamma(_depth(op, x, w, dy))
     # Each within the TF32 bound of the exact result, so within twice it of each other.
-    bound = 2 * ((1 + u) ** 2 - 1 + gamma * (1 + u) ** 2) * magnitude
-    assert (np.abs(ours - reference.cpu().numpy()) <= bound).all()
+    assert (np.abs(ours - reference.cpu().numpy()) <= 2 * _bounds(op, x, w, dy, args, "tf32").rounding).all()
 
 
 def test_kernels_refuse_sizes_past_their_int_indices():
