@@ -30,13 +30,22 @@ __all__ = [
 
 
 class Parameter:
-    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward)."""
+    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward).
 
-    __slots__ = ("data", "grad")
+    ``requires_grad=False`` freezes it, as in PyTorch: backward computes no gradient for it (its
+    ``grad`` stays None), so the optimizers skip it.
+    """
 
-    def __init__(self, data):
+    __slots__ = ("data", "grad", "requires_grad")
+
+    def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = None
+        self.requires_grad = bool(requires_grad)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Parameter":
+        self.requires_grad = bool(requires_grad)
+        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,7 +69,8 @@ class Parameter:
             self.grad += grad
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
+        frozen = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r}{frozen})"
 
 
 def host_array(value) -> np.ndarray:
@@ -82,6 +92,11 @@ class Module:
     children in registration order, which is why containers register children in the order
     their forward runs them.
     """
+
+    # Whether backward must return the gradient with respect to the input. A layer called on its
+    # own returns it; a container sets it on its children from what their inputs are (the first
+    # layer of a model sees data, which needs none), and a layer that need not skips the work.
+    requires_input_grad = True
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -201,6 +216,15 @@ class Module:
         for param in self.parameters():
             param.grad = None
 
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze every parameter, as ``torch.nn.Module.requires_grad_``; returns self."""
+        for param in self.parameters():
+            param.requires_grad_(requires_grad)
+        return self
+
+    def _trains_any_parameter(self) -> bool:
+        return any(param.requires_grad for param in self.parameters())
+
     def _convert(self, convert) -> None:
         """Apply ``convert`` to every parameter and gradient; saved activations become stale."""
         for module in self.modules():
@@ -300,9 +324,29 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output):
-        for module in reversed(list(self)):
-            grad_output = module.backward(grad_output)
-        return grad_output
+        return backward_chain(list(self), grad_output, self.requires_input_grad)
+
+
+def backward_chain(modules, grad_output, requires_input_grad: bool):
+    """Backward through ``modules`` run in that order by forward; None if no input gradient is needed.
+
+    A module's input needs a gradient when the chain's input does or when a module before it
+    trains a parameter (as PyTorch's autograd decides it): each is told so through its
+    ``requires_input_grad``, and the walk stops at the first module whose input needs none, since
+    nothing before it needs anything.
+    """
+    needed, needs = [], bool(requires_input_grad)
+    for module in modules:
+        needed.append(needs)
+        needs = needs or module._trains_any_parameter()
+    for module, needs_input_grad in zip(reversed(modules), reversed(needed)):
+        if not needs_input_grad and not module._trains_any_parameter():
+            return None
+        module.requires_input_grad = needs_input_grad
+        grad_output = module.backward(grad_output)
+        if not needs_input_grad:
+            return None
+    return grad_output
 
 
 def _uniform(shape, bound: float) -> np.ndarray:
@@ -354,9 +398,12 @@ class Conv2d(Module):
     def backward(self, grad_output):
         x = self._saved()["input"]
         weight = self.weight.data
-        self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args()))
-        if self.bias is not None:
+        if self.weight.requires_grad:
+            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args()))
+        if self.bias is not None and self.bias.requires_grad:
             self.bias.accumulate_grad(F.conv2d_bias(grad_output))
+        if not self.requires_input_grad:
+            return None
         return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args())
 
     def output_shape(self, input_shape):
@@ -529,9 +576,13 @@ class Linear(Module):
         return out
 
     def backward(self, grad_output):
-        grad_input, grad_weight, grad_bias = F.linear_backward(grad_output, self._saved()["input"], self.weight.data)
-        self.weight.accumulate_grad(grad_weight)
-        if self.bias is not None:
+        train_bias = self.bias is not None and self.bias.requires_grad
+        grad_input, grad_weight, grad_bias = F.linear_backward(
+            grad_output, self._saved()["input"], self.weight.data, input_grad=self.requires_input_grad,
+            weight_grad=self.weight.requires_grad, bias_grad=train_bias)
+        if grad_weight is not None:
+            self.weight.accumulate_grad(grad_weight)
+        if grad_bias is not None:
             self.bias.accumulate_grad(grad_bias)
         return grad_input
 
