@@ -19,6 +19,7 @@ import numpy as np
 
 from . import functional as F
 from .device import device_of, to_device, to_numpy
+from .dispatch import device_call
 from .functional._checks import pair
 from .random import generator, next_seed
 
@@ -36,12 +37,32 @@ class Parameter:
     ``grad`` stays None), so the optimizers skip it.
     """
 
-    __slots__ = ("data", "grad", "requires_grad")
+    __slots__ = ("data", "grad", "requires_grad", "_grad_buffer")
 
     def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)
+        self._grad_buffer = None
+
+    def attach_grad_buffer(self, buffer) -> None:
+        """Where fresh gradients go from now on: an optimizer's slot for this parameter in its
+        flat gradient buffer (see :class:`gpuconv.optim.Optimizer`)."""
+        self._grad_buffer = buffer
+
+    def grad_destination(self):
+        """The array a layer writes a fresh gradient into, or None to allocate one.
+
+        While ``grad`` is None, the attached buffer (if it still matches the data's shape and
+        device): the optimizer then finds the gradient in place and copies nothing. As with
+        ``zero_grad`` in PyTorch, a gradient kept from before ``zero_grad`` is overwritten.
+        """
+        buffer = self._grad_buffer
+        if self.grad is not None or buffer is None:
+            return None
+        if buffer.shape != self.data.shape or device_of(buffer) != device_of(self.data):
+            return None
+        return buffer
 
     def requires_grad_(self, requires_grad: bool = True) -> "Parameter":
         self.requires_grad = bool(requires_grad)
@@ -66,7 +87,8 @@ class Parameter:
         if self.grad is None:
             self.grad = grad
         else:
-            self.grad += grad
+            accumulated = self.grad
+            device_call("add", device_of(grad), lambda: accumulated.__iadd__(grad))
 
     def __repr__(self) -> str:
         frozen = "" if self.requires_grad else ", requires_grad=False"
@@ -399,9 +421,10 @@ class Conv2d(Module):
         x = self._saved()["input"]
         weight = self.weight.data
         if self.weight.requires_grad:
-            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args()))
+            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(),
+                                                        out=self.weight.grad_destination()))
         if self.bias is not None and self.bias.requires_grad:
-            self.bias.accumulate_grad(F.conv2d_bias(grad_output))
+            self.bias.accumulate_grad(F.conv2d_bias(grad_output, out=self.bias.grad_destination()))
         if not self.requires_input_grad:
             return None
         return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args())
@@ -579,7 +602,8 @@ class Linear(Module):
         train_bias = self.bias is not None and self.bias.requires_grad
         grad_input, grad_weight, grad_bias = F.linear_backward(
             grad_output, self._saved()["input"], self.weight.data, input_grad=self.requires_input_grad,
-            weight_grad=self.weight.requires_grad, bias_grad=train_bias)
+            weight_grad=self.weight.requires_grad, bias_grad=train_bias,
+            weight_out=self.weight.grad_destination(), bias_out=self.bias.grad_destination() if train_bias else None)
         if grad_weight is not None:
             self.weight.accumulate_grad(grad_weight)
         if grad_bias is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..device import array_module, common_device, empty
 from ..dispatch import device_call
-from ._checks import check_array, check_same_dtype
+from ._checks import check_array, check_same_dtype, output_array
 
 __all__ = ["linear", "linear_backward"]
 
@@ -40,10 +40,12 @@ def linear(input, weight, bias=None):
 
 
 def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weight_grad: bool = True,
-                    bias_grad: bool = True):
+                    bias_grad: bool = True, weight_out=None, bias_out=None):
     """``(grad_input, grad_weight, grad_bias)`` of :func:`linear`; ``grad_bias`` whether or not it had one.
 
     ``input_grad=False`` (and the others) skip a gradient nobody needs: it comes back as None.
+    ``weight_out`` and ``bias_out`` are arrays to write those gradients into (an optimizer's
+    flat gradient buffer), of the weight's and the bias's shape on the same device.
     """
     _check_weight(input, weight)
     check_array(grad_output, "grad_output")
@@ -61,10 +63,10 @@ def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weig
         grad_input = empty(input.shape, dtype, device)
         device_call("matmul", device, lambda: xp.matmul(grad_output, weight, out=grad_input))
     if weight_grad:
-        grad_weight = empty(weight.shape, dtype, device)
+        grad_weight = output_array(weight_out, "weight_out", weight.shape, dtype, device)
         flat_input = input.reshape(-1, weight.shape[1])
         device_call("matmul", device, lambda: xp.matmul(flat_grad.T, flat_input, out=grad_weight))
     if bias_grad:
-        grad_bias = empty((weight.shape[0],), dtype, device)
+        grad_bias = output_array(bias_out, "bias_out", (weight.shape[0],), dtype, device)
         device_call("sum", device, lambda: xp.sum(flat_grad, axis=0, out=grad_bias))
     return grad_input, grad_weight, grad_bias
