@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 from .. import kernels
-from ..device import contiguous, device_of, empty, zeros
+from ..device import contiguous, device_of, empty, zero_, zeros
+from ._checks import output_array
 
 TOPIC = "conv2d_tensorcore"
 # The block tile of tensorcore_gemm.cuh: BM x BN outputs, BK values of K per step, 128 threads.
@@ -60,10 +61,10 @@ def conv2d_input(weight, grad_output, g, precision: str):
     return grad_input
 
 
-def conv2d_weight(x, grad_output, g, precision: str):
+def conv2d_weight(x, grad_output, g, precision: str, out=None):
     _check_limits(g, g.c_out)
     # Blocks add their partial sums into a zeroed result (split-K over batch*H_out*W_out).
-    grad_weight = zeros(g.weight_shape, np.float32, device_of(x))
+    grad_weight = zero_(output_array(out, "out", g.weight_shape, np.float32, device_of(x)))
     depth = g.batch * g.out_h * g.out_w
     tiles = math.ceil(g.c_out / TILE_M) * math.ceil(g.patch_size / TILE_N)
     k_tiles = math.ceil(depth / TILE_K)
