@@ -26,6 +26,7 @@ from gpuconv import emu, kernels, nn, to_device, to_numpy
 from gpuconv.functional import conv_tensorcore
 from gpuconv.functional.conv import _geometry
 from gpuconv.device import cuda_status
+from gpuconv import precision as precision_module
 from gpuconv.precision import UNIT_ROUNDOFF, round_operand
 
 HAVE_GPU = cuda_status()[0]
@@ -43,10 +44,10 @@ OPS = ("forward", "input", "weight")
 
 
 @pytest.fixture(autouse=True)
-def default_precision():
-    previous = gpuconv.get_float32_matmul_precision()
-    yield
-    gpuconv.set_float32_matmul_precision(previous)
+def default_precision(monkeypatch):
+    # Every test starts from the default, whatever the environment or an earlier test set.
+    monkeypatch.delenv(precision_module.ENV, raising=False)
+    monkeypatch.setattr(precision_module, "_global", None)
 
 
 def _problem(index, seed=0):
@@ -166,6 +167,19 @@ def test_global_precision_names_follow_torch():
     assert not np.array_equal(F.conv2d(x, w, **args, precision="tf32"), F.conv2d(x, w, **args))
     with pytest.raises(ValueError, match=r"precision must be one of \['high', 'highest', 'medium'\].*'tf32'"):
         gpuconv.set_float32_matmul_precision("tf32")
+
+
+def test_global_precision_from_the_environment(monkeypatch):
+    monkeypatch.setenv(precision_module.ENV, "medium")
+    assert gpuconv.get_float32_matmul_precision() == "medium"
+    x, w, _, args = _problem(0)
+    np.testing.assert_array_equal(F.conv2d(x, w, **args), F.conv2d(x, w, **args, precision="bf16"))
+    gpuconv.set_float32_matmul_precision("highest")  # the call wins over the environment
+    np.testing.assert_array_equal(F.conv2d(x, w, **args), F.conv2d(x, w, **args, precision="fp32"))
+    monkeypatch.setattr(precision_module, "_global", None)
+    monkeypatch.setenv(precision_module.ENV, "tf32")
+    with pytest.raises(ValueError, match=r"\$GPUCONV_FLOAT32_MATMUL_PRECISION must be one of .*got 'tf32'"):
+        F.conv2d(x, w, **args)
 
 
 def test_explicit_precision_overrides_the_global_one():
