@@ -7,7 +7,7 @@
 // in a 2 x 2 grid of 32 x 32 warp tiles (2 x 4 mma tiles of 16 x 8 each). Both shared tiles are
 // stored with K innermost, A as [BM][PITCH], B as [BN][PITCH], FP32 as copied; the operands are
 // rounded to TF32 or BF16 as the fragments are read (so a tile is copied as raw bytes, which is
-// what cp.async does): TF32 fragments through ldmatrix, BF16 ones as pairs of floats. PITCH =
+// what cp.async does): TF32 fragments through ldmatrix, BF16 ones as 64-bit pairs. PITCH =
 // BK + 4 keeps rows 16-byte aligned and puts the eight rows a fragment load reads in distinct
 // banks. Two stages: the copies of tile k+1 are in flight while tile k is multiplied.
 // Launch: block exactly THREADS, 1-D; grid x over the N tiles, y over the M tiles, z left to the
@@ -101,21 +101,26 @@ __device__ __forceinline__ void multiply_stage(Accumulators& acc, const Stage& s
     const int wm = (warp / WARPS_N) * WARP_M, wn = (warp % WARPS_N) * WARP_N;
     if (precision == BF16) {
         static_assert(BK == 16, "one m16n8k16 step per stage");
+        // Each BF16 register holds the pair of elements 2t, 2t + 1 of a row: one 64-bit load.
+        const auto pair = [](const float* row, int k) {
+            const float2 v = *reinterpret_cast<const float2*>(row + k);
+            return pack_bf16x2(v.x, v.y);
+        };
         unsigned int a[MMA_M][4], b[MMA_N][2];
 #pragma unroll
         for (int mi = 0; mi < MMA_M; ++mi) {
             const float* r0 = s.a[wm + 16 * mi + g];
             const float* r1 = s.a[wm + 16 * mi + g + 8];
-            a[mi][0] = pack_bf16x2(r0[2 * t], r0[2 * t + 1]);
-            a[mi][1] = pack_bf16x2(r1[2 * t], r1[2 * t + 1]);
-            a[mi][2] = pack_bf16x2(r0[2 * t + 8], r0[2 * t + 9]);
-            a[mi][3] = pack_bf16x2(r1[2 * t + 8], r1[2 * t + 9]);
+            a[mi][0] = pair(r0, 2 * t);
+            a[mi][1] = pair(r1, 2 * t);
+            a[mi][2] = pair(r0, 2 * t + 8);
+            a[mi][3] = pair(r1, 2 * t + 8);
         }
 #pragma unroll
         for (int ni = 0; ni < MMA_N; ++ni) {
             const float* column = s.b[wn + 8 * ni + g];
-            b[ni][0] = pack_bf16x2(column[2 * t], column[2 * t + 1]);
-            b[ni][1] = pack_bf16x2(column[2 * t + 8], column[2 * t + 9]);
+            b[ni][0] = pair(column, 2 * t);
+            b[ni][1] = pair(column, 2 * t + 8);
         }
 #pragma unroll
         for (int mi = 0; mi < MMA_M; ++mi)
