@@ -6,6 +6,7 @@ import importlib
 
 from .device import EmuArray, array_module, cuda_status, device_of, resolve_device, to_device, to_numpy
 from .graphs import CUDAGraph, graph
+from .precision import get_float32_matmul_precision, set_float32_matmul_precision
 from .profiler import profile
 from .random import manual_seed
 # Bound eagerly: a lazily imported submodule named `summary` would replace the function with
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EmuArray", "array_module", "cuda_status", "device_of", "resolve_device", "to_device", "to_numpy",
     "functional", "nn", "models", "optim", "data", "summary", "manual_seed", "profile", "CUDAGraph", "graph",
+    "set_float32_matmul_precision", "get_float32_matmul_precision",
 ]
 
 _SUBMODULES = {"functional", "nn", "models", "optim", "data", "train", "bench", "emu", "kernels", "compile_check"}
