@@ -164,10 +164,17 @@ def main(argv=None) -> int:
     collector = Collector({c.name: c for c in cases}, write)
     deadline = began + args.time_budget if args.time_budget is not None else None
     jobs = plan(pairs)
-    if args.in_process:
-        run_in_process(jobs, args, info, deadline, collector)
-    else:
-        run_in_workers(jobs, argv, args, info, deadline, collector)
+    try:
+        if args.in_process:
+            run_in_process(jobs, args, info, deadline, collector)
+        else:
+            run_in_workers(jobs, argv, args, info, deadline, collector)
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C; what they measured is kept
+        collector.problems.append("interrupted (Ctrl-C)")
+        write(final=True)
+        print(f"\ngpuconv bench: interrupted; the {sum(1 for r in collector.rows if r.stats)} rows measured "
+              f"are in {out / 'results.md'}", file=sys.stderr)
+        return 130
     write(final=True)
     return _summary(collector, out, time.time() - began)
 
