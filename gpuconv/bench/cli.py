@@ -140,9 +140,10 @@ def main(argv=None) -> int:
         return 2
     info = machine.machine_info(use_gpu=any(c.device == "cuda" for c in entrants))
     if any(c.device == "cpu" for c in entrants):
-        info["openblas_thread_timeout"] = (os.environ.get("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
-                                           if not args.in_process else
-                                           os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset (--in-process)"))
+        # What the CPU rows run with: the workers get ours unless one is set; this process has
+        # whatever was set before it started (NumPy read it when it loaded).
+        default = "unset (--in-process)" if args.in_process else OPENBLAS_THREAD_TIMEOUT
+        info["openblas_thread_timeout"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT", default)
     out = args.out or (DEFAULT_RUNS / args.name if args.name else _default_out(info))
     try:
         out.mkdir(parents=True, exist_ok=True)
