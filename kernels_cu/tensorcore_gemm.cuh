@@ -56,6 +56,35 @@ __device__ __forceinline__ Slot load_slot(int r)
     return {tid % BM, tid / BM + (THREADS / BM) * r};
 }
 
+// A K index k = (channel * kernel_h + i) * kernel_w + j of a convolution GEMM, decoded once and
+// then stepped: a loader whose k advances by a fixed stride (THREADS / BM per element along the
+// rows, which adds up to BK per tile) keeps one cursor instead of dividing per element.
+struct TapCursor {
+    int channel, i, j;
+
+    __device__ __forceinline__ TapCursor(int k, int kernel_h, int kernel_w)
+    {
+        const int taps = kernel_h * kernel_w;
+        channel = k / taps;
+        i = (k - channel * taps) / kernel_w;
+        j = k - channel * taps - i * kernel_w;
+    }
+
+    template <int STEPS>
+    __device__ __forceinline__ void advance(int kernel_h, int kernel_w)
+    {
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s)
+            if (++j == kernel_w) {
+                j = 0;
+                if (++i == kernel_h) {
+                    i = 0;
+                    ++channel;
+                }
+            }
+    }
+};
+
 // One 4-byte element of a tile: src when `inside`, else a zero fill that reads nothing (src must
 // still be a valid address expression; any pointer into the operand does).
 __device__ __forceinline__ void copy_element(float* dst, const float* src, bool inside)
@@ -119,7 +148,8 @@ __device__ __forceinline__ void multiply_stage(Accumulators& acc, const Stage& s
 
 // acc = this warp's share of the product over K indices [k_begin, k_end). load(stage, k0) issues
 // this thread's cp.async copies of the A and B tiles starting at k0 into `stage` (zero fills past
-// k_end and outside the operands). The copies of the next tile fly while the current one is
+// k_end and outside the operands); it is called for k0 = k_begin, k_begin + BK, ... in that order,
+// once each, so a loader may step its indices from one call to the next. The copies of the next tile fly while the current one is
 // multiplied: wait_group 1 leaves only them in flight, the first barrier makes every thread's
 // landed copies visible, the second keeps the next load from overwriting a stage still read.
 template <class Load>
