@@ -70,6 +70,7 @@ same line so compiler messages keep their line numbers. ``GPUCONV_EMU`` is defin
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -104,7 +105,7 @@ from .emu_errors import (  # noqa: F401  (re-exported)
     EmuRaceError,
     EmuSyncError,
 )
-from . import emu_racecheck
+from . import dispatch, emu_racecheck
 from .emu_memory import GuardedBuffer, Region, bytes_at, regions_of
 from .kernel_source import Param, compiler_source, dim3, display_name, parse_signatures
 
@@ -146,6 +147,28 @@ class _Report(ctypes.Structure):
         ("dynamic_shared", ctypes.c_ulonglong * 2),
         ("static_shared", ctypes.c_ulonglong * 2),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry runs
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Within the ``with`` statement, launches are checked as always (argument types, launch
+    limits, shared memory) and recorded, but no kernel body runs, nor any library call on 'emu'
+    (the matrix products of Linear), and fresh arrays are not poisoned: the host path of a
+    training step can be timed alone. Yields the list of ``(kernel, grid, block, shared_mem)``
+    issued (grid and block None for a library call)."""
+    from . import device, dispatch
+
+    previous, dispatch.dry_run_launches = dispatch.dry_run_launches, []
+    poison, device.poison_fresh_arrays = device.poison_fresh_arrays, False
+    try:
+        yield dispatch.dry_run_launches
+    finally:
+        dispatch.dry_run_launches = previous
+        device.poison_fresh_arrays = poison
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +443,9 @@ class EmuFunction:
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         grid, block = self._check_launch(grid, block, shared_mem)
         args = self._check_args(args)
+        if dispatch.dry_run_launches is not None:
+            dispatch.dry_run_launches.append((self.name, grid, block, int(shared_mem)))
+            return
         order, seed = current_order()
         blocks, block_seed = current_block_order()
         config = (ctypes.c_longlong * 11)(
