@@ -57,7 +57,7 @@ What is NOT emulated
 Races between blocks outside :func:`racecheck` (blocks run one at a time), memory ordering and
 fences (under racecheck atomics are relaxed and ``__threadfence()`` orders nothing), the
 weaker consistency of a real GPU, warps diverging inside a warp (a warp is only synchronised at
-its intrinsics), tensor-core and inline PTX instructions, texture memory, streams, and
+its intrinsics), inline PTX outside ``kernels_cu/ptx.cuh``, texture memory, streams, and
 performance. libm's ``expf``/``logf``/``__expf``... are more exact than the GPU's approximations,
 so compare results with a tolerance. Denormals are flushed to zero while a kernel runs, as the
 kernels are compiled with ``-ftz=true`` for the GPU (here for doubles as well). A shuffle that
