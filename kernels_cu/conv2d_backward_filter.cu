@@ -33,6 +33,7 @@
 //   the 256 partials as a tree, so the result is deterministic.
 
 #include "implicit_gemm.cuh"
+#include "conv_tiles.cuh"
 
 constexpr int WARP = 32;
 
@@ -129,4 +130,58 @@ conv2d_bias_grad_v1(const float* __restrict__ grad_out, float* __restrict__ grad
         for (int offset = WARP / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
         if (threadIdx.x == 0) grad_b[co] = sum;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __restrict__ grad_out, const int* __restrict__ taps,
+                                   float* __restrict__ partials, int batch, int c_in, int height, int width, int c_out,
+                                   int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
+                                   int out_w, int k_per_split)
+{
+    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<128, 128>> tiles;
+    __shared__ int4 tap_table[conv::MAX_TAPS];
+    conv::weight_gradient_gemm<128, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __restrict__ grad_out, const int* __restrict__ taps,
+                                   float* __restrict__ partials, int batch, int c_in, int height, int width, int c_out,
+                                   int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
+                                   int out_w, int k_per_split)
+{
+    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<128, 64>> tiles;
+    __shared__ int4 tap_table[conv::MAX_TAPS];
+    conv::weight_gradient_gemm<128, 64>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __restrict__ grad_out, const int* __restrict__ taps,
+                                   float* __restrict__ partials, int batch, int c_in, int height, int width, int c_out,
+                                   int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
+                                   int out_w, int k_per_split)
+{
+    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<64, 128>> tiles;
+    __shared__ int4 tap_table[conv::MAX_TAPS];
+    conv::weight_gradient_gemm<64, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(64, 6)
+conv2d_backward_filter_v2_32x128(const float* __restrict__ x, const float* __restrict__ grad_out, const int* __restrict__ taps,
+                                   float* __restrict__ partials, int batch, int c_in, int height, int width, int c_out,
+                                   int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
+                                   int out_w, int k_per_split)
+{
+    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<32, 128>> tiles;
+    __shared__ int4 tap_table[conv::MAX_TAPS];
+    conv::weight_gradient_gemm<32, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_split_k_reduce_v2(const float* __restrict__ partials, float* __restrict__ out, int splits, long long size)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= size) return;
+    float sum = 0.0f;
+    for (int z = 0; z < splits; ++z) sum += __ldg(partials + z * size + i);
+    out[i] = sum;
 }
