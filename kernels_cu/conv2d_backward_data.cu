@@ -62,7 +62,9 @@ __device__ __forceinline__ void gather_grad_rows(float (&rows)[ALONG_N_LOADS], c
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+// At least 3 blocks per SM (<= 80 registers): with the plain bound ptxas gave sm_80 64 registers
+// and spilled 8 bytes, which check-kernels refuses in a convolution kernel.
+extern "C" __global__ void __launch_bounds__(256, 3)
 conv2d_backward_data_v1(const float* __restrict__ w, const float* __restrict__ grad_out,
                         float* __restrict__ grad_x, int batch, int c_in, int height, int width, int c_out,
                         int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_top, int pad_left,

@@ -165,17 +165,6 @@ conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __res
     conv::weight_gradient_gemm<64, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
 }
 
-extern "C" __global__ void __launch_bounds__(64, 6)
-conv2d_backward_filter_v2_32x128(const float* __restrict__ x, const float* __restrict__ grad_out, const int* __restrict__ taps,
-                                   float* __restrict__ partials, int batch, int c_in, int height, int width, int c_out,
-                                   int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
-                                   int out_w, int k_per_split)
-{
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<32, 128>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::weight_gradient_gemm<32, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
-}
-
 extern "C" __global__ void __launch_bounds__(256)
 conv2d_split_k_reduce_v2(const float* __restrict__ partials, float* __restrict__ out, int splits, long long size)
 {
