@@ -138,9 +138,8 @@ conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __re
                                    int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
                                    int out_w, int k_per_split)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<128, 128>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::weight_gradient_gemm<128, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+    __shared__ __align__(16) conv::Shared<128, 128> shared;
+    conv::weight_gradient_gemm<128, 128>(shared, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -149,9 +148,8 @@ conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __res
                                    int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
                                    int out_w, int k_per_split)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<128, 64>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::weight_gradient_gemm<128, 64>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+    __shared__ __align__(16) conv::Shared<128, 64> shared;
+    conv::weight_gradient_gemm<128, 64>(shared, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -160,9 +158,8 @@ conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __res
                                    int n_taps, int stride_h, int stride_w, int pad_top, int pad_left, int out_h,
                                    int out_w, int k_per_split)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<64, 128>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::weight_gradient_gemm<64, 128>(tiles, tap_table, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
+    __shared__ __align__(16) conv::Shared<64, 128> shared;
+    conv::weight_gradient_gemm<64, 128>(shared, x, grad_out, taps, partials, batch, c_in, height, width, c_out, n_taps, stride_h, stride_w, pad_top, pad_left, out_h, out_w, k_per_split);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

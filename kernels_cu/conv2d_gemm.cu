@@ -29,9 +29,8 @@ conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ sr
                    int src_origin_h, int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
                    int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<128, 128>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::lattice_gemm<128, 128>(tiles, tap_table, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    __shared__ __align__(16) conv::Shared<128, 128> shared;
+    conv::lattice_gemm<128, 128>(shared, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -41,9 +40,8 @@ conv2d_gemm_v2_128x64(const float* __restrict__ a, const float* __restrict__ src
                    int src_origin_h, int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
                    int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<128, 64>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::lattice_gemm<128, 64>(tiles, tap_table, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    __shared__ __align__(16) conv::Shared<128, 64> shared;
+    conv::lattice_gemm<128, 64>(shared, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -53,9 +51,8 @@ conv2d_gemm_v2_64x128(const float* __restrict__ a, const float* __restrict__ src
                    int src_origin_h, int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
                    int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<64, 128>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::lattice_gemm<64, 128>(tiles, tap_table, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    __shared__ __align__(16) conv::Shared<64, 128> shared;
+    conv::lattice_gemm<64, 128>(shared, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(64, 6)
@@ -65,7 +62,6 @@ conv2d_gemm_v2_32x128(const float* __restrict__ a, const float* __restrict__ src
                    int src_origin_h, int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
                    int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
 {
-    __shared__ __align__(16) gemm::SharedTiles<gemm::Tile<32, 128>> tiles;
-    __shared__ int4 tap_table[conv::MAX_TAPS];
-    conv::lattice_gemm<32, 128>(tiles, tap_table, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    __shared__ __align__(16) conv::Shared<32, 128> shared;
+    conv::lattice_gemm<32, 128>(shared, a, src, taps, bias, dst, rows, channels, n_taps, src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }

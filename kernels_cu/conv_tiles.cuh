@@ -45,6 +45,19 @@ __device__ __forceinline__ void fill_tap_table(int4 (&table)[MAX_TAPS], const in
     }
 }
 
+// A block's shared memory: the GEMM tiles, and a table for the B loader: the taps (forward,
+// backward-data) or the block's BN columns (backward-filter: what its B loader needs of each
+// column, looked up instead of held in 12 registers, which would push its K loop past its budget
+// of 128; the forward loader's per-column registers cost less than 4 extra shared loads a tile).
+template <int BM, int BN>
+struct Shared {
+    gemm::SharedTiles<gemm::Tile<BM, BN>> tiles;
+    union {
+        int4 taps[MAX_TAPS];
+        int4 columns[BN];
+    };
+};
+
 __device__ __forceinline__ bool inside(int h, int w, int height, int width)
 {
     // One unsigned compare per axis tests both "before the start" and "past the end".
@@ -253,41 +266,45 @@ struct PixelRowsA {
     }
 };
 
+// Column n = channel*n_taps + t of a backward-filter block, as ChannelTapColumnsB reads it:
+// {offset of (channel, tap t) from a window's origin, dh, dw, 0}; past N, a tap never inside.
+template <int BN>
+__device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], const int* __restrict__ taps, int n0,
+                                                         int columns, int n_taps, int height, int width)
+{
+    for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+        const int n = n0 + c;
+        int4 entry = make_int4(0, OUTSIDE, OUTSIDE, 0);
+        if (n < columns) {
+            const int channel = n / n_taps, t = n - channel * n_taps;
+            entry.y = __ldg(taps + 2 * t);
+            entry.z = __ldg(taps + 2 * t + 1);
+            entry.x = channel * height * width + entry.y * width + entry.z;
+        }
+        table[c] = entry;
+    }
+}
+
 // The B operand of the backward-filter GEMM: x gathered as (output pixels) x (channel, tap).
-// Thread tid loads its walk's K row for GROUPS runs of 4 consecutive columns (channel, tap),
-// tid / BK * 4 + COLUMN_STEP*g, decoded once; the lanes of a warp cover 8 consecutive pixels
-// of 4 runs, and B's padded pitch keeps their 128-bit stores on distinct banks.
+// Thread tid loads its walk's K row for GROUPS runs of 4 consecutive columns,
+// tid / BK * 4 + COLUMN_STEP*g; the lanes of a warp cover 8 consecutive pixels of 4 runs, and
+// B's padded pitch keeps their 128-bit stores on distinct banks.
 template <class T>
 struct ChannelTapColumnsB {
     static constexpr int GROUPS = BK * T::BN / 4 / T::THREADS;
     static constexpr int COLUMN_STEP = T::THREADS / BK * 4;
     const float* x;
     PixelWalk& at;
-    int offset[GROUPS][4], dh[GROUPS][4], dw[GROUPS][4];
+    const int4* columns;
     int channels, height, width, stride_h, stride_w, pad_top, pad_left;
     float4 v[GROUPS];
 
-    __device__ __forceinline__ ChannelTapColumnsB(const float* __restrict__ x_, PixelWalk& at_, const int4* taps, int n0,
-                                                  int columns, int n_taps, int channels_, int height_, int width_,
-                                                  int stride_h_, int stride_w_, int pad_top_, int pad_left_)
-        : x(x_), at(at_), channels(channels_), height(height_), width(width_), stride_h(stride_h_),
-          stride_w(stride_w_), pad_top(pad_top_), pad_left(pad_left_)
+    __device__ __forceinline__ ChannelTapColumnsB(const float* __restrict__ x_, PixelWalk& at_, const int4* columns_,
+                                                  int channels_, int height_, int width_, int stride_h_,
+                                                  int stride_w_, int pad_top_, int pad_left_)
+        : x(x_), at(at_), columns(columns_), channels(channels_), height(height_), width(width_),
+          stride_h(stride_h_), stride_w(stride_w_), pad_top(pad_top_), pad_left(pad_left_)
     {
-#pragma unroll
-        for (int g = 0; g < GROUPS; ++g)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int n = n0 + column(g) + j;
-                offset[g][j] = 0;
-                dh[g][j] = dw[g][j] = OUTSIDE;
-                if (n < columns) {
-                    const int channel = n / n_taps;
-                    const int4 t = taps[n - channel * n_taps];
-                    offset[g][j] = channel * height * width + t.x;
-                    dh[g][j] = t.y;
-                    dw[g][j] = t.z;
-                }
-            }
     }
     __device__ __forceinline__ static int column(int g) { return threadIdx.x / BK * 4 + COLUMN_STEP * g; }
     __device__ __forceinline__ void fetch()
@@ -299,9 +316,10 @@ struct ChannelTapColumnsB {
         for (int g = 0; g < GROUPS; ++g) {
             float e[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                e[j] = k_ok && inside(ih0 + dh[g][j], iw0 + dw[g][j], height, width) ? __ldg(x + (window + offset[g][j]))
-                                                                                    : 0.0f;
+            for (int j = 0; j < 4; ++j) {
+                const int4 c = columns[column(g) + j];
+                e[j] = k_ok && inside(ih0 + c.y, iw0 + c.z, height, width) ? __ldg(x + (window + c.x)) : 0.0f;
+            }
             v[g] = make_float4(e[0], e[1], e[2], e[3]);
         }
     }
@@ -344,8 +362,7 @@ __device__ __forceinline__ void store_lattice(float* __restrict__ dst, const flo
 
 // The forward / backward-data kernel body: dst = A (rows x channels*n_taps) times the gathered B.
 template <int BM, int BN>
-__device__ __forceinline__ void lattice_gemm(gemm::SharedTiles<gemm::Tile<BM, BN>>& tiles, int4 (&tap_table)[MAX_TAPS],
-                                             const float* __restrict__ a, const float* __restrict__ src,
+__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, const float* __restrict__ src,
                                              const int* __restrict__ taps, const float* __restrict__ bias,
                                              float* __restrict__ dst, int rows, int channels, int n_taps, int src_h,
                                              int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
@@ -357,15 +374,15 @@ __device__ __forceinline__ void lattice_gemm(gemm::SharedTiles<gemm::Tile<BM, BN
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int columns = batch * lattice_h * lattice_w;
     const int depth = channels * n_taps;
-    fill_tap_table(tap_table, taps, n_taps, src_w);
+    fill_tap_table(shared.taps, taps, n_taps, src_w);
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
     RowMajorA<T> a_loader(a, m0, rows, a_pitch);
-    PixelColumnsB<T> b_loader(src, tap_table, n0, columns, lattice_h, lattice_w, src_step_h, src_step_w,
+    PixelColumnsB<T> b_loader(src, shared.taps, n0, columns, lattice_h, lattice_w, src_step_h, src_step_w,
                               src_origin_h, src_origin_w, channels, n_taps, src_h, src_w);
     float acc[8][8];
-    gemm::mainloop(acc, tiles, a_loader, b_loader, (depth + BK - 1) / BK, t);
+    gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (depth + BK - 1) / BK, t);
     store_lattice(dst, acc, t, m0, n0, rows, columns, lattice_h, lattice_w, dst_h, dst_w, dst_step_h, dst_step_w,
                   dst_origin_h, dst_origin_w, has_bias ? bias : nullptr, relu != 0);
 }
@@ -373,8 +390,7 @@ __device__ __forceinline__ void lattice_gemm(gemm::SharedTiles<gemm::Tile<BM, BN
 // The backward-filter kernel body: block z's partial sum over K indices [k_begin, k_end) of
 // grad_w (rows x columns, OIHW) into partials[z], plain stores (the reduce kernel adds them).
 template <int BM, int BN>
-__device__ __forceinline__ void weight_gradient_gemm(gemm::SharedTiles<gemm::Tile<BM, BN>>& tiles,
-                                                     int4 (&tap_table)[MAX_TAPS], const float* __restrict__ x,
+__device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, const float* __restrict__ x,
                                                      const float* __restrict__ grad_out, const int* __restrict__ taps,
                                                      float* __restrict__ partials, int batch, int c_in, int height,
                                                      int width, int c_out, int n_taps, int stride_h, int stride_w,
@@ -386,16 +402,15 @@ __device__ __forceinline__ void weight_gradient_gemm(gemm::SharedTiles<gemm::Til
     const int k_begin = blockIdx.z * k_per_split;
     // Not min(K, k_begin + k_per_split): that sum can pass 2^31 for the last split.
     const int k_end = k_begin + min(k_per_split, batch * out_h * out_w - k_begin);
-    fill_tap_table(tap_table, taps, n_taps, width);
+    fill_channel_tap_columns(shared.columns, taps, n0, columns, n_taps, height, width);
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
     PixelWalk walk(k_begin, k_end, out_h, out_w);
     PixelRowsA<T> a_loader(grad_out, walk, m0, c_out);
-    ChannelTapColumnsB<T> b_loader(x, walk, tap_table, n0, columns, n_taps, c_in, height, width, stride_h, stride_w,
-                                   pad_top, pad_left);
+    ChannelTapColumnsB<T> b_loader(x, walk, shared.columns, c_in, height, width, stride_h, stride_w, pad_top, pad_left);
     float acc[8][8];
-    gemm::mainloop(acc, tiles, a_loader, b_loader, (k_end - k_begin + BK - 1) / BK, t);
+    gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (k_end - k_begin + BK - 1) / BK, t);
 
     float* partial = partials + (long long)blockIdx.z * c_out * columns;
 #pragma unroll

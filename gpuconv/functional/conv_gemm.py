@@ -62,25 +62,27 @@ class Plan:
 
 
 def _cost(tile, rows: int, columns: int) -> float:
-    """Time of a rows x columns GEMM on ``tile``, in units of one SM-wave of FFMA issue."""
+    """Time of a rows x columns GEMM on ``tile``, in units of one warp's share of the K loop.
+
+    Every warp of every tile computes 32 threads x 64 outputs, so the work of a tile shape is
+    its padded warp count; the busiest SM runs ceil(blocks / SMS) blocks on 4 schedulers (a warp
+    with 64 independent accumulators keeps one busy), at the tile's FFMA share of issue slots.
+    """
     bm, bn = tile
-    threads, resident = TILES[tile]
+    warps = TILES[tile][0] // 32
     blocks = math.ceil(rows / bm) * math.ceil(columns / bn)
-    waves = math.ceil(blocks / (SMS * resident))
-    # A wave keeps each SM's resident blocks busy: their threads' 64 outputs each, at the
-    # tile's FFMA share of the issue slots.
-    return waves * threads * resident / FFMA_SHARE[tile]
+    return math.ceil(math.ceil(blocks / SMS) * warps / 4) / FFMA_SHARE[tile]
 
 
 def choose_tile(rows: int, columns: int) -> tuple[tuple[int, int], str]:
-    """The cheapest tile for a rows x columns output by :func:`_cost`; ties go to the larger tile."""
-    order = sorted(TILES, key=lambda t: -t[0] * t[1])
-    best = min(order, key=lambda t: _cost(t, rows, columns))
+    """The cheapest tile for a rows x columns output by :func:`_cost`; ties go to the larger tile
+    (fewer loads per multiply-add)."""
+    best = min(sorted(TILES, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
     if best == (128, 128):
         return best, "large M and N"
     if best[0] < 128 and rows <= best[0]:
         return best, f"M = {rows} fits {best[0]} rows"
-    return best, "fewer waves than 128x128"
+    return best, "less padding than 128x128"
 
 
 def _padded(count: int, step: int) -> int:
