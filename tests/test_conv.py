@@ -486,16 +486,22 @@ def test_backward_filter_split_fills_the_gpu_several_waves_deep():
 
 
 def test_conv2d_plan_names_the_kernel_for_each_version(monkeypatch):
-    shapes = ((128, 3, 224, 224), (96, 3, 11, 11))
+    shapes, args = ((128, 3, 224, 224), (96, 3, 11, 11)), dict(stride=4, padding=2)
     for op in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter"):
         monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}", raising=False)
-        assert "% useful" in F.conv2d_plan(op, *shapes, stride=4, padding=2)
+        assert F.conv2d_plan(op, *shapes, **args).version == 2
         monkeypatch.setenv(f"GPUCONV_KERNEL_{op.upper()}", "1")
-        assert F.conv2d_plan(op, *shapes, stride=4, padding=2).endswith("64x64 (version 1)")
+        plan = F.conv2d_plan(op, *shapes, **args)
+        assert (plan.version, plan.kernel, plan.tile) == (1, f"{op}_v1", (64, 64))
         monkeypatch.setenv(f"GPUCONV_KERNEL_{op.upper()}", "0")
-        assert "im2col" in F.conv2d_plan(op, *shapes, stride=4, padding=2)
-    monkeypatch.delenv("GPUCONV_KERNEL_CONV2D_BACKWARD_DATA")
-    assert "16 phases" in F.conv2d_plan("conv2d_backward_data", *shapes, stride=4, padding=2)
+        assert F.conv2d_plan(op, *shapes, **args).kernel == "im2col + cuBLAS"
+        monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}")
+    # AlexNet conv1's input gradient: v1 multiplies 16x the taps (and pads 3 channels to 64).
+    data = F.conv2d_plan("conv2d_backward_data", *shapes, **args)
+    assert data.kernel_text == "conv2d_gemm_v2 32x128, 16 phases"
+    assert "4x4 stride phases" in data.describe()
+    monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_DATA", "1")
+    assert F.conv2d_plan("conv2d_backward_data", *shapes, **args).useful < data.useful / 16
     with pytest.raises(ValueError, match="op must be one of"):
         F.conv2d_plan("conv2d_backward", *shapes)
 

@@ -359,26 +359,26 @@ def _implementation(device: str, op: str, versions: dict):
 
 _PLANS = {"conv2d_forward": conv_gemm.plan_forward, "conv2d_backward_data": conv_gemm.plan_backward_data,
           "conv2d_backward_filter": conv_gemm.plan_backward_filter}
-_V1_KERNELS = {"conv2d_forward": "conv2d_forward_v1", "conv2d_backward_data": "conv2d_backward_data_v1",
-               "conv2d_backward_filter": "conv2d_backward_filter_v1"}
 
 
-def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1) -> str:
-    """Which kernel (and tile, phases, K split) ``op`` runs on 'cuda' for these shapes, under the
-    current ``GPUCONV_KERNEL_<OP>``, with the useful share of its multiply-adds: one line.
-
-    ``op`` is 'conv2d_forward', 'conv2d_backward_data' or 'conv2d_backward_filter'.
+def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1) -> conv_gemm.Plan:
+    """How ``op`` runs on 'cuda' for these shapes under the current ``GPUCONV_KERNEL_<OP>``: the
+    kernel, tile, stride phases and K split, and the useful share of the multiply-adds it
+    executes (``plan.describe()`` says it in one line). ``op`` is 'conv2d_forward',
+    'conv2d_backward_data' or 'conv2d_backward_filter'.
     """
     if op not in _PLANS:
         raise ValueError(f"op must be one of {sorted(_PLANS)}, got {op!r}")
     g = _geometry(_shape4(input_shape, "input_shape"), _shape4(weight_shape, "weight_shape"), stride, padding,
                   dilation)
     version = kernels.select_version(op, {0: 0, 1: 1, 2: 2}, default=_DEFAULT_VERSION[op])
+    name = op.removeprefix("conv2d_")
     if version == 0:
-        return "im2col + cuBLAS (version 0)"
+        # cuBLAS's own tiling is not counted: the product it is given has exactly the conv's MACs.
+        return conv_gemm.Plan(name, 0, "im2col + cuBLAS", None, 1, 1, 1.0, "version 0")
     if version == 1:
-        return f"{_V1_KERNELS[op]} 64x64 (version 1)"
-    return _PLANS[op](g).describe()
+        return conv_gemm.plan_v1(name, g, "version 1")
+    return _PLANS[op](g)
 
 
 # --------------------------------------------------------------------------------------------

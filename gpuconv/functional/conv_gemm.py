@@ -54,11 +54,16 @@ class Plan:
     useful: float  # useful multiply-adds over executed ones
     reason: str  # why this kernel and tile
 
-    def describe(self) -> str:
+    @property
+    def kernel_text(self) -> str:
+        """The kernel with its tile, phases and split: 'conv2d_gemm_v2 32x128, 16 phases'."""
         tile = f" {self.tile[0]}x{self.tile[1]}" if self.tile else ""
         extra = f", {self.launches} phases" if self.launches > 1 else ""
         extra += f", split-K {self.splits}" if self.splits > 1 else ""
-        return f"{self.kernel}{tile}{extra} ({self.useful:.0%} useful; {self.reason})"
+        return f"{self.kernel}{tile}{extra}"
+
+    def describe(self) -> str:
+        return f"{self.kernel_text} ({self.useful:.0%} useful; {self.reason})"
 
 
 def _cost(tile, rows: int, columns: int) -> float:
@@ -115,6 +120,26 @@ def _aligned_rows(a, depth: int):
     return padded, pitch
 
 
+V1_TILE = (64, 64, 16)  # implicit_gemm.cuh
+
+
+def plan_v1(op: str, g, reason: str) -> Plan:
+    """Version 1 of ``op``: one 64x64x16 implicit GEMM; backward-data multiplies every tap."""
+    rows, columns, depth = {
+        "forward": (g.c_out, g.batch * g.out_h * g.out_w, g.patch_size),
+        "backward_data": (g.c_in, g.batch * g.height * g.width, g.c_out * g.kernel_h * g.kernel_w),
+        "backward_filter": (g.c_out, g.patch_size, g.batch * g.out_h * g.out_w),
+    }[op]
+    bm, bn, bk = V1_TILE
+    executed = _padded(rows, bm) * _padded(columns, bn) * _padded(depth, bk)
+    return Plan(op, 1, f"conv2d_{op}_v1", (bm, bn), 1, 1, _macs(g) / executed, reason)
+
+
+def _macs(g) -> int:
+    """Multiply-adds of the convolution (the same for all three ops)."""
+    return g.c_out * g.patch_size * g.batch * g.out_h * g.out_w
+
+
 def _v2_refusal(g, n_taps: int) -> str | None:
     """Why the v2 kernels cannot take this geometry, or None."""
     if n_taps > MAX_TAPS:
@@ -148,13 +173,11 @@ def _launch_lattice(tile, a, pitch, src, taps, n_taps, bias, dst, rows, channels
 def plan_forward(g) -> Plan:
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
     if refusal:
-        return Plan("forward", 1, "conv2d_forward_v1", (64, 64), 1, 1,
-                    g.c_out * g.patch_size * g.batch * g.out_h * g.out_w
-                    / _executed((64, 64), g.c_out, g.batch * g.out_h * g.out_w, g.patch_size), refusal)
+        return plan_v1("forward", g, refusal)
     columns = g.batch * g.out_h * g.out_w
     tile, reason = choose_tile(g.c_out, columns)
-    useful = g.c_out * columns * g.patch_size / _executed(tile, g.c_out, columns, g.patch_size)
-    return Plan("forward", 2, "conv2d_gemm_v2", tile, 1, 1, useful, reason)
+    return Plan("forward", 2, "conv2d_gemm_v2", tile, 1, 1, _macs(g) / _executed(tile, g.c_out, columns, g.patch_size),
+                reason)
 
 
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
@@ -203,10 +226,8 @@ def _data_phases(g):
 
 def plan_backward_data(g) -> Plan:
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
-    useful_macs = g.c_out * g.patch_size * g.batch * g.out_h * g.out_w
     if refusal:
-        executed = _executed((64, 64), g.c_in, g.batch * g.height * g.width, g.c_out * g.kernel_h * g.kernel_w)
-        return Plan("backward_data", 1, "conv2d_backward_data_v1", (64, 64), 1, 1, useful_macs / executed, refusal)
+        return plan_v1("backward_data", g, refusal)
     phases = [(ph, pw) for ph, pw in _data_phases(g) if ph.taps and pw.taps]
     largest = max((ph.count * pw.count for ph, pw in phases), default=1)
     tile, reason = choose_tile(g.c_in, g.batch * largest)
@@ -214,7 +235,7 @@ def plan_backward_data(g) -> Plan:
                    for ph, pw in phases)
     if g.stride_h * g.stride_w > 1:
         reason += f", {g.stride_h}x{g.stride_w} stride phases"
-    return Plan("backward_data", 2, "conv2d_gemm_v2", tile, len(phases), 1, useful_macs / max(executed, 1), reason)
+    return Plan("backward_data", 2, "conv2d_gemm_v2", tile, len(phases), 1, _macs(g) / max(executed, 1), reason)
 
 
 def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
@@ -260,11 +281,9 @@ FILTER_TILES = ((128, 128), (128, 64), (64, 128))  # 32x128 would spill: 4 colum
 
 def plan_backward_filter(g) -> Plan:
     depth = g.batch * g.out_h * g.out_w
-    useful_macs = g.c_out * g.patch_size * depth
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
     if refusal:
-        return Plan("backward_filter", 1, "conv2d_backward_filter_v1", (64, 64), 1, 1,
-                    useful_macs / _executed((64, 64), g.c_out, g.patch_size, depth), refusal)
+        return plan_v1("backward_filter", g, refusal)
     # Split K fills the GPU whatever the tile, so pick the tile that wastes least padding.
     tile = min(FILTER_TILES, key=lambda t: (_executed(t, g.c_out, g.patch_size, BK) / FFMA_SHARE[t], -t[0] * t[1]))
     splits = _filter_splits(tile, g)
@@ -272,7 +291,7 @@ def plan_backward_filter(g) -> Plan:
     splits = math.ceil(depth / k_per_split)
     executed = _padded(g.c_out, tile[0]) * _padded(g.patch_size, tile[1]) * splits * k_per_split
     reason = f"least padding of {g.c_out}x{g.patch_size}; K split to fill {WAVES} waves of {SMS} SMs"
-    return Plan("backward_filter", 2, "conv2d_backward_filter_v2", tile, 1, splits, useful_macs / executed, reason)
+    return Plan("backward_filter", 2, "conv2d_backward_filter_v2", tile, 1, splits, _macs(g) / executed, reason)
 
 
 def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight):
