@@ -20,17 +20,17 @@
 #   pytest-gpu.xml               its JUnit XML
 # Exit status: 1 without a usable GPU, else the GPU tests' status if they failed, else the
 # benchmark's (1 when a row failed).
-# Environment: PYTHON (python3); step limits in seconds INFO_SECONDS (40), CUDA_SECONDS (30),
-# BENCH_SECONDS (320), TESTS_SECONDS (150), TEST_TIMEOUT (60, per test); BENCH_ARGS, PYTEST_ARGS
+# Environment: PYTHON (python3); step limits in seconds INFO_SECONDS (30), CUDA_SECONDS (30),
+# BENCH_SECONDS (300), TESTS_SECONDS (150), TEST_TIMEOUT (60, per test); BENCH_ARGS, PYTEST_ARGS
 # (added last, so they win); GPU_CHECK_DRY=1 prints the steps and runs nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-runs/gpu-check/$(date -u +%Y%m%d-%H%M%S)}"
 PYTHON="${PYTHON:-python3}"
-INFO_SECONDS="${INFO_SECONDS:-40}"
+INFO_SECONDS="${INFO_SECONDS:-30}"
 CUDA_SECONDS="${CUDA_SECONDS:-30}"
-BENCH_SECONDS="${BENCH_SECONDS:-320}"
+BENCH_SECONDS="${BENCH_SECONDS:-300}"
 TESTS_SECONDS="${TESTS_SECONDS:-150}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-60}"
 DRY="${GPU_CHECK_DRY:-}"
@@ -108,7 +108,7 @@ step bench "$OUT/bench.log" "$BENCH_SECONDS" "$PYTHON" -m gpuconv.bench --out "$
 bench_status=$step_status
 
 timeout_args=(--timeout "$TEST_TIMEOUT")
-if [ -z "$DRY" ] && ! timeout 30 "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then
+if [ -z "$DRY" ] && ! timeout 15 "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then
     timeout_args=()
     echo "== pytest-timeout is not installed: the GPU tests have no per-test time limit" >> "$OUT/pytest-gpu.log"
 fi

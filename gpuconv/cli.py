@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit-test", type=_positive_int, metavar="N", help="evaluate on the first N images only")
     train.add_argument("--no-download", action="store_true", help="never download the dataset")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the training step as a CUDA graph (default: on for cuda)")
 
     summary = commands.add_parser("summary", help="per-layer shapes, parameters and multiply-adds of a model")
     summary.add_argument("model", choices=sorted(MODELS))
@@ -192,7 +194,7 @@ def _train(args, argv: list[str]) -> int:
         weight_decay=args.weight_decay, lr_step_size=args.lr_step_size or None, lr_gamma=args.lr_gamma,
         seed=args.seed, out=out, resume=resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
         limit_train=args.limit_train, limit_test=args.limit_test, download=not args.no_download,
-        progress=not args.no_progress,
+        progress=not args.no_progress, graph=args.graph,
     )
     try:
         history = train(config)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, data, nn, optim
+from . import __version__, data, graphs, nn, optim
 from .device import array_module, resolve_device
 from .models import get_model
 from .random import generator, manual_seed, normalize_seed
@@ -89,6 +89,7 @@ class TrainConfig:
     download: bool = True
     sync_every: int = 50
     progress: bool = True
+    graph: bool | None = None  # capture the training step as a CUDA graph; None: on 'cuda' only
 
     def __post_init__(self):
         if self.out is None:
@@ -213,6 +214,9 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(validate_target=False)
         self.history: list[dict] = []
         self.epochs_done = 0
+        # CUDA graphs of the training step: default on 'cuda'; on 'emu' when asked (tests).
+        self.use_graph = self.device == "cuda" if config.graph is None else bool(config.graph) and self.device != "cpu"
+        self._graphed = None
         self._progress: _EpochProgress | None = None  # a resumed or finished-but-unevaluated epoch
         self._stop = False
         self._estimated = False
@@ -376,11 +380,7 @@ class Trainer:
         batches = self.train_set.batches(c.batch_size, shuffle=True, seed=c.seed, epoch=epoch, start_batch=progress.step)
         with bar:
             for step, (x, y) in enumerate(batches, progress.step + 1):
-                logits = self.model(x)
-                loss = self.criterion(logits, y)
-                self.model.backward(self.criterion.backward())
-                self.optimizer.step()
-                self.optimizer.zero_grad()
+                loss, logits = self._train_step(x, y)
                 loss_sum = loss_sum + loss * len(y)
                 correct = correct + (logits.argmax(axis=1) == y).sum()
                 progress.seen += len(y)
@@ -411,6 +411,25 @@ class Trainer:
             raise self._diverged("training loss", mean_loss, epoch)
         self._progress = progress  # what an interruption during the evaluation saves
         return mean_loss, progress.correct / progress.seen, progress.seconds
+
+    def _eager_step(self, x, y):
+        logits = self.model(x)
+        loss = self.criterion(logits, y)
+        self.model.backward(self.criterion.backward())
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss, logits
+
+    def _train_step(self, x, y):
+        """One training step: (loss, logits). With ``config.graph``, the first full batch runs
+        eagerly and is captured as a CUDA graph (:class:`gpuconv.graphs.GraphedStep`), later ones
+        replay it; a last partial batch runs eagerly. The losses are the eager path's."""
+        if not self.use_graph or len(y) != self.config.batch_size:
+            return self._eager_step(x, y)
+        if self._graphed is None:
+            self._graphed = graphs.GraphedStep(self._eager_step, x, y)
+            return self._graphed.warmup_result
+        return self._graphed(x, y)
 
     def evaluate(self) -> tuple[float, float]:
         """(mean loss, accuracy) on the test set, in evaluation mode."""

@@ -436,7 +436,7 @@ def test_gpu_check_script_exit_status_and_outputs(tmp_path, gpu, tests, bench_st
     assert {"summary.txt", "machine.txt", "pytest-gpu.log", "bench.log", "bench/results.md"} <= set(files)
     calls = (tmp_path / "calls.log").read_text().splitlines()
     (bench_call,) = [line for line in calls if line.startswith("-m gpuconv.bench")]
-    assert "--time-budget 260" in bench_call and "--cpu-cases train/" in bench_call and "--device all" in bench_call
+    assert "--time-budget 240" in bench_call and "--cpu-cases train/" in bench_call and "--device all" in bench_call
     (pytest_call,) = [line for line in calls if line.startswith("-m pytest")]
     assert "-m gpu" in pytest_call and "--timeout 60" in pytest_call and "-rA" in pytest_call
     assert f"--junitxml {out}/pytest-gpu.xml" in pytest_call
@@ -611,3 +611,62 @@ def test_reports_are_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # and no temporary is left
     reports.atomic_write(path, b"new\n")
     assert path.read_text() == "new\n"
+
+
+class _FailingGpuContender(_FakeGpuContender):
+    """A contender whose rows fail and whose device is then unusable, as after an illegal address."""
+
+    def __init__(self, name, device_error):
+        super().__init__(name)
+        self.why = device_error
+
+    def available(self):
+        return True, ""
+
+    def workload(self, case, rng):
+        raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+    def device_error(self):
+        return self.why
+
+
+def test_a_worker_stops_when_its_device_is_poisoned(capsys):
+    """The worker's own loop: after a failed row it asks the device; a sticky error ends the
+    worker at once (its parent starts a fresh one), a plain error does not."""
+    cases = bench.kernel_cases(["lenet5"])[:3]
+    args = bench.parse_args(["--repeats", "1", "--warmup", "0"])
+    for why, expected_rows, expected_status in (("", 3, 0), ("CUDARuntimeError: illegal address", 1, 3)):
+        events = []
+        status = runner.execute([(c, _FailingGpuContender("ours", why)) for c in cases], args, {}, None, None,
+                                events.append)
+        rows = [e["row"] for e in events if "row" in e]
+        assert status == expected_status and len(rows) == expected_rows
+        assert all(r["status"].startswith("error: RuntimeError: cudaErrorIllegalAddress") for r in rows)
+        assert ({"device_error": why} in events) == bool(why)
+    assert "cudaErrorIllegalAddress" in capsys.readouterr().err  # each failure's traceback
+
+
+def test_peaks_and_gpu_info_failures_do_not_end_the_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuBLAS failed to initialise")
+
+    monkeypatch.setattr(machine, "measure_peaks", broken)
+    case = bench.kernel_cases(["lenet5"])[0]
+    events = []
+    args = bench.parse_args(["--quick", "--repeats", "1", "--warmup", "0"])
+    info = {"cpu_cache_bytes": 1 << 20, "gpu": {"name": "no device"}}
+    assert runner.execute([(case, bench.Gpuconv("cpu"))], args, info, None, "cpu", events.append) == 0
+    assert events[0] == {"peaks_error": "RuntimeError: cuBLAS failed to initialise"}
+    assert events[-1]["row"]["status"] == "ok"
+    collector = runner.Collector({case.name: case}, lambda: None)
+    for event in events:
+        collector.handle(event, "cpu")
+    assert collector.problems == ["cpu: measuring the peaks failed (RuntimeError: cuBLAS failed to initialise); "
+                                  "its rows have no % peak"]
+
+    monkeypatch.setattr(machine, "cuda_status", lambda: (True, "a GPU (test)"))
+    monkeypatch.setattr(machine, "_gpu_info", broken)
+    info = machine.machine_info(use_gpu=True)
+    assert info["gpu"]["reason"] == "GPU info failed: RuntimeError: cuBLAS failed to initialise"
+    assert machine.cache_bytes(info, "cuda") == machine.UNKNOWN_L2_BYTES
+    assert "GPU: GPU (not described) (GPU info failed" in "\n".join(reports.header_lines(info, {}))

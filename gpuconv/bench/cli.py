@@ -140,9 +140,10 @@ def main(argv=None) -> int:
         return 2
     info = machine.machine_info(use_gpu=any(c.device == "cuda" for c in entrants))
     if any(c.device == "cpu" for c in entrants):
-        info["openblas_thread_timeout"] = (os.environ.get("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
-                                           if not args.in_process else
-                                           os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset (--in-process)"))
+        # What the CPU rows run with: the workers get ours unless one is set; this process has
+        # whatever was set before it started (NumPy read it when it loaded).
+        default = "unset (--in-process)" if args.in_process else OPENBLAS_THREAD_TIMEOUT
+        info["openblas_thread_timeout"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT", default)
     out = args.out or (DEFAULT_RUNS / args.name if args.name else _default_out(info))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -164,10 +165,17 @@ def main(argv=None) -> int:
     collector = Collector({c.name: c for c in cases}, write)
     deadline = began + args.time_budget if args.time_budget is not None else None
     jobs = plan(pairs)
-    if args.in_process:
-        run_in_process(jobs, args, info, deadline, collector)
-    else:
-        run_in_workers(jobs, argv, args, info, deadline, collector)
+    try:
+        if args.in_process:
+            run_in_process(jobs, args, info, deadline, collector)
+        else:
+            run_in_workers(jobs, argv, args, info, deadline, collector)
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C; what they measured is kept
+        collector.problems.append("interrupted (Ctrl-C)")
+        write(final=True)
+        print(f"\ngpuconv bench: interrupted; the {sum(1 for r in collector.rows if r.stats)} rows measured "
+              f"are in {out / 'results.md'}", file=sys.stderr)
+        return 130
     write(final=True)
     return _summary(collector, out, time.time() - began)
 

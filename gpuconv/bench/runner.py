@@ -68,9 +68,12 @@ def worker_env() -> dict:
     env = dict(os.environ)
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
     env["PYTHONUNBUFFERED"] = "1"
-    # The worker imports the gpuconv this process runs, wherever that is (a checkout, a venv).
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    # The worker imports the gpuconv this process runs: from a checkout, whatever the worker's
+    # path would find otherwise. An installed one is found anyway, and putting site-packages
+    # ahead of the standard library could shadow it.
+    package_root = Path(__file__).resolve().parents[2]
+    if package_root.name not in ("site-packages", "dist-packages"):
+        env["PYTHONPATH"] = os.pathsep.join([str(package_root), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -245,23 +248,27 @@ def _supervise(command, base: Path, env, row_timeout: float, deadline, collector
     with open(base.with_suffix(".stderr"), "wb") as stderr, open(events_path, "rb") as events:
         proc = subprocess.Popen([*command, str(base.with_suffix(".job.json")), str(events_path)], env=env,
                                 stderr=stderr, stdin=subprocess.DEVNULL)
-        pending = b""
-        while True:
-            returncode = proc.poll()
-            pending = _feed(events, pending, collector, label)
-            if returncode is not None:
-                break
-            now = time.monotonic()
-            if collector.running and now - collector.running_since > row_timeout:
-                killed_for = f"the row ran past --row-timeout {row_timeout:g} s and its worker was killed"
-            elif deadline is not None and time.time() > deadline + row_timeout:
-                killed_for = "the run passed its time budget and the worker was killed"
-            if killed_for:
-                proc.kill()
-                returncode = proc.wait()
+        try:
+            pending = b""
+            while True:
+                returncode = proc.poll()
                 pending = _feed(events, pending, collector, label)
-                break
-            time.sleep(POLL_SECONDS)
+                if returncode is not None:
+                    break
+                if collector.running and time.monotonic() - collector.running_since > row_timeout:
+                    killed_for = f"the row ran past --row-timeout {row_timeout:g} s and its worker was killed"
+                elif deadline is not None and time.time() > deadline + row_timeout:
+                    killed_for = "the run passed its time budget and the worker was killed"
+                if killed_for:
+                    proc.kill()
+                    returncode = proc.wait()
+                    _feed(events, pending, collector, label)
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:  # interrupted here: no worker is left running on its own
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     _replay(base.with_suffix(".stderr"))
     return returncode, killed_for
 
