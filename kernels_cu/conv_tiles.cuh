@@ -36,12 +36,25 @@ constexpr int MAX_TAPS = 256;
 // past K) loads zeros through the ordinary bounds test, without a predicate of its own.
 constexpr int OUTSIDE = -(1 << 30);
 
-__device__ __forceinline__ void fill_tap_table(int4 (&table)[MAX_TAPS], const int* __restrict__ taps, int n_taps,
-                                               int src_w)
+// The taps of a GEMM form a grid: tap t = a*taps_w + b is the offset (h0 + a*h_step, w0 +
+// b*w_step), (i*dil_h, j*dil_w) in the forward pass, one phase's arithmetic progressions in the
+// backward-data pass. Generated here from kernel arguments rather than read from a device table,
+// so a launch needs no host-made array (nothing a CUDA graph capture would have to copy in).
+struct TapGrid {
+    int taps_w, h0, h_step, w0, w_step;
+
+    __device__ __forceinline__ int2 offset(int t) const
+    {
+        const int a = t / taps_w;
+        return make_int2(h0 + a * h_step, w0 + (t - a * taps_w) * w_step);
+    }
+};
+
+__device__ __forceinline__ void fill_tap_table(int4 (&table)[MAX_TAPS], const TapGrid& grid, int n_taps, int src_w)
 {
     for (int t = threadIdx.x; t < n_taps; t += blockDim.x) {
-        const int dh = __ldg(taps + 2 * t), dw = __ldg(taps + 2 * t + 1);
-        table[t] = make_int4(dh * src_w + dw, dh, dw, 0);
+        const int2 d = grid.offset(t);
+        table[t] = make_int4(d.x * src_w + d.y, d.x, d.y, 0);
     }
 }
 
@@ -269,16 +282,17 @@ struct PixelRowsA {
 // Column n = channel*n_taps + t of a backward-filter block, as ChannelTapColumnsB reads it:
 // {offset of (channel, tap t) from a window's origin, dh, dw, 0}; past N, a tap never inside.
 template <int BN>
-__device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], const int* __restrict__ taps, int n0,
-                                                         int columns, int n_taps, int height, int width)
+__device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], const TapGrid& taps, int n0, int columns,
+                                                         int n_taps, int height, int width)
 {
     for (int c = threadIdx.x; c < BN; c += blockDim.x) {
         const int n = n0 + c;
         int4 entry = make_int4(0, OUTSIDE, OUTSIDE, 0);
         if (n < columns) {
             const int channel = n / n_taps, t = n - channel * n_taps;
-            entry.y = __ldg(taps + 2 * t);
-            entry.z = __ldg(taps + 2 * t + 1);
+            const int2 d = taps.offset(t);
+            entry.y = d.x;
+            entry.z = d.y;
             entry.x = channel * height * width + entry.y * width + entry.z;
         }
         table[c] = entry;
@@ -363,8 +377,8 @@ __device__ __forceinline__ void store_lattice(float* __restrict__ dst, const flo
 // The forward / backward-data kernel body: dst = A (rows x channels*n_taps) times the gathered B.
 template <int BM, int BN>
 __device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, const float* __restrict__ src,
-                                             const int* __restrict__ taps, const float* __restrict__ bias,
-                                             float* __restrict__ dst, int rows, int channels, int n_taps, int src_h,
+                                             const float* __restrict__ bias, float* __restrict__ dst, int rows,
+                                             int channels, int n_taps, const TapGrid& taps, int src_h,
                                              int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
                                              int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
                                              int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w,
@@ -391,7 +405,7 @@ __device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float
 // grad_w (rows x columns, OIHW) into partials[z], plain stores (the reduce kernel adds them).
 template <int BM, int BN>
 __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, const float* __restrict__ x,
-                                                     const float* __restrict__ grad_out, const int* __restrict__ taps,
+                                                     const float* __restrict__ grad_out, const TapGrid& taps,
                                                      float* __restrict__ partials, int batch, int c_in, int height,
                                                      int width, int c_out, int n_taps, int stride_h, int stride_w,
                                                      int pad_top, int pad_left, int out_h, int out_w, int k_per_split)

@@ -506,16 +506,22 @@ def test_conv2d_plan_names_the_kernel_for_each_version(monkeypatch):
         F.conv2d_plan("conv2d_backward", *shapes)
 
 
-def test_misaligned_or_odd_weights_are_relaid_for_vector_loads():
-    # K = 3*11*11 = 363 is not a multiple of 4: the weights go through a zero-padded copy whose
-    # rows are 16-byte aligned (the kernel reads them 4 floats at a time).
-    weight = to_device(np.arange(2 * 363, dtype=np.float32).reshape(2, 363), "emu")
-    relaid, pitch = conv_gemm._aligned_rows(weight, 363)
-    assert pitch == 364 and relaid.__array_interface__["data"][0] % 16 == 0
-    np.testing.assert_array_equal(to_numpy(relaid)[:, :363], to_numpy(weight))
+def test_weights_are_relaid_for_vector_loads_only_when_needed():
+    # K = 3*11*11 = 363 is not a multiple of 4: conv2d_weight_rows_v2 writes a zero-padded copy
+    # (the kernel reads 4 floats at a time); K = 2*2*2 = 8 is used in place, when 16-byte aligned.
+    rng = np.random.default_rng(0)
+    g = conv_module._geometry((1, 3, 12, 12), (2, 3, 11, 11), 1, 0, 1)
+    weight = to_device(rng.standard_normal((2, 3, 11, 11)).astype(np.float32), "emu")
+    relaid, pitch = conv_gemm._weight_rows(weight, g, (0, 1, 11), (0, 1, 11), transpose=False)
+    assert pitch == 364 and conv_gemm._address(relaid) % 16 == 0
+    np.testing.assert_array_equal(to_numpy(relaid)[:, :363], to_numpy(weight).reshape(2, 363))
     assert not to_numpy(relaid)[:, 363:].any()
-    offset = to_device(np.zeros(2 * 364 + 1, np.float32), "emu")[1:].reshape(2, 364)  # 4 bytes off
-    assert conv_gemm._aligned_rows(offset, 364)[0] is not offset
-    aligned = to_device(np.zeros((2, 364), np.float32), "emu")
-    if aligned.__array_interface__["data"][0] % 16 == 0:
-        assert conv_gemm._aligned_rows(aligned, 364)[0] is aligned
+    g8 = conv_module._geometry((1, 2, 4, 4), (2, 2, 2, 2), 1, 0, 1)
+    square = to_device(rng.standard_normal((2, 2, 2, 2)).astype(np.float32), "emu")
+    same, _ = conv_gemm._weight_rows(square, g8, (0, 1, 2), (0, 1, 2), transpose=False)
+    assert np.shares_memory(same, square) == (conv_gemm._address(square) % 16 == 0)
+    # Backward-data's phase (taps i = 1, j in {0, 1}) of the transposed weight: [ci][co*2 + t].
+    phase, pitch = conv_gemm._weight_rows(square, g8, (1, 1, 1), (0, 1, 2), transpose=True)
+    expected = to_numpy(square)[:, :, 1, :].transpose(1, 0, 2).reshape(2, 4)
+    assert pitch == 4
+    np.testing.assert_array_equal(to_numpy(phase), expected)

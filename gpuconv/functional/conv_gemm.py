@@ -13,14 +13,13 @@ reason.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels
-from ..device import array_module, contiguous, device_of, empty, to_device, zeros
+from ..device import contiguous, device_of, empty, zeros
 
 # An H100 / H200 SXM: the wave model behind the tile choice and the backward-filter split.
 SMS = 132
@@ -98,26 +97,28 @@ def _executed(tile, rows: int, columns: int, depth: int) -> int:
     return _padded(rows, tile[0]) * _padded(columns, tile[1]) * _padded(depth, BK)
 
 
-@functools.lru_cache(maxsize=256)
-def _tap_offsets(offsets: tuple, device: str):
-    """The (n_taps, 2) int32 table of (dh, dw) on ``device``, uploaded once per shape."""
-    return to_device(np.array(offsets, np.int32).reshape(-1, 2), device)
-
-
-def _forward_taps(g) -> tuple:
-    return tuple(v for i in range(g.kernel_h) for j in range(g.kernel_w) for v in (i * g.dilation_h, j * g.dilation_w))
-
-
-def _aligned_rows(a, depth: int):
-    """``a`` (rows x depth) as kernels' RowMajorA reads it: 16-byte aligned, pitch a multiple of 4,
-    zeros past ``depth``. The weights are small, so re-laying them costs next to nothing."""
+def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool):
+    """The A operand of conv2d_gemm_v2 from an OIHW weight: rows C_out (C_in when ``transpose``),
+    columns (channel, tap) over the tap grid ``rows_taps`` x ``cols_taps`` ((first, step, count)
+    along each axis), the pitch a multiple of 4 and zeros past K. The plain forward weight
+    already is one when K % 4 == 0 and it is 16-byte aligned; otherwise a kernel re-lays it (a
+    kernel, not an array operation, so that a CUDA graph replays it after each weight update)."""
+    n_taps = rows_taps[2] * cols_taps[2]
+    rows, depth = (g.c_in, g.c_out * n_taps) if transpose else (g.c_out, g.c_in * n_taps)
     pitch = _padded(depth, 4)
+    weight = contiguous(weight)
+    if not transpose and n_taps == g.kernel_h * g.kernel_w and pitch == depth and _address(weight) % 16 == 0:
+        return weight.reshape(rows, depth), pitch
+    out = empty((rows, pitch), np.float32, device_of(weight))
+    kernels.launch("conv2d_gemm", "conv2d_weight_rows_v2", kernels.grid_stride_blocks(rows * pitch), kernels.BLOCK,
+                   (weight, out, g.c_out, g.c_in, g.kernel_h, g.kernel_w, rows_taps[2], cols_taps[2], rows_taps[0],
+                    rows_taps[1], cols_taps[0], cols_taps[1], int(transpose), pitch))
+    return out, pitch
+
+
+def _address(a) -> int:
     interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
-    if pitch == depth and interface["data"][0] % 16 == 0 and a.flags.c_contiguous:
-        return a, pitch
-    padded = zeros((a.shape[0], pitch), np.float32, device_of(a))
-    padded[:, :depth] = a
-    return padded, pitch
+    return interface["data"][0]
 
 
 V1_TILE = (64, 64, 16)  # implicit_gemm.cuh
@@ -157,7 +158,7 @@ def _v2_refusal(g, n_taps: int) -> str | None:
 # Forward and backward-data: conv2d_gemm_v2, the lattice GEMM.
 
 
-def _launch_lattice(tile, a, pitch, src, taps, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
+def _launch_lattice(tile, a, pitch, src, tap_grid, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
                     src_origin, dst_hw, dst_step, dst_origin, relu: bool):
     bm, bn = tile
     batch, lattice_h, lattice_w = lattice
@@ -166,8 +167,8 @@ def _launch_lattice(tile, a, pitch, src, taps, n_taps, bias, dst, rows, channels
     if bias is None:
         bias = dst  # never read
     kernels.launch("conv2d_gemm", f"conv2d_gemm_v2_{bm}x{bn}", grid, TILES[tile][0],
-                   (a, src, taps, bias, dst, rows, channels, n_taps, *src_hw, batch, lattice_h, lattice_w, *src_step,
-                    *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), pitch))
+                   (a, src, bias, dst, rows, channels, n_taps, *tap_grid, *src_hw, batch, lattice_h, lattice_w,
+                    *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), pitch))
 
 
 def plan_forward(g) -> Plan:
@@ -181,13 +182,14 @@ def plan_forward(g) -> Plan:
 
 
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
-    device = device_of(x)
-    out = empty(g.output_shape, np.float32, device)
-    a, pitch = _aligned_rows(contiguous(weight).reshape(g.c_out, g.patch_size), g.patch_size)
-    _launch_lattice(plan.tile, a, pitch, contiguous(x), _tap_offsets(_forward_taps(g), device),
-                    g.kernel_h * g.kernel_w, None if bias is None else contiguous(bias), out, g.c_out, g.c_in,
-                    (g.height, g.width), (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w),
-                    (-g.pad_top, -g.pad_left), (g.out_h, g.out_w), (1, 1), (0, 0), relu)
+    out = empty(g.output_shape, np.float32, device_of(x))
+    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False)
+    # Taps (i*dil_h, j*dil_w): the grid of kernel_w columns from (0, 0) in steps of the dilation.
+    tap_grid = (g.kernel_w, 0, g.dilation_h, 0, g.dilation_w)
+    _launch_lattice(plan.tile, a, pitch, contiguous(x), tap_grid, g.kernel_h * g.kernel_w,
+                    None if bias is None else contiguous(bias), out, g.c_out, g.c_in, (g.height, g.width),
+                    (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w), (-g.pad_top, -g.pad_left),
+                    (g.out_h, g.out_w), (1, 1), (0, 0), relu)
     return out
 
 
@@ -199,14 +201,23 @@ class _Phase:
     first: int
     count: int
     origin: int
-    taps: tuple  # (i, shift) pairs
+    taps: tuple  # (i, shift) pairs, both arithmetic progressions in i
+
+    def tap_progression(self) -> tuple[tuple[int, int, int], tuple[int, int]]:
+        """((first i, step of i, taps), (first shift, step of shift))."""
+        i0, s0 = self.taps[0]
+        if len(self.taps) == 1:
+            return (i0, 1, 1), (s0, 0)
+        i1, s1 = self.taps[1]
+        return (i0, i1 - i0, len(self.taps)), (s0, s1 - s0)
 
 
 def _phases(size: int, out_size: int, kernel: int, stride: int, pad: int, dilation: int) -> list[_Phase]:
     """The ``stride`` output phases of the input gradient along one axis.
 
     y + pad - i*dilation = stride*oh: the phase r = (y + pad) mod stride meets the taps with
-    i*dilation = r (mod stride), at oh = (y + pad - r)/stride - (i*dilation - r)/stride.
+    i*dilation = r (mod stride), at oh = (y + pad - r)/stride - (i*dilation - r)/stride; those i
+    step by stride/gcd(stride, dilation), their shifts by dilation/gcd.
     """
     phases = []
     for r in range(stride):
@@ -239,25 +250,18 @@ def plan_backward_data(g) -> Plan:
 
 
 def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
-    device = device_of(grad_output)
-    xp = array_module(weight)
     phases = _data_phases(g)
-    every_pixel_reached = all(ph.taps and pw.taps for ph, pw in phases) and len(phases) == g.stride_h * g.stride_w
+    reached = [(ph, pw) for ph, pw in phases if ph.taps and pw.taps]
     # Pixels no tap reaches (a phase without taps, or one past every window) have zero gradient.
-    grad_input = (empty if every_pixel_reached else zeros)(g.input_shape, np.float32, device)
-    w = contiguous(weight).reshape(g.c_out, g.c_in, g.kernel_h * g.kernel_w)
+    every_pixel = len(reached) == len(phases) == g.stride_h * g.stride_w
+    grad_input = (empty if every_pixel else zeros)(g.input_shape, np.float32, device_of(grad_output))
     grad_output = contiguous(grad_output)
-    for ph, pw in phases:
-        if not (ph.taps and pw.taps):
-            continue
-        taps = [(i * g.kernel_w + j, -sh, -sw) for i, sh in ph.taps for j, sw in pw.taps]
-        n_taps = len(taps)
-        # A = the weight as C_in x (C_out, phase taps): row ci, column co*n_taps + t.
-        index = xp.asarray(np.array([t[0] for t in taps], np.intp))
-        a = contiguous(w[:, :, index].transpose(1, 0, 2)).reshape(g.c_in, g.c_out * n_taps)
-        a, pitch = _aligned_rows(a, g.c_out * n_taps)
-        offsets = tuple(v for _, dh, dw in taps for v in (dh, dw))
-        _launch_lattice(plan.tile, a, pitch, grad_output, _tap_offsets(offsets, device), n_taps, None, grad_input,
+    for ph, pw in reached:
+        (rows_taps, (shift_h, shift_h_step)), (cols_taps, (shift_w, shift_w_step)) = ph.tap_progression(), pw.tap_progression()
+        # A = the weight as C_in x (C_out, phase taps); B gathers grad_out at (q - shift, r - shift).
+        a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True)
+        tap_grid = (cols_taps[2], -shift_h, -shift_h_step, -shift_w, -shift_w_step)
+        _launch_lattice(plan.tile, a, pitch, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input,
                         g.c_in, g.c_out, (g.out_h, g.out_w), (g.batch, ph.count, pw.count), (1, 1),
                         (ph.origin, pw.origin), (g.height, g.width), (g.stride_h, g.stride_w), (ph.first, pw.first),
                         False)
@@ -303,9 +307,7 @@ def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight):
     partials = grad_weight if plan.splits == 1 else empty((plan.splits, size), np.float32, device)
     grid = (math.ceil(g.patch_size / bn), math.ceil(g.c_out / bm), plan.splits)
     kernels.launch("conv2d_backward_filter", f"conv2d_backward_filter_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
-                   (contiguous(x), contiguous(grad_output), _tap_offsets(_forward_taps(g), device), partials,
-                    g.batch, g.c_in, g.height, g.width, g.c_out, g.kernel_h * g.kernel_w, g.stride_h, g.stride_w,
-                    g.pad_top, g.pad_left, g.out_h, g.out_w, k_per_split))
+                   (contiguous(x), contiguous(grad_output), partials, *g.kernel_sizes(), k_per_split))
     if plan.splits > 1:
         kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(size), kernels.BLOCK,
                        (partials, grad_weight, plan.splits, size))
