@@ -316,3 +316,12 @@ def test_global_switch_reaches_a_whole_model():
         np.testing.assert_allclose(emu_grad, cpu_grad, rtol=0, atol=4 * 2.0**-11 * np.abs(cpu_grad).max())
     # TF32 moved the convolution gradients (the first parameters) away from FP32's.
     assert np.abs(grads_cpu[0] - grads_fp32[0]).max() > 1e-4 * np.abs(grads_fp32[0]).max()
+
+
+def test_gpus_before_ampere_are_refused_clearly(monkeypatch):
+    monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 75)
+    with pytest.raises(RuntimeError, match=r"precision='tf32' .* compute capability 8.0 .* this GPU is sm_75"):
+        conv_tensorcore._check_device("cuda", "tf32")
+    monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 90)
+    conv_tensorcore._check_device("cuda", "bf16")
+    conv_tensorcore._check_device("emu", "tf32")  # the emulator runs them on any machine
