@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -325,3 +326,16 @@ def test_gpus_before_ampere_are_refused_clearly(monkeypatch):
     monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 90)
     conv_tensorcore._check_device("cuda", "bf16")
     conv_tensorcore._check_device("emu", "tf32")  # the emulator runs them on any machine
+
+
+def test_bench_has_tensor_core_rows():
+    from gpuconv.bench import contenders
+
+    rows = {c.name: c for c in contenders.contenders_for("cuda")}
+    tf32 = rows["gpuconv cuda tf32 (tensor cores)"]
+    assert "gpuconv cuda bf16 (tensor cores)" in rows
+    case = types.SimpleNamespace(op="conv2d_forward")
+    assert tf32.applies(case) and not tf32.applies(types.SimpleNamespace(op="relu_forward"))
+    with tf32.selected_for(case):
+        assert gpuconv.get_float32_matmul_precision() == "high"
+    assert gpuconv.get_float32_matmul_precision() == "highest"
