@@ -95,22 +95,29 @@ class Contender:
 
 class Gpuconv(Contender):
     """gpuconv's functional API: the NumPy path on 'cpu', our kernels on 'cuda'. ``versions``
-    forces a kernel version per op (only those ops run); ``exclude`` leaves ops out."""
+    forces a kernel version per op (only those ops run); ``exclude`` leaves ops out;
+    ``precision`` (a ``set_float32_matmul_precision`` name) runs the convolutions alone at it."""
 
-    def __init__(self, device: str, label: str = NUMPY, versions=None, exclude=()):
+    def __init__(self, device: str, label: str = NUMPY, versions=None, exclude=(), precision=None):
         self.device, self.name = device, label
         self.versions, self.exclude = dict(versions or {}), frozenset(exclude)
+        self.precision = precision
 
     def available(self):
         return (True, "") if self.device == "cpu" else machine.cuda_status()
 
     def applies(self, case):
+        if self.precision:
+            return case.op in Conv.ops
         if self.versions:
             return case.op in self.versions
         return case.op not in self.exclude
 
+    @contextlib.contextmanager
     def selected_for(self, case):
-        return environ(f"GPUCONV_KERNEL_{case.op.upper()}", self.versions.get(case.op))
+        with environ(f"GPUCONV_KERNEL_{case.op.upper()}", self.versions.get(case.op)), \
+                environ("GPUCONV_FLOAT32_MATMUL_PRECISION", self.precision):
+            yield
 
     def sync(self):
         if self.device == "cuda":
@@ -206,5 +213,7 @@ def contenders_for(device_choice: str) -> list[Contender]:
         for n in sorted(set().union(*several.values())):
             label = "gpuconv cuda v0 (im2col+cuBLAS)" if n == 0 else f"gpuconv cuda v{n}"
             chosen.append(Gpuconv("cuda", label, versions={op: n for op, v in several.items() if n in v}))
+        chosen += [Gpuconv("cuda", "gpuconv cuda tf32 (tensor cores)", precision="high"),
+                   Gpuconv("cuda", "gpuconv cuda bf16 (tensor cores)", precision="medium")]
         chosen += [Torch("cuda", tf32=False), Torch("cuda", tf32=True)]
     return chosen
