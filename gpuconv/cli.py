@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit-test", type=_positive_int, metavar="N", help="evaluate on the first N images only")
     train.add_argument("--no-download", action="store_true", help="never download the dataset")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the training step as a CUDA graph (default: on for cuda)")
 
     summary = commands.add_parser("summary", help="per-layer shapes, parameters and multiply-adds of a model")
     summary.add_argument("model", choices=sorted(MODELS))
@@ -192,7 +194,7 @@ def _train(args, argv: list[str]) -> int:
         weight_decay=args.weight_decay, lr_step_size=args.lr_step_size or None, lr_gamma=args.lr_gamma,
         seed=args.seed, out=out, resume=resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
         limit_train=args.limit_train, limit_test=args.limit_test, download=not args.no_download,
-        progress=not args.no_progress,
+        progress=not args.no_progress, graph=args.graph,
     )
     try:
         history = train(config)
@@ -303,8 +305,7 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in _FORWARDED:
         if argv[0] == "check-kernels" and not {"-h", "--help"} & set(argv) and (missing := _nvrtc_missing()):
             return _fail("check-kernels", missing)
@@ -313,3 +314,12 @@ def main(argv=None) -> int:
     if args.command == "train":
         return _train(args, argv)
     return {"summary": _summary, "info": _info}[args.command](args)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training run (which handles its own): no traceback
+        print(" ".join(["gpuconv", *argv[:1]]) + ": interrupted", file=sys.stderr)
+        return 130

@@ -237,6 +237,16 @@ def test_kernel_versions_come_from_the_sources():
     assert "GPUCONV_KERNEL_TEST_ONLY" not in os.environ
 
 
+def test_gpu_conv_rows_carry_the_chosen_kernel_and_useful_share():
+    # Planned without a GPU: the row's extra names the kernel each AlexNet conv op runs.
+    alexnet = [c for c in bench.kernel_cases(["alexnet"]) if c.op.startswith("conv2d") and c.layer == "conv1"]
+    gpu = contenders.Gpuconv("cuda", "gpuconv cuda")
+    extras = {case.op: gpu._plan(case) for case in alexnet}
+    assert extras["conv2d_backward_data"]["kernel"].endswith("16 phases")
+    assert all(0 < e["useful_macs"] <= 1 for e in extras.values())
+    assert contenders.Gpuconv("cpu")._plan(alexnet[0]) is None
+
+
 @pytest.fixture
 def no_gpu(monkeypatch):
     """The CPU-only machine, also where a GPU is present: CuPy and PyTorch both see no device."""
