@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -316,3 +317,25 @@ def test_global_switch_reaches_a_whole_model():
         np.testing.assert_allclose(emu_grad, cpu_grad, rtol=0, atol=4 * 2.0**-11 * np.abs(cpu_grad).max())
     # TF32 moved the convolution gradients (the first parameters) away from FP32's.
     assert np.abs(grads_cpu[0] - grads_fp32[0]).max() > 1e-4 * np.abs(grads_fp32[0]).max()
+
+
+def test_gpus_before_ampere_are_refused_clearly(monkeypatch):
+    monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 75)
+    with pytest.raises(RuntimeError, match=r"precision='tf32' .* compute capability 8.0 .* this GPU is sm_75"):
+        conv_tensorcore._check_device("cuda", "tf32")
+    monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 90)
+    conv_tensorcore._check_device("cuda", "bf16")
+    conv_tensorcore._check_device("emu", "tf32")  # the emulator runs them on any machine
+
+
+def test_bench_has_tensor_core_rows():
+    from gpuconv.bench import contenders
+
+    rows = {c.name: c for c in contenders.contenders_for("cuda")}
+    tf32 = rows["gpuconv cuda tf32 (tensor cores)"]
+    assert "gpuconv cuda bf16 (tensor cores)" in rows
+    case = types.SimpleNamespace(op="conv2d_forward")
+    assert tf32.applies(case) and not tf32.applies(types.SimpleNamespace(op="relu_forward"))
+    with tf32.selected_for(case):
+        assert gpuconv.get_float32_matmul_precision() == "high"
+    assert gpuconv.get_float32_matmul_precision() == "highest"
