@@ -195,7 +195,9 @@ class ReportLog:
                 other.append(report.group(0))
                 continue
             race = _parse_race(report["body"], runtime_files)
-            if race is not None:
+            if race is None:  # a report this parser does not follow: shown as TSan wrote it
+                other.append(report.group(0))
+            else:
                 races.append(race)
         return races, "\n".join(other)
 
