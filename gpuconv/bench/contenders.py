@@ -129,7 +129,17 @@ class Gpuconv(Contender):
     def workload(self, case, rng):
         if isinstance(case.spec, TrainStep):
             return gpuconv_train(case, self.device, rng)
-        return Workload(*gpuconv_op(case, self.device, rng))
+        return Workload(*gpuconv_op(case, self.device, rng), extra=self._plan(case))
+
+    def _plan(self, case):
+        """For a conv row on 'cuda': the kernel the shape runs and its useful share of multiply-adds."""
+        if self.device != "cuda" or not isinstance(case.spec, Conv):
+            return None
+        from ..functional import conv2d_plan
+
+        s = case.spec
+        plan = conv2d_plan(case.op, (s.batch, *s.in_chw), s.weight_shape, s.stride, s.padding, s.dilation)
+        return {"kernel": plan.kernel_text, "useful_macs": round(plan.useful, 3)}
 
 
 class Torch(Contender):
