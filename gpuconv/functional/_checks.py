@@ -46,3 +46,21 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
         bound = "positive" if minimum == 1 else f"at least {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return int(items[0]), int(items[1])
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int if it is a positive int (a bool or a float is a TypeError, as in torch.nn)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def probability(value, name: str = "p") -> float:
+    """``value`` as a float if it is a number in [0, 1] (NaN and bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    return float(value)

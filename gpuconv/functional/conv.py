@@ -96,6 +96,11 @@ def _resolve_padding(kernel, stride, padding, dilation) -> tuple[tuple[int, int]
     return (pad_h, pad_h), (pad_w, pad_w)
 
 
+def check_padding(kernel_size, stride, padding, dilation) -> None:
+    """Refuse a ``padding`` that no input size could make valid, as torch.nn.Conv2d does at construction."""
+    _resolve_padding(kernel_size, stride, padding, dilation)
+
+
 def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
     """Check that the sizes make a convolution and compute its output size."""
     batch, c_in, height, width = input_shape
@@ -105,8 +110,9 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry
             f"weight {tuple(weight_shape)} (OIHW) expects {w_in} input channels, but input "
             f"{tuple(input_shape)} (NCHW) has {c_in}"
         )
-    if min(weight_shape) < 1 or min(input_shape) < 1:
-        raise ValueError(f"input {tuple(input_shape)} and weight {tuple(weight_shape)} must have no empty dimension")
+    if min(weight_shape) < 1 or min(input_shape[1:]) < 1 or batch < 0:
+        raise ValueError(f"input {tuple(input_shape)} and weight {tuple(weight_shape)} must have no empty dimension "
+                         f"but the batch")
     stride = pair(stride, "stride", 1)
     dilation = pair(dilation, "dilation", 1)
     (top, bottom), (left, right) = _resolve_padding((kernel_h, kernel_w), stride, padding, dilation)
@@ -346,6 +352,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     g = _geometry(input.shape, weight.shape, stride, padding, dilation)
     if bias is not None and tuple(bias.shape) != (g.c_out,):
         raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    if g.batch == 0:  # as PyTorch: an empty output, and no kernel launched on an empty grid
+        return empty(g.output_shape, input.dtype, device)
     return _implementation(device, "conv2d_forward", _FORWARD)(input, weight, bias, g, activation == "relu")
 
 
@@ -361,6 +369,8 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     check_same_dtype(weight=weight, grad_output=grad_output)
     g = _geometry(input_shape, weight.shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if g.batch == 0:
+        return empty(g.input_shape, grad_output.dtype, device)
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
@@ -378,10 +388,15 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     check_same_dtype(input=input, grad_output=grad_output)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if g.batch == 0:  # as PyTorch: nothing to sum, a zero gradient
+        return zeros(g.weight_shape, grad_output.dtype, device)
     return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g)
 
 
 def conv2d_bias(grad_output):
     """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W."""
     check_array(grad_output, "grad_output", 4, "NCHW")
-    return _implementation(device_of(grad_output), "conv2d_bias_grad", _BIAS_GRAD)(grad_output)
+    device = device_of(grad_output)
+    if grad_output.size == 0:  # an empty batch (or plane): a zero gradient, no kernel launch
+        return zeros((grad_output.shape[1],), grad_output.dtype, device)
+    return _implementation(device, "conv2d_bias_grad", _BIAS_GRAD)(grad_output)

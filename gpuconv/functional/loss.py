@@ -43,7 +43,9 @@ def _reduce(losses, reduction: str):
     # Reduce to shape (1,) and reshape last: NumPy turns 0-d results of arithmetic into scalars.
     total = losses.sum(keepdims=True)
     if reduction == "mean":
-        total /= losses.shape[0]
+        # The mean of an empty batch is NaN, as in PyTorch (0 / 0, without NumPy's warning).
+        with np.errstate(invalid="ignore"):
+            total /= losses.shape[0]
     return total.reshape(())
 
 
