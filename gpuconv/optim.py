@@ -78,7 +78,8 @@ class Optimizer(abc.ABC):
                 raise ValueError(f"parameter {index}: data is on {device} but grad is on {device_of(grad)}")
             state = self.state.setdefault(index, {})
             if device == "cpu":
-                self._update_numpy(data, grad, state)
+                with np.errstate(all="ignore"):  # a diverging run gives inf and NaN, as torch's, not warnings
+                    self._update_numpy(data, grad, state)
                 continue
             if data.dtype != np.float32 or not data.flags.c_contiguous:
                 raise ValueError(f"parameter {index}: the kernels update float32 C-contiguous data in place, "

@@ -1,6 +1,8 @@
 """Argument checks shared by every functional op: one wording for every error message."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..device import device_of
@@ -64,3 +66,14 @@ def probability(value, name: str = "p") -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be between 0 and 1, got {value}")
     return float(value)
+
+
+def ieee_arithmetic(op):
+    """Run ``op`` with NumPy's floating-point warnings off: NaN and infinities go through every op
+    silently, as through PyTorch's and our kernels (an overflow is inf, 0/0 NaN, the mean of an
+    empty batch NaN), rather than as a RuntimeWarning per op. CuPy never warns."""
+    @functools.wraps(op)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return op(*args, **kwargs)
+    return quiet

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import array_module, common_device, contiguous, device_of, empty, zeros
-from ._checks import check_array, check_same_dtype, pair
+from ._checks import check_array, check_same_dtype, ieee_arithmetic, pair
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size"]
 
@@ -334,6 +334,7 @@ def _implementation(device: str, op: str, versions: dict):
 # Public API: check once, then dispatch.
 
 
+@ieee_arithmetic
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None):
     """2-D cross-correlation of ``input`` (N, C_in, H, W) with ``weight`` (C_out, C_in, KH, KW).
 
@@ -357,6 +358,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     return _implementation(device, "conv2d_forward", _FORWARD)(input, weight, bias, g, activation == "relu")
 
 
+@ieee_arithmetic
 def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1):
     """Gradient of ``conv2d`` with respect to its input, of shape ``input_shape``.
 
@@ -374,6 +376,7 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
+@ieee_arithmetic
 def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
@@ -393,6 +396,7 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g)
 
 
+@ieee_arithmetic
 def conv2d_bias(grad_output):
     """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W."""
     check_array(grad_output, "grad_output", 4, "NCHW")

@@ -22,7 +22,7 @@ import numpy as np
 from .. import kernels
 from ..device import contiguous, device_of, empty
 from ..random import next_seed
-from ._checks import check_array, probability
+from ._checks import check_array, ieee_arithmetic, probability
 
 __all__ = ["dropout", "dropout_backward", "dropout_mask"]
 
@@ -80,6 +80,7 @@ def _apply(x, p: float, seed: int):
     return out
 
 
+@ieee_arithmetic
 def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = None):
     """Zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)``.
 
@@ -98,6 +99,7 @@ def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = 
     return _apply(input, p, next_seed() if seed is None else seed)
 
 
+@ieee_arithmetic
 def dropout_backward(grad_output, p: float, seed: int):
     """Gradient of :func:`dropout` (in training) w.r.t. its input, for the same ``p`` and ``seed``."""
     check_array(grad_output, "grad_output")

@@ -7,7 +7,7 @@ the layer sizes of AlexNet, and the library's own kernels are the convolutions a
 from __future__ import annotations
 
 from ..device import array_module, common_device
-from ._checks import check_array, check_same_dtype
+from ._checks import check_array, check_same_dtype, ieee_arithmetic
 
 __all__ = ["linear", "linear_backward"]
 
@@ -20,6 +20,7 @@ def _check_weight(input, weight):
                          f"(out_features, in_features) {tuple(weight.shape)}")
 
 
+@ieee_arithmetic
 def linear(input, weight, bias=None):
     """``input @ weight.T + bias`` for ``input`` (*, in_features) and ``weight`` (out_features, in_features)."""
     _check_weight(input, weight)
@@ -36,6 +37,7 @@ def linear(input, weight, bias=None):
     return output
 
 
+@ieee_arithmetic
 def linear_backward(grad_output, input, weight):
     """``(grad_input, grad_weight, grad_bias)`` of :func:`linear`; ``grad_bias`` whether or not it had one."""
     _check_weight(input, weight)

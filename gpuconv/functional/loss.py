@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import common_device, empty
-from ._checks import check_array
+from ._checks import check_array, ieee_arithmetic
 
 __all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
 
@@ -43,9 +43,7 @@ def _reduce(losses, reduction: str):
     # Reduce to shape (1,) and reshape last: NumPy turns 0-d results of arithmetic into scalars.
     total = losses.sum(keepdims=True)
     if reduction == "mean":
-        # The mean of an empty batch is NaN, as in PyTorch (0 / 0, without NumPy's warning).
-        with np.errstate(invalid="ignore"):
-            total /= losses.shape[0]
+        total /= losses.shape[0]  # NaN for an empty batch, as in PyTorch
     return total.reshape(())
 
 
@@ -85,6 +83,7 @@ def _losses_and_grad(input, target, reduction, want_grad, validate_target):
     return _kernel(input, target, reduction, device)
 
 
+@ieee_arithmetic
 def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """Cross-entropy of scores ``input`` (N, C) against integer labels ``target`` (N,).
 
@@ -96,6 +95,7 @@ def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bo
     return _reduce(_losses_and_grad(input, target, reduction, False, validate_target)[0], reduction)
 
 
+@ieee_arithmetic
 def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """d loss / d input: ``softmax(input) - onehot(target)``, divided by N for 'mean'.
 
@@ -104,6 +104,7 @@ def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_t
     return _losses_and_grad(input, target, reduction, True, validate_target)[1]
 
 
+@ieee_arithmetic
 def cross_entropy_with_grad(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the scores.
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import common_device, device_of, empty
-from ._checks import check_array, positive_int
+from ._checks import check_array, ieee_arithmetic, positive_int
 
 __all__ = ["local_response_norm", "local_response_norm_backward"]
 
@@ -43,6 +43,7 @@ def _launch_shape(x):
     return x.size, x.shape[1], x.shape[2] * x.shape[3], kernels.blocks_for(x.size)
 
 
+@ieee_arithmetic
 def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
     """LRN over the channels of NCHW ``input``; matches ``torch.nn.functional.local_response_norm``."""
     check_array(input, "input", 4, "NCHW")
@@ -59,6 +60,7 @@ def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.7
     return output
 
 
+@ieee_arithmetic
 def local_response_norm_backward(grad_output, input, output, size: int, alpha: float = 1e-4,
                                  beta: float = 0.75, k: float = 1.0):
     """Gradient of :func:`local_response_norm` with respect to ``input``.

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import common_device, contiguous, device_of, empty
-from ._checks import check_array, pair
+from ._checks import check_array, ieee_arithmetic, pair
 
 __all__ = ["pool2d_output_size", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
 
@@ -206,6 +206,7 @@ def _max_pool2d_kernel(x, window: _Window):
     return out, indices
 
 
+@ieee_arithmetic
 def max_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = False, return_indices: bool = False):
     """2-D max pooling of an NCHW ``input``; with ``return_indices``, also the int32 in-plane argmax positions."""
     check_array(input, "input", 4, "NCHW")
@@ -253,6 +254,7 @@ def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Wind
     return grad_input
 
 
+@ieee_arithmetic
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
     """Gradient of :func:`max_pool2d` w.r.t. its input of shape ``input_shape``, given its ``indices``."""
     check_array(grad_output, "grad_output", 4, "NCHW")
@@ -282,6 +284,7 @@ def _avg_pool2d_kernel(x, window: _Window, count_include_pad: bool):
     return out
 
 
+@ieee_arithmetic
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
     """2-D average pooling of an NCHW ``input``, with PyTorch's divisor."""
     check_array(input, "input", 4, "NCHW")
@@ -304,6 +307,7 @@ def _avg_pool2d_backward_kernel(grad_output, input_shape, window: _Window, count
     return grad_input
 
 
+@ieee_arithmetic
 def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                         count_include_pad: bool = True):
     """Gradient of :func:`avg_pool2d` w.r.t. its input of shape ``input_shape``."""
