@@ -18,10 +18,13 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 
 from . import functional as F
-from .device import device_of, to_device, to_numpy
+from . import graphs
+from .device import copy_to_device, device_of, empty, to_device, to_numpy
+from .dispatch import device_call
 from .functional._checks import pair, positive_int, probability
 from .functional.conv import check_padding
 from .functional.pool import check_window
+from .precision import check as check_precision
 from .random import generator, next_seed
 
 __all__ = [
@@ -32,13 +35,42 @@ __all__ = [
 
 
 class Parameter:
-    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward)."""
+    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward).
 
-    __slots__ = ("data", "grad")
+    ``requires_grad=False`` freezes it, as in PyTorch: backward computes no gradient for it (its
+    ``grad`` stays None), so the optimizers skip it.
+    """
 
-    def __init__(self, data):
+    __slots__ = ("data", "grad", "requires_grad", "_grad_buffer")
+
+    def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._grad_buffer = None
+
+    def attach_grad_buffer(self, buffer) -> None:
+        """Where fresh gradients go from now on: an optimizer's slot for this parameter in its
+        flat gradient buffer (see :class:`gpuconv.optim.Optimizer`)."""
+        self._grad_buffer = buffer
+
+    def grad_destination(self):
+        """The array a layer writes a fresh gradient into, or None to allocate one.
+
+        While ``grad`` is None, the attached buffer (if it still matches the data's shape and
+        device): the optimizer then finds the gradient in place and copies nothing. As with
+        ``zero_grad`` in PyTorch, a gradient kept from before ``zero_grad`` is overwritten.
+        """
+        buffer = self._grad_buffer
+        if self.grad is not None or buffer is None:
+            return None
+        if buffer.shape != self.data.shape or device_of(buffer) != device_of(self.data):
+            return None
+        return buffer
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Parameter":
+        self.requires_grad = bool(requires_grad)
+        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -59,10 +91,12 @@ class Parameter:
         if self.grad is None:
             self.grad = grad
         else:
-            self.grad += grad
+            accumulated = self.grad
+            device_call("add", device_of(grad), lambda: accumulated.__iadd__(grad))
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
+        frozen = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r}{frozen})"
 
 
 def host_array(value) -> np.ndarray:
@@ -85,9 +119,16 @@ class Module:
     their forward runs them.
     """
 
+    # Whether backward must return the gradient with respect to the input. A layer called on its
+    # own returns it; a container sets it on its children from what their inputs are (the first
+    # layer of a model sees data, which needs none), and a layer that need not skips the work.
+    requires_input_grad = True
+
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        # Buffers this layer's captured calls use, per (pass, input shapes, mode): gpuconv.graphs.
+        object.__setattr__(self, "_static_buffers", {})
         self.training = True
         self._ctx = None
 
@@ -122,7 +163,17 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
     def __call__(self, *inputs):
-        return self.forward(*inputs)
+        if graphs.capturing() is None:
+            return self.forward(*inputs)
+        with graphs.static_buffers(self, ("forward", self.training, *(getattr(a, "shape", None) for a in inputs))):
+            return self.forward(*inputs)
+
+    def _backward_captured(self, grad_output):
+        """``backward``, with the static buffers of this layer inside a graph capture."""
+        if graphs.capturing() is None:
+            return self.backward(grad_output)
+        with graphs.static_buffers(self, ("backward", self.training, getattr(grad_output, "shape", None))):
+            return self.backward(grad_output)
 
     def _save(self, **tensors) -> None:
         """Keep what backward needs from this forward (and drop what the last one kept)."""
@@ -202,6 +253,15 @@ class Module:
     def zero_grad(self) -> None:
         for param in self.parameters():
             param.grad = None
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze every parameter, as ``torch.nn.Module.requires_grad_``; returns self."""
+        for param in self.parameters():
+            param.requires_grad_(requires_grad)
+        return self
+
+    def _trains_any_parameter(self) -> bool:
+        return any(param.requires_grad for param in self.parameters())
 
     def _convert(self, convert) -> None:
         """Apply ``convert`` to every parameter and gradient; saved activations become stale."""
@@ -302,9 +362,29 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output):
-        for module in reversed(list(self)):
-            grad_output = module.backward(grad_output)
-        return grad_output
+        return backward_chain(list(self), grad_output, self.requires_input_grad)
+
+
+def backward_chain(modules, grad_output, requires_input_grad: bool):
+    """Backward through ``modules`` run in that order by forward; None if no input gradient is needed.
+
+    A module's input needs a gradient when the chain's input does or when a module before it
+    trains a parameter (as PyTorch's autograd decides it): each is told so through its
+    ``requires_input_grad``, and the walk stops at the first module whose input needs none, since
+    nothing before it needs anything.
+    """
+    needed, needs = [], bool(requires_input_grad)
+    for module in modules:
+        needed.append(needs)
+        needs = needs or module._trains_any_parameter()
+    for module, needs_input_grad in zip(reversed(modules), reversed(needed)):
+        if not needs_input_grad and not module._trains_any_parameter():
+            return None
+        module.requires_input_grad = needs_input_grad
+        grad_output = module._backward_captured(grad_output)
+        if not needs_input_grad:
+            return None
+    return grad_output
 
 
 def _uniform(shape, bound: float) -> np.ndarray:
@@ -323,11 +403,17 @@ def _shape_check(layer: str, input_shape, ndim: int, layout: str) -> tuple[int, 
 
 
 class Conv2d(Module):
-    """2-D convolution, NCHW input, OIHW weight; initialised as ``torch.nn.Conv2d``."""
+    """2-D convolution, NCHW input, OIHW weight; initialised as ``torch.nn.Conv2d``.
+
+    ``precision`` ('fp32', 'tf32', 'bf16'; None: the global setting) is the internal precision of
+    its three convolutions, see ``gpuconv.precision``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True):
+                 bias: bool = True, *, precision=None):
         super().__init__()
+        check_precision(precision)
+        self.precision = precision
         # Refused here, not at the first forward: what torch.nn.Conv2d refuses at construction
         # (a float size, padding='same' with a stride, an unknown padding string), and sizes
         # torch accepts only to fail later (0 channels or kernel, a zero stride, negative padding).
@@ -350,17 +436,21 @@ class Conv2d(Module):
     def forward(self, x):
         self._check_input(x)
         bias = None if self.bias is None else self.bias.data
-        out = F.conv2d(x, self.weight.data, bias, *self._conv_args())
+        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), precision=self.precision)
         self._save(input=x)
         return out
 
     def backward(self, grad_output):
         x = self._saved()["input"]
         weight = self.weight.data
-        self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args()))
-        if self.bias is not None:
-            self.bias.accumulate_grad(F.conv2d_bias(grad_output))
-        return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args())
+        if self.weight.requires_grad:
+            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(),
+                                                        out=self.weight.grad_destination(), precision=self.precision))
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.accumulate_grad(F.conv2d_bias(grad_output, out=self.bias.grad_destination()))
+        if not self.requires_input_grad:
+            return None
+        return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args(), precision=self.precision)
 
     def output_shape(self, input_shape):
         n, c, h, w = _shape_check("Conv2d", input_shape, 4, "NCHW")
@@ -379,6 +469,8 @@ class Conv2d(Module):
             text += f", dilation={self.dilation}"
         if self.bias is None:
             text += ", bias=False"
+        if self.precision is not None:
+            text += f", precision={self.precision!r}"
         return text
 
 
@@ -530,9 +622,14 @@ class Linear(Module):
         return out
 
     def backward(self, grad_output):
-        grad_input, grad_weight, grad_bias = F.linear_backward(grad_output, self._saved()["input"], self.weight.data)
-        self.weight.accumulate_grad(grad_weight)
-        if self.bias is not None:
+        train_bias = self.bias is not None and self.bias.requires_grad
+        grad_input, grad_weight, grad_bias = F.linear_backward(
+            grad_output, self._saved()["input"], self.weight.data, input_grad=self.requires_input_grad,
+            weight_grad=self.weight.requires_grad, bias_grad=train_bias,
+            weight_out=self.weight.grad_destination(), bias_out=self.bias.grad_destination() if train_bias else None)
+        if grad_weight is not None:
+            self.weight.accumulate_grad(grad_weight)
+        if grad_bias is not None:
             self.bias.accumulate_grad(grad_bias)
         return grad_input
 
@@ -559,12 +656,24 @@ class Dropout(Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
         self.p = probability(p, "Dropout: p")  # p = 1 zeros everything (and every gradient), as in torch
+        self._seed_buffer = None
 
     def forward(self, x):
-        active = self.training and self.p > 0.0
-        seed = next_seed() if active else None
+        if not (self.training and self.p > 0.0):
+            self._save(seed=None)
+            return x
+        # On a device the seed lives in device memory, written by a host update, so that a
+        # captured graph draws the next seed before every replay and its kernels read it there.
+        seed = next_seed() if device_of(x) == "cpu" else self._device_seed(device_of(x))
         self._save(seed=seed)
-        return F.dropout(x, self.p, True, seed=seed) if active else x
+        return F.dropout(x, self.p, True, seed=seed)
+
+    def _device_seed(self, device: str):
+        if self._seed_buffer is None or device_of(self._seed_buffer) != device:
+            self._seed_buffer = empty((1,), np.uint64, device)
+        buffer = self._seed_buffer
+        graphs.host_update(lambda: copy_to_device(buffer, np.array([next_seed()], np.uint64)))
+        return buffer
 
     def backward(self, grad_output):
         seed = self._saved()["seed"]

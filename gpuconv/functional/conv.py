@@ -5,8 +5,11 @@ Two implementations of every op sit side by side:
 * im2col + one matrix product per batch chunk, written against ``array_module(x)``: the NumPy
   path on 'cpu' (float32 and float64) and kernel version 0, the library baseline, on 'cuda'
   (CuPy gather + cuBLAS) and on 'emu';
-* the implicit-GEMM CUDA kernels of ``kernels_cu/conv2d_*.cu`` (version 1, the default on 'cuda'
-  and 'emu'; ``GPUCONV_KERNEL_CONV2D_FORWARD=0`` and friends select the baseline).
+* the implicit-GEMM CUDA kernels of ``kernels_cu/conv2d_*.cu``: version 1 (64x64 tiles) and
+  version 2 (the default on 'cuda' and 'emu': the block-tile GEMM core of ``gemm_core.cuh``, with
+  a tile chosen per shape, backward-data split into stride phases, backward-filter split over K
+  with a deterministic reduction; planned in :mod:`.conv_gemm`). ``GPUCONV_KERNEL_CONV2D_FORWARD=1``
+  and friends select an older version, ``=0`` the baseline.
 
 Padding is carried as (top, left) plus the output size, never as a symmetric amount, so PyTorch's
 ``padding='same'`` with an even kernel extent (one more row at the bottom than at the top) is the
@@ -20,10 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..device import array_module, common_device, contiguous, device_of, empty, zeros
-from ._checks import check_array, check_same_dtype, ieee_arithmetic, pair
+from ..device import array_module, common_device, contiguous, device_of, empty, zero_, zeros
+from ..precision import resolve as resolve_precision
+from ..precision import round_operand
+from . import conv_gemm, conv_tensorcore
+from ._checks import check_array, check_same_dtype, ieee_arithmetic, output_array, pair
 
-__all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size"]
+__all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size", "conv2d_plan"]
 
 # Largest im2col buffer one chunk of the batch may materialise; the batch is split to stay under it.
 IM2COL_BUDGET_BYTES = 256 * 2**20
@@ -236,8 +242,8 @@ def _conv2d_input_im2col(weight, grad_output, g: _Geometry):
     return grad_input
 
 
-def _conv2d_weight_im2col(x, grad_output, g: _Geometry):
-    grad_weight = zeros((g.c_out, g.patch_size), x.dtype, device_of(x))
+def _conv2d_weight_im2col(x, grad_output, g: _Geometry, out):
+    grad_weight = zero_(output_array(out, "out", g.weight_shape, x.dtype, device_of(x))).reshape(g.c_out, g.patch_size)
     for chunk in _batch_chunks(g, x.dtype.itemsize):
         # (K x NP) @ (NP x C_out), transposed afterwards: BLAS runs this orientation about 1.5x
         # faster than (C_out x NP) @ (NP x K) when C_out and K are small (LeNet).
@@ -245,8 +251,8 @@ def _conv2d_weight_im2col(x, grad_output, g: _Geometry):
     return grad_weight.reshape(g.weight_shape)
 
 
-def _conv2d_bias_sum(grad_output):
-    grad_bias = empty((grad_output.shape[1],), grad_output.dtype, device_of(grad_output))
+def _conv2d_bias_sum(grad_output, out):
+    grad_bias = output_array(out, "out", (grad_output.shape[1],), grad_output.dtype, device_of(grad_output))
     grad_bias[...] = grad_output.sum(axis=(0, 2, 3))
     return grad_bias
 
@@ -296,10 +302,10 @@ def _conv2d_input_kernel(weight, grad_output, g: _Geometry):
     return grad_input
 
 
-def _conv2d_weight_kernel(x, grad_output, g: _Geometry):
+def _conv2d_weight_kernel(x, grad_output, g: _Geometry, out):
     _check_kernel_limits(g)
     # Blocks add their partial sums into a zeroed result (split-K over batch*H_out*W_out).
-    grad_weight = zeros(g.weight_shape, np.float32, device_of(x))
+    grad_weight = zero_(output_array(out, "out", g.weight_shape, np.float32, device_of(x)))
     tiles = math.ceil(g.c_out / _TILE_M) * math.ceil(g.patch_size / _TILE_N)
     k_tiles = math.ceil(g.batch * g.out_h * g.out_w / _TILE_K)
     splits = min(k_tiles, max(1, _TARGET_BLOCKS // tiles))
@@ -311,23 +317,74 @@ def _conv2d_weight_kernel(x, grad_output, g: _Geometry):
     return grad_weight
 
 
-def _conv2d_bias_kernel(grad_output):
+def _conv2d_bias_kernel(grad_output, out):
     batch, c_out, height, width = grad_output.shape
-    grad_bias = empty((c_out,), np.float32, device_of(grad_output))
+    grad_bias = output_array(out, "out", (c_out,), np.float32, device_of(grad_output))
     kernels.launch("conv2d_backward_filter", "conv2d_bias_grad_v1", c_out, _THREADS,
                    (contiguous(grad_output), grad_bias, batch, c_out, height * width))
     return grad_bias
 
 
-_FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel}
-_BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel}
-_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel}
+# Version 2 runs each shape as conv_gemm plans it: on the v2 kernels, or on version 1 where they
+# cannot take the shape (the plan says why).
+
+
+def _conv2d_v2(x, weight, bias, g: _Geometry, relu: bool):
+    plan = conv_gemm.plan_forward(g)
+    if plan.version == 1:
+        return _conv2d_kernel(x, weight, bias, g, relu)
+    return conv_gemm.conv2d_forward_v2(x, weight, bias, g, relu, plan)
+
+
+def _conv2d_input_v2(weight, grad_output, g: _Geometry):
+    plan = conv_gemm.plan_backward_data(g)
+    if plan.version == 1:
+        return _conv2d_input_kernel(weight, grad_output, g)
+    return conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
+
+
+def _conv2d_weight_v2(x, grad_output, g: _Geometry, out):
+    plan = conv_gemm.plan_backward_filter(g)
+    if plan.version == 1:
+        return _conv2d_weight_kernel(x, grad_output, g, out)
+    grad_weight = output_array(out, "out", g.weight_shape, np.float32, device_of(x))
+    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight)
+
+
+_FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel, 2: _conv2d_v2}
+_BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel, 2: _conv2d_input_v2}
+_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2}
 _BIAS_GRAD = {0: _conv2d_bias_sum, 1: _conv2d_bias_kernel}
+_DEFAULT_VERSION = {"conv2d_forward": 2, "conv2d_backward_data": 2, "conv2d_backward_filter": 2, "conv2d_bias_grad": 1}
 
 
 def _implementation(device: str, op: str, versions: dict):
     """The im2col path on 'cpu'; on 'cuda'/'emu' the version chosen by ``GPUCONV_KERNEL_<OP>``."""
-    return versions[0] if device == "cpu" else kernels.select_version(op, versions, default=1)
+    return versions[0] if device == "cpu" else kernels.select_version(op, versions, default=_DEFAULT_VERSION[op])
+
+
+_PLANS = {"conv2d_forward": conv_gemm.plan_forward, "conv2d_backward_data": conv_gemm.plan_backward_data,
+          "conv2d_backward_filter": conv_gemm.plan_backward_filter}
+
+
+def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1) -> conv_gemm.Plan:
+    """How ``op`` runs on 'cuda' for these shapes under the current ``GPUCONV_KERNEL_<OP>``: the
+    kernel, tile, stride phases and K split, and the useful share of the multiply-adds it
+    executes (``plan.describe()`` says it in one line). ``op`` is 'conv2d_forward',
+    'conv2d_backward_data' or 'conv2d_backward_filter'.
+    """
+    if op not in _PLANS:
+        raise ValueError(f"op must be one of {sorted(_PLANS)}, got {op!r}")
+    g = _geometry(_shape4(input_shape, "input_shape"), _shape4(weight_shape, "weight_shape"), stride, padding,
+                  dilation)
+    version = kernels.select_version(op, {0: 0, 1: 1, 2: 2}, default=_DEFAULT_VERSION[op])
+    name = op.removeprefix("conv2d_")
+    if version == 0:
+        # cuBLAS's own tiling is not counted: the product it is given has exactly the conv's MACs.
+        return conv_gemm.Plan(name, 0, "im2col + cuBLAS", None, 1, 1, 1.0, "version 0")
+    if version == 1:
+        return conv_gemm.plan_v1(name, g, "version 1")
+    return _PLANS[op](g)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,12 +392,14 @@ def _implementation(device: str, op: str, versions: dict):
 
 
 @ieee_arithmetic
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None):
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None, precision=None):
     """2-D cross-correlation of ``input`` (N, C_in, H, W) with ``weight`` (C_out, C_in, KH, KW).
 
     ``padding`` is an int, a pair, ``'valid'`` or ``'same'`` (stride 1 only; an odd total padding
     puts the extra row/column at the bottom/right, as PyTorch does). ``activation='relu'`` applies
-    the ReLU in the same pass. Returns (N, C_out, H_out, W_out) on the device of ``input``.
+    the ReLU in the same pass. ``precision`` ('fp32', 'tf32', 'bf16'; None: the global
+    ``gpuconv.set_float32_matmul_precision``) is the internal precision of float32 operands, see
+    ``gpuconv.precision``. Returns (N, C_out, H_out, W_out) on the device of ``input``.
     """
     check_array(input, "input", 4, "NCHW")
     check_array(weight, "weight", 4, "OIHW")
@@ -348,6 +407,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
         check_array(bias, "bias", 1)
     device = common_device(input=input, weight=weight, bias=bias)
     check_same_dtype(input=input, weight=weight, bias=bias)
+    precision = resolve_precision(precision, input.dtype)
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     g = _geometry(input.shape, weight.shape, stride, padding, dilation)
@@ -355,52 +415,71 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
         raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
     if g.batch == 0:  # as PyTorch: an empty output, and no kernel launched on an empty grid
         return empty(g.output_shape, input.dtype, device)
+    if precision != "fp32":
+        if device != "cpu":
+            return conv_tensorcore.conv2d(input, weight, bias, g, activation == "relu", precision)
+        input, weight = round_operand(input, precision), round_operand(weight, precision)
     return _implementation(device, "conv2d_forward", _FORWARD)(input, weight, bias, g, activation == "relu")
 
 
 @ieee_arithmetic
-def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1):
+def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1, *, precision=None):
     """Gradient of ``conv2d`` with respect to its input, of shape ``input_shape``.
 
-    As ``torch.nn.grad.conv2d_input``; ``padding`` also takes ``'same'`` and ``'valid'``.
+    As ``torch.nn.grad.conv2d_input``; ``padding`` also takes ``'same'`` and ``'valid'``;
+    ``precision`` as for ``conv2d``.
     """
     input_shape = _shape4(input_shape, "input_shape")
     check_array(weight, "weight", 4, "OIHW")
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = common_device(weight=weight, grad_output=grad_output)
     check_same_dtype(weight=weight, grad_output=grad_output)
+    precision = resolve_precision(precision, weight.dtype)
     g = _geometry(input_shape, weight.shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
     if g.batch == 0:
         return empty(g.input_shape, grad_output.dtype, device)
+    if precision != "fp32":
+        if device != "cpu":
+            return conv_tensorcore.conv2d_input(weight, grad_output, g, precision)
+        weight, grad_output = round_operand(weight, precision), round_operand(grad_output, precision)
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
 @ieee_arithmetic
-def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1):
+def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
-    On 'cuda' the kernel adds the partial sums of its blocks with float ``atomicAdd``, so the last
-    bits of the result may differ from run to run (as cuDNN's non-deterministic algorithms do).
+    ``out``: an array of ``weight_shape`` on the input's device to write the gradient into.
+    ``precision`` as for ``conv2d``.
+    The default FP32 kernel (version 2) writes each K split's partial sums to a workspace and adds
+    them in a fixed order, so the result is bit-identical from run to run; version 1 adds them
+    with float ``atomicAdd`` (the last bits vary, as cuDNN's non-deterministic algorithms).
     """
     check_array(input, "input", 4, "NCHW")
     weight_shape = _shape4(weight_shape, "weight_shape")
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = common_device(input=input, grad_output=grad_output)
     check_same_dtype(input=input, grad_output=grad_output)
+    precision = resolve_precision(precision, input.dtype)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
     if g.batch == 0:  # as PyTorch: nothing to sum, a zero gradient
-        return zeros(g.weight_shape, grad_output.dtype, device)
-    return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g)
+        return zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
+    if precision != "fp32":
+        if device != "cpu":
+            return conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
+        input, grad_output = round_operand(input, precision), round_operand(grad_output, precision)
+    return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
 
 
 @ieee_arithmetic
-def conv2d_bias(grad_output):
-    """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W."""
+def conv2d_bias(grad_output, *, out=None):
+    """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W
+    (written into ``out``, a (C_out,) array on the same device, if given)."""
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = device_of(grad_output)
     if grad_output.size == 0:  # an empty batch (or plane): a zero gradient, no kernel launch
-        return zeros((grad_output.shape[1],), grad_output.dtype, device)
-    return _implementation(device, "conv2d_bias_grad", _BIAS_GRAD)(grad_output)
+        return zero_(output_array(out, "out", (grad_output.shape[1],), grad_output.dtype, device))
+    return _implementation(device, "conv2d_bias_grad", _BIAS_GRAD)(grad_output, out)
