@@ -38,12 +38,15 @@
 //       C/D (16x8, f32):  d[i] = D[g + 8*(i / 2)][2t + i % 2]
 //     FP32 accumulate. The emulator sums each instruction's products (exact for TF32 and BF16
 //     operands) in double and rounds once to float; the hardware's internal order differs from
-//     that by a few FP32 ulps. TF32 operand bits below the 10 mantissa bits are ignored
-//     (truncated), as the hardware ignores them.
+//     that by a few FP32 ulps. The ISA expects TF32 operands in TF32 format (to_tf32); the
+//     emulator truncates any bits below the 10 mantissa bits of one that is not.
 //   ldmatrix<COUNT, TRANS>(r, shared_row)  ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16:
 //     COUNT 8x8 matrices of 16-bit elements; lane 8*i + j gives the address of row j of matrix
 //     i (16-byte aligned; lanes past 8*COUNT give none). r[i] = elements (g, 2t) low and
-//     (g, 2t + 1) high of matrix i, or with TRANS (2t, g) and (2t + 1, g).
+//     (g, 2t + 1) high of matrix i, or with TRANS (2t, g) and (2t + 1, g). The emulator reads
+//     each row as its lane reaches the instruction, the earliest moment the hardware could.
+//     With 32-bit data an 8x8 matrix of halves is an 8x4 block of words, lane (g, t) getting
+//     word (g, t): a TF32 mma fragment.
 
 #ifndef GPUCONV_EMU
 
@@ -316,8 +319,11 @@ static void mma_tile(float (&d)[4], int depth, const float (&a)[16][16], const f
     }
 }
 
-// The row address lane `source` gave to an ldmatrix.
-EMU_PTX_BOOKKEEPING static const char* row_address(Lanes l, int source) { return (const char*)(uintptr_t)l[source][0]; }
+// Element `col` (16-bit) of the row lane `source` read for an ldmatrix.
+EMU_PTX_BOOKKEEPING static unsigned int row_element(Lanes l, int source, int col)
+{
+    return (unsigned int)(l[source][col / 4] >> (16 * (col % 4))) & 0xffffu;
+}
 
 }  // namespace emu_ptx
 
@@ -381,14 +387,17 @@ static inline void ldmatrix(unsigned int (&r)[COUNT], const void* shared_row)
     if (lane < 8 * COUNT && ((uintptr_t)shared_row % 16 || !emu_ptx::in_shared(shared_row, 16)))
         emu::fail_in_fiber(emu::WARP_MISUSE, "%s: lane %d's row address %p is not a 16-byte aligned shared address",
                            name, lane, shared_row);
-    const unsigned long long word = (unsigned long long)(uintptr_t)shared_row;
-    const emu_ptx::Lanes lanes = emu_ptx::collective(name, &word, 1);
+    // Each lane reads its row when it reaches the instruction: a read that needs a barrier or a
+    // wait first shows, as for any other load, in the thread order that runs it early.
+    unsigned long long row_bits[2] = {0, 0};
+    if (lane < 8 * COUNT) memcpy(row_bits, shared_row, 16);
+    const emu_ptx::Lanes lanes = emu_ptx::collective(name, row_bits, 2);
     const int g = lane / 4, t = lane % 4;
     for (int i = 0; i < COUNT; ++i) {
         unsigned int value = 0;
         for (int h = 0; h < 2; ++h) {
             const int row = TRANS ? 2 * t + h : g, col = TRANS ? g : 2 * t + h;
-            value |= (unsigned int)*(const uint16_t*)(emu_ptx::row_address(lanes, 8 * i + row) + 2 * col) << (16 * h);
+            value |= emu_ptx::row_element(lanes, 8 * i + row, col) << (16 * h);
         }
         r[i] = value;
     }

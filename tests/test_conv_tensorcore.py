@@ -14,7 +14,9 @@ the operands identically differ by at most 2 gamma_K (1 + u)^2 * sum |w| |x|.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -287,3 +289,79 @@ def test_random_thread_order():
     with emu.thread_order("random", seed=11):
         on_emu = _run("input", x, w, dy, args, "emu", precision="tf32")
     assert (np.abs(on_emu - on_cpu) <= _bounds("input", x, w, dy, args, "tf32").summation).all()
+
+
+def _lenet5_step(device):
+    """Loss and parameter gradients of one LeNet-5 step on ``device`` from fixed weights and data."""
+    from gpuconv import models
+
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((2, 1, 28, 28)).astype(np.float32), np.array([3, 7])
+    gpuconv.manual_seed(0)
+    model, loss_fn = models.lenet5().to(device), nn.CrossEntropyLoss()
+    loss = loss_fn(model(to_device(x, device)), to_device(labels, device))
+    model.backward(loss_fn.backward())
+    return float(to_numpy(loss)), [to_numpy(p.grad) for p in model.parameters()]
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
+def test_global_switch_reaches_a_whole_model():
+    gpuconv.set_float32_matmul_precision("high")
+    loss_cpu, grads_cpu = _lenet5_step("cpu")
+    loss_emu, grads_emu = _lenet5_step("emu")
+    gpuconv.set_float32_matmul_precision("highest")
+    _, grads_fp32 = _lenet5_step("cpu")
+    assert loss_emu == pytest.approx(loss_cpu, rel=1e-6)
+    # The devices differ in FP32 summation order, and a last-bit difference upstream can flip an
+    # operand's TF32 rounding downstream: agreement to a few TF32 ulps of the largest gradient.
+    for emu_grad, cpu_grad in zip(grads_emu, grads_cpu):
+        np.testing.assert_allclose(emu_grad, cpu_grad, rtol=0, atol=4 * 2.0**-11 * np.abs(cpu_grad).max())
+    # TF32 moved the convolution gradients (the first parameters) away from FP32's.
+    assert np.abs(grads_cpu[0] - grads_fp32[0]).max() > 1e-4 * np.abs(grads_fp32[0]).max()
+
+
+def test_gpus_before_ampere_are_refused_clearly(monkeypatch):
+    monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 75)
+    with pytest.raises(RuntimeError, match=r"precision='tf32' .* compute capability 8.0 .* this GPU is sm_75"):
+        conv_tensorcore._check_device("cuda", "tf32")
+    monkeypatch.setattr(conv_tensorcore, "_compute_capability", lambda: 90)
+    conv_tensorcore._check_device("cuda", "bf16")
+    conv_tensorcore._check_device("emu", "tf32")  # the emulator runs them on any machine
+
+
+def test_bench_has_tensor_core_rows():
+    from gpuconv.bench import contenders
+
+    rows = {c.name: c for c in contenders.contenders_for("cuda")}
+    tf32 = rows["gpuconv cuda tf32 (tensor cores)"]
+    assert "gpuconv cuda bf16 (tensor cores)" in rows
+    case = types.SimpleNamespace(op="conv2d_forward")
+    assert tf32.applies(case) and not tf32.applies(types.SimpleNamespace(op="relu_forward"))
+    with tf32.selected_for(case):
+        assert gpuconv.get_float32_matmul_precision() == "high"
+    assert gpuconv.get_float32_matmul_precision() == "highest"
+
+
+def _nvrtc_ptx(path, arch="sm_80") -> str:
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    source = kernels.compiler_source(path)
+    _, program = nvrtc.nvrtcCreateProgram(source.encode(), path.name.encode(), 0, [], [])
+    try:
+        options = [o.encode() for o in (*kernels.NVRTC_OPTIONS, f"--gpu-architecture=compute_{arch[3:]}")]
+        (status,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        _, size = nvrtc.nvrtcGetPTXSize(program)
+        ptx = b" " * size
+        nvrtc.nvrtcGetPTX(program, ptx)
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return ptx.rstrip(b"\0 ").decode()
+
+
+def test_shared_tiles_are_aligned_for_ldmatrix():
+    # A GPU-only hazard the emulator cannot see (the host compiler aligns large arrays anyway):
+    # ldmatrix needs 16-byte aligned rows, so the shared stages must be declared 16-aligned.
+    ptx = _nvrtc_ptx(kernels.kernel_path("conv2d_tensorcore"))
+    assert "ldmatrix" in ptx
+    alignments = [int(a) for a in re.findall(r"\.shared \.align (\d+)", ptx)]
+    assert alignments and min(alignments) >= 16, alignments

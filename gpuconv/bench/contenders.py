@@ -97,22 +97,29 @@ class Contender:
 
 class Gpuconv(Contender):
     """gpuconv's functional API: the NumPy path on 'cpu', our kernels on 'cuda'. ``versions``
-    forces a kernel version per op (only those ops run); ``exclude`` leaves ops out."""
+    forces a kernel version per op (only those ops run); ``exclude`` leaves ops out;
+    ``precision`` (a ``set_float32_matmul_precision`` name) runs the convolutions alone at it."""
 
-    def __init__(self, device: str, label: str = NUMPY, versions=None, exclude=()):
+    def __init__(self, device: str, label: str = NUMPY, versions=None, exclude=(), precision=None):
         self.device, self.name = device, label
         self.versions, self.exclude = dict(versions or {}), frozenset(exclude)
+        self.precision = precision
 
     def available(self):
         return (True, "") if self.device == "cpu" else machine.cuda_status()
 
     def applies(self, case):
+        if self.precision:
+            return case.op in Conv.ops
         if self.versions:
             return case.op in self.versions
         return case.op not in self.exclude and case.op != HOST_OP
 
+    @contextlib.contextmanager
     def selected_for(self, case):
-        return environ(f"GPUCONV_KERNEL_{case.op.upper()}", self.versions.get(case.op))
+        with environ(f"GPUCONV_KERNEL_{case.op.upper()}", self.versions.get(case.op)), \
+                environ("GPUCONV_FLOAT32_MATMUL_PRECISION", self.precision):
+            yield
 
     def sync(self):
         if self.device == "cuda":
@@ -124,7 +131,17 @@ class Gpuconv(Contender):
     def workload(self, case, rng):
         if isinstance(case.spec, TrainStep):
             return gpuconv_train(case, self.device, rng)
-        return Workload(*gpuconv_op(case, self.device, rng))
+        return Workload(*gpuconv_op(case, self.device, rng), extra=self._plan(case))
+
+    def _plan(self, case):
+        """For a conv row on 'cuda': the kernel the shape runs and its useful share of multiply-adds."""
+        if self.device != "cuda" or not isinstance(case.spec, Conv):
+            return None
+        from ..functional import conv2d_plan
+
+        s = case.spec
+        plan = conv2d_plan(case.op, (s.batch, *s.in_chw), s.weight_shape, s.stride, s.padding, s.dilation)
+        return {"kernel": plan.kernel_text, "useful_macs": round(plan.useful, 3)}
 
 
 class Torch(Contender):
@@ -203,5 +220,7 @@ def contenders_for(device_choice: str) -> list[Contender]:
         for n in sorted(set().union(*several.values())):
             label = "gpuconv cuda v0 (im2col+cuBLAS)" if n == 0 else f"gpuconv cuda v{n}"
             chosen.append(Gpuconv("cuda", label, versions={op: n for op, v in several.items() if n in v}))
+        chosen += [Gpuconv("cuda", "gpuconv cuda tf32 (tensor cores)", precision="high"),
+                   Gpuconv("cuda", "gpuconv cuda bf16 (tensor cores)", precision="medium")]
         chosen += [Torch("cuda", tf32=False), Torch("cuda", tf32=True)]
     return chosen
