@@ -38,8 +38,8 @@
 //       C/D (16x8, f32):  d[i] = D[g + 8*(i / 2)][2t + i % 2]
 //     FP32 accumulate. The emulator sums each instruction's products (exact for TF32 and BF16
 //     operands) in double and rounds once to float; the hardware's internal order differs from
-//     that by a few FP32 ulps. TF32 operand bits below the 10 mantissa bits are ignored
-//     (truncated), as the hardware ignores them.
+//     that by a few FP32 ulps. The ISA expects TF32 operands in TF32 format (to_tf32); the
+//     emulator truncates any bits below the 10 mantissa bits of one that is not.
 //   ldmatrix<COUNT, TRANS>(r, shared_row)  ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16:
 //     COUNT 8x8 matrices of 16-bit elements; lane 8*i + j gives the address of row j of matrix
 //     i (16-byte aligned; lanes past 8*COUNT give none). r[i] = elements (g, 2t) low and

@@ -14,6 +14,7 @@ the operands identically differ by at most 2 gamma_K (1 + u)^2 * sum |w| |x|.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import types
 from dataclasses import dataclass
@@ -339,3 +340,28 @@ def test_bench_has_tensor_core_rows():
     with tf32.selected_for(case):
         assert gpuconv.get_float32_matmul_precision() == "high"
     assert gpuconv.get_float32_matmul_precision() == "highest"
+
+
+def _nvrtc_ptx(path, arch="sm_80") -> str:
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    source = kernels.compiler_source(path)
+    _, program = nvrtc.nvrtcCreateProgram(source.encode(), path.name.encode(), 0, [], [])
+    try:
+        options = [o.encode() for o in (*kernels.NVRTC_OPTIONS, f"--gpu-architecture=compute_{arch[3:]}")]
+        (status,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        assert status == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        _, size = nvrtc.nvrtcGetPTXSize(program)
+        ptx = b" " * size
+        nvrtc.nvrtcGetPTX(program, ptx)
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return ptx.rstrip(b"\0 ").decode()
+
+
+def test_shared_tiles_are_aligned_for_ldmatrix():
+    # A GPU-only hazard the emulator cannot see (the host compiler aligns large arrays anyway):
+    # ldmatrix needs 16-byte aligned rows, so the shared stages must be declared 16-aligned.
+    ptx = _nvrtc_ptx(kernels.kernel_path("conv2d_tensorcore"))
+    assert "ldmatrix" in ptx
+    alignments = [int(a) for a in re.findall(r"\.shared \.align (\d+)", ptx)]
+    assert alignments and min(alignments) >= 16, alignments
