@@ -375,6 +375,7 @@ class EmuFunction:
         self.static_shared_bytes = static_shared_bytes
         self._entry = entry
         self._max_dynamic_shared = max(DEFAULT_SHARED_LIMIT - static_shared_bytes, 0)
+        self._passed_launches: dict = {}
 
     @property
     def max_dynamic_shared_size_bytes(self) -> int:
@@ -412,6 +413,18 @@ class EmuFunction:
             )
         return grid, block
 
+    def _checked_launch(self, grid, block, shared_mem):
+        """:meth:`_check_launch`, remembered for the launch shapes that passed: a training step
+        repeats the same few."""
+        try:
+            key = (grid, block, shared_mem, type(shared_mem), self._max_dynamic_shared)
+            hash(key)
+        except TypeError:  # a list: not remembered
+            return self._check_launch(grid, block, shared_mem)
+        if key not in self._passed_launches:
+            self._passed_launches[key] = self._check_launch(grid, block, shared_mem)
+        return self._passed_launches[key]
+
     def _check_args(self, args) -> tuple:
         args = tuple(args)
         if len(args) != len(self.params):
@@ -444,7 +457,7 @@ class EmuFunction:
         return args
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
-        grid, block = self._check_launch(grid, block, shared_mem)
+        grid, block = self._checked_launch(grid, block, shared_mem)
         args = self._check_args(args)
         if dispatch.dry_run_launches is not None:
             dispatch.dry_run_launches.append((self.name, grid, block, int(shared_mem)))

@@ -70,40 +70,56 @@ def _scalar_caster(kernel: str, param: Param):
     return cast_int
 
 
-@dataclass(frozen=True)
 class _ArgumentCheck:
-    """What checking and casting one kernel's arguments needs, derived from its signature once."""
+    """What checking and casting one kernel's arguments needs, derived from its signature once.
 
-    kernel: str
-    params: tuple[Param, ...]
-    # Per parameter: None for a pointer (its dtype is checked), else the scalar's caster.
-    casters: tuple
+    The scalars of a launch are the shapes of its arrays, so the same few tuples recur every
+    step: scalars that are all Python ints (the sizes: no -0.0 or 1.0 that would compare equal
+    to another value and cast differently) are cast once and looked up after that.
+    """
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, kernel: str, params: tuple[Param, ...]):
+        self.kernel, self.params = kernel, params
+        # Per parameter: None for a pointer (its dtype is checked), else the scalar's caster.
+        self.casters = tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params)
+        self.pointers = tuple(i for i, p in enumerate(params) if p.pointer)
+        self.scalars = tuple(i for i, p in enumerate(params) if not p.pointer)
+        self._cast: dict[tuple, tuple] = {}
 
     def __call__(self, args) -> tuple:
         params = self.params
         if len(args) != len(params):
             raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
-        out = []
-        for param, caster, arg in zip(params, self.casters, args):
-            if caster is not None:
-                out.append(caster(arg))
-                continue
-            dtype = getattr(arg, "dtype", None)
-            if dtype is None or not hasattr(arg, "flags"):
-                raise KernelArgumentError(f"kernel {self.kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
-            if dtype != param.dtype:
-                raise KernelArgumentError(
-                    f"kernel {self.kernel}: parameter {param.name} is {param.ctype}*, got an array of {dtype} {tuple(arg.shape)}"
-                )
-            if not arg.flags.c_contiguous:
-                raise KernelArgumentError(f"kernel {self.kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
-            out.append(arg)
+        for i in self.pointers:
+            self._check_array(params[i], args[i])
+        scalars = tuple(args[i] for i in self.scalars)
+        cast = self._cast.get(scalars) if all(type(v) is int for v in scalars) else None
+        if cast is None:
+            cast = tuple(self.casters[i](args[i]) for i in self.scalars)
+            if len(self._cast) < self._CACHE_LIMIT and all(type(v) is int for v in scalars):
+                self._cast[scalars] = cast
+        out = list(args)
+        for i, value in zip(self.scalars, cast):
+            out[i] = value
         return tuple(out)
+
+    def _check_array(self, param: Param, arg) -> None:
+        dtype = getattr(arg, "dtype", None)
+        if dtype is None or not hasattr(arg, "flags"):
+            raise KernelArgumentError(f"kernel {self.kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
+        if dtype != param.dtype:
+            raise KernelArgumentError(
+                f"kernel {self.kernel}: parameter {param.name} is {param.ctype}*, got an array of {dtype} {tuple(arg.shape)}"
+            )
+        if not arg.flags.c_contiguous:
+            raise KernelArgumentError(f"kernel {self.kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
 
 
 @functools.lru_cache(maxsize=None)
 def _argument_check(kernel: str, params: tuple[Param, ...]) -> _ArgumentCheck:
-    return _ArgumentCheck(kernel, params, tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params))
+    return _ArgumentCheck(kernel, params)
 
 
 def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
@@ -181,7 +197,7 @@ def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, opti
     """
     check = _kernel_check(topic, kernel)
     args = check(tuple(args))
-    devices = {device_of(a) for a, c in zip(args, check.casters) if c is None}
+    devices = {device_of(args[i]) for i in check.pointers}
     if len(devices) != 1 or "cpu" in devices:
         raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
     (device,) = devices
