@@ -183,7 +183,8 @@ def test_cases_run_most_important_first():
     names = [c.name for c in bench.select_cases(bench.parse_args([]))]
     first_model_kernel = names.index("lenet5/conv1/conv2d_forward")
     assert names[:15] == [c.name for c in bench.kernel_cases(["convnet-benchmarks"])]
-    assert names[15:17] == ["lenet5/train/step", "alexnet/train/step"] and first_model_kernel == 17
+    assert names[15:18] == ["lenet5/train/step", "alexnet/train/step", "lenet5/train/host_step"]
+    assert first_model_kernel == 18
     assert names[-1] == "lenet5/train/epoch" and "alexnet/lrn2/lrn_backward" in names
     quick = [c.name for c in bench.select_cases(bench.parse_args(["--quick", "--no-epoch"]))]
     assert quick[0] == "convnet-benchmarks/L3/conv2d_forward" and "lenet5/train/step" in quick
@@ -691,3 +692,21 @@ def test_peaks_and_gpu_info_failures_do_not_end_the_run(monkeypatch):
     assert info["gpu"]["reason"] == "GPU info failed: RuntimeError: cuBLAS failed to initialise"
     assert machine.cache_bytes(info, "cuda") == machine.UNKNOWN_L2_BYTES
     assert "GPU: GPU (not described) (GPU info failed" in "\n".join(reports.header_lines(info, {}))
+
+
+def test_host_path_rows_time_the_dry_run_and_the_replay_and_count_device_operations():
+    from gpuconv.bench import host
+
+    (case,) = host.host_cases(["lenet5"])
+    small = dataclasses.replace(case, spec=dataclasses.replace(case.spec, batch=2))
+    rng = np.random.default_rng(0)
+    eager, replay = host.EmuHost(graph=False), host.EmuHost(graph=True)
+    assert eager.applies(case) and not bench.Gpuconv("cpu").applies(case) and not bench.Torch("cpu").applies(case)
+    work = eager.workload(small, rng)
+    # LeNet-5's steady-state step: one optimizer launch, and a replay issues exactly its operations
+    tally = dict(item.rsplit(" x", 1) if " x" in item else (item, "1") for item in work.extra["ops"].split(", "))
+    assert tally["sgd_step_v2"] == "1" and sum(map(int, tally.values())) == work.extra["device_ops"]
+    work.run(*work.make())
+    graphed = replay.workload(small, rng)
+    assert graphed.extra["replay_ops"] == work.extra["device_ops"]
+    graphed.run(*graphed.make())
