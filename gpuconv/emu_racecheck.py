@@ -33,8 +33,8 @@ from .emu_errors import EmuError, EmuRaceError
 
 # Options of TSan in the worker. Reports go to a file of the worker's own, read after every
 # launch; a report does not stop the process. (ignore_noninstrumented_modules would hide the
-# memset/memcpy that the emulator's uninstrumented helpers make on a kernel's behalf, such as
-# cp.async's copies in ptx.cuh; Python itself runs only between launches, ordered with them.)
+# memset/memcpy calls of the emulator's uninstrumented helpers, which act on a kernel's behalf;
+# Python itself runs only between launches, ordered with them.)
 TSAN_OPTIONS = (
     "halt_on_error=0", "exitcode=0", "report_thread_leaks=0", "detect_deadlocks=0", "report_signal_unsafe=0",
     "history_size=4",
@@ -215,12 +215,17 @@ def _parse_race(body: str, runtime_files: tuple[str, ...]) -> Race | None:
     names = {m["tid"]: m["name"] for m in _THREAD_RE.finditer(body)}
     accesses = []
     for match in _ACCESS_RE.finditer(body):
-        where = "?"
-        for frame in _FRAME_RE.finditer(match["stack"]):
-            # The innermost frame in kernel source: not the emulator's, not TSan's interceptors.
-            if not frame["file"].endswith(runtime_files) and "libsanitizer" not in frame["file"]:
-                where = f"{os.path.relpath(frame['file']) if frame['file'].startswith('/') else frame['file']}:{frame['line']}"
-                break
+        # The innermost frame in kernel source (not the emulator's, not TSan's interceptors) and,
+        # when that is a helper in another file (ptx.cuh's cp.async...), the line that called it.
+        lines = [
+            f"{os.path.relpath(f['file']) if f['file'].startswith('/') else f['file']}:{f['line']}"
+            for f in _FRAME_RE.finditer(match["stack"])
+            if not f["file"].endswith(runtime_files) and "libsanitizer" not in f["file"] and not f["file"].endswith(">")
+        ]
+        where = lines[0] if lines else "?"
+        caller = next((line for line in lines[1:] if line.rpartition(":")[0] != where.rpartition(":")[0]), None)
+        if caller:
+            where += f" (called from {caller})"
         who = match["who"]
         thread = names.get(who.removeprefix("thread "), who) if who != "main thread" else "the launching thread"
         accesses.append(Access(match["what"].lower(), int(match["size"]), int(match["address"], 16), thread, where))
