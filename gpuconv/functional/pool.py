@@ -175,7 +175,42 @@ def _avg_divisor(window: _Window, input_shape, count_include_pad: bool):
 # ------------------------------------------------------------------------------------------ max
 
 
+def _max_pool2d_2x2_numpy(x, window: _Window):
+    """:func:`_max_pool2d_numpy` for a 2x2 window, stride 2, no padding (an odd last row or column
+    is dropped), or None where it does not apply: the window's four pixels as strided views of
+    ``x``, two maxima and a compare per window row, one of each between the rows, and the indices
+    from the compares' outcomes. ``np.maximum`` propagates NaN, so an output NaN means some window
+    holds one; its index needs the first NaN, which a compare cannot see: the general path then
+    answers."""
+    if window.kernel != (2, 2) or window.stride != (2, 2) or window.padding != (0, 0):
+        return None
+    (oh, ow), (n, c, h, w) = window.out, x.shape
+    if (oh, ow) != (h // 2, w // 2):  # ceil_mode added a window past the input
+        return None
+    quads = x[:, :, :2 * oh, :2 * ow].reshape(n, c, oh, 2, ow, 2)
+    top_left, top_right = quads[:, :, :, 0, :, 0], quads[:, :, :, 0, :, 1]
+    bottom_left, bottom_right = quads[:, :, :, 1, :, 0], quads[:, :, :, 1, :, 1]
+    # A later position wins only when strictly greater: PyTorch's first maximum in row-major order.
+    top_right_wins, bottom_right_wins = top_right > top_left, bottom_right > bottom_left
+    # Later operand first: NumPy's SIMD maximum returns its second operand of an equal pair, so a
+    # 0.0 tied with an earlier -0.0 comes out as -0.0, the pixel the index names.
+    top, bottom = np.maximum(top_right, top_left), np.maximum(bottom_right, bottom_left)
+    bottom_wins = bottom > top
+    out = np.maximum(bottom, top)
+    if np.isnan(out).any():
+        return None
+    column = top_right_wins ^ (bottom_wins & (top_right_wins ^ bottom_right_wins))  # the winning row's
+    corner = (np.arange(oh, dtype=np.int32)[:, None] * np.int32(2 * w) + np.arange(ow, dtype=np.int32) * np.int32(2))
+    indices = bottom_wins * np.int32(w)
+    indices += column
+    indices += corner
+    return out, indices
+
+
 def _max_pool2d_numpy(x, window: _Window):
+    fast = _max_pool2d_2x2_numpy(x, window)
+    if fast is not None:
+        return fast
     # Separable, columns first: the first maximum of each window row, then the first row whose
     # maximum wins is the first maximum (and the first NaN) in row-major window order.
     row_best, column_at = _window_max(x, window, 1)
