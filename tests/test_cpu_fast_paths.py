@@ -40,24 +40,27 @@ SGD_SETTINGS = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.1, weight_d
 ADAM_SETTINGS = [dict(lr=0.01), dict(lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)]
 
 
-def _params_and_grads(rng, dtype, steps):
+def _optimizer_and_copies(rng, dtype, make, steps=3):
+    """``make``'s optimizer over random parameters, copies of them, and ``steps`` steps' gradients."""
     start = [rng.standard_normal(n).astype(dtype) for n in SIZES]
+    params = [SimpleNamespace(data=w.copy(), grad=None) for w in start]
     grads = [[rng.standard_normal(n).astype(dtype) for n in SIZES] for _ in range(steps)]
-    return start, grads
+    return make(params), params, start, grads
+
+
+def _step(optimizer, params, grads) -> None:
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    optimizer.step()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("settings", SGD_SETTINGS)
 def test_chunked_sgd_is_bit_identical_to_whole_array_formulas(rng, dtype, settings):
-    start, grads = _params_and_grads(rng, dtype, 3)
-    params = [SimpleNamespace(data=w.copy(), grad=None) for w in start]
-    optimizer = SGD(params, **settings)
-    expected = [w.copy() for w in start]
-    buffers = [np.zeros_like(w) for w in start]
+    optimizer, params, expected, grads = _optimizer_and_copies(rng, dtype, lambda params: SGD(params, **settings))
+    buffers = [np.zeros_like(w) for w in expected]
     for step_grads in grads:
-        for param, grad in zip(params, step_grads):
-            param.grad = grad
-        optimizer.step()
+        _step(optimizer, params, step_grads)
         for w, g, b in zip(expected, step_grads, buffers):
             sgd_whole_arrays(w, g, b, settings["lr"], settings.get("momentum", 0.0),
                              settings.get("weight_decay", 0.0), settings.get("nesterov", False))
@@ -70,16 +73,11 @@ def test_chunked_sgd_is_bit_identical_to_whole_array_formulas(rng, dtype, settin
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("settings", ADAM_SETTINGS)
 def test_chunked_adam_is_bit_identical_to_whole_array_formulas(rng, dtype, settings):
-    start, grads = _params_and_grads(rng, dtype, 3)
-    params = [SimpleNamespace(data=w.copy(), grad=None) for w in start]
-    optimizer = Adam(params, **settings)
+    optimizer, params, expected, grads = _optimizer_and_copies(rng, dtype, lambda params: Adam(params, **settings))
     betas, eps, weight_decay = settings.get("betas", (0.9, 0.999)), settings.get("eps", 1e-8), settings.get("weight_decay", 0.0)
-    expected = [w.copy() for w in start]
-    moments = [(np.zeros_like(w), np.zeros_like(w)) for w in start]
+    moments = [(np.zeros_like(w), np.zeros_like(w)) for w in expected]
     for step, step_grads in enumerate(grads, start=1):
-        for param, grad in zip(params, step_grads):
-            param.grad = grad
-        optimizer.step()
+        _step(optimizer, params, step_grads)
         step_size = settings["lr"] / (1 - betas[0] ** step)
         bias_correction2_sqrt = np.sqrt(1 - betas[1] ** step)
         for w, g, (m, v) in zip(expected, step_grads, moments):
