@@ -161,3 +161,4 @@ def test_scale_power_by_square_roots_is_the_power_to_float32_rounding(rng):
     scale = rng.uniform(1e-3, 1e3, 10000).astype(np.float32)
     np.testing.assert_allclose(norm._scale_power(scale, 0.75), scale.astype(np.float64) ** 0.75, rtol=4e-7)
     np.testing.assert_array_equal(norm._scale_power(scale, 0.5), scale ** 0.5)
+
