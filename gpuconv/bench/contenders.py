@@ -22,6 +22,8 @@ from .workloads import Workload, gpuconv_op, torch_op
 BENCHMARKED_OPS = (*Conv.ops, "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
                    "avg_pool2d_backward", *Relu.ops, *LRN.ops)
 BASELINE_VERSION_OPS = Conv.ops  # version 0: im2col + matmul (CuPy + cuBLAS on 'cuda')
+HOST_OP = "host_step"  # the host-path case (host.py), which only its own contenders run
+HOST_REFERENCE = "torch cpu batch 1"  # its PyTorch reference
 
 NUMPY = "numpy"
 TORCH_REFERENCE = {"cpu": "torch cpu (oneDNN)", "cuda": "torch cuda fp32 (cuDNN)"}
@@ -111,7 +113,7 @@ class Gpuconv(Contender):
             return case.op in Conv.ops
         if self.versions:
             return case.op in self.versions
-        return case.op not in self.exclude
+        return case.op not in self.exclude and case.op != HOST_OP
 
     @contextlib.contextmanager
     def selected_for(self, case):
@@ -148,6 +150,9 @@ class Torch(Contender):
     def __init__(self, device: str, tf32: bool = False):
         self.device, self.tf32 = device, tf32
         self.name = TORCH_REFERENCE[device] if not tf32 else "torch cuda tf32 (cuDNN)"
+
+    def applies(self, case):
+        return case.op != HOST_OP  # the host-path case has its own PyTorch reference (host.py)
 
     def available(self):
         try:
@@ -204,9 +209,11 @@ class Torch(Contender):
 def contenders_for(device_choice: str) -> list[Contender]:
     """The contenders of ``--device`` ('cpu', 'cuda' or 'all'), in the order their rows are shown;
     on 'cuda' one row per registered kernel version of every op that has more than one."""
+    from .host import host_contenders  # host.py builds on this module
+
     chosen = []
     if device_choice in ("cpu", "all"):
-        chosen += [Gpuconv("cpu"), Torch("cpu")]
+        chosen += [Gpuconv("cpu"), Torch("cpu"), *host_contenders()]
     if device_choice in ("cuda", "all"):
         several = {op: v for op, v in kernel_versions().items() if len(v) > 1}
         chosen.append(Gpuconv("cuda", "gpuconv cuda", exclude=several))

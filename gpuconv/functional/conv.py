@@ -17,6 +17,7 @@ same code path as every other padding.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from ..device import array_module, common_device, contiguous, device_of, empty, 
 from ..precision import resolve as resolve_precision
 from ..precision import round_operand
 from . import conv_gemm, conv_tensorcore
-from ._checks import check_array, check_same_dtype, output_array, pair
+from ._checks import check_array, check_same_dtype, ieee_arithmetic, output_array, pair
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size", "conv2d_plan"]
 
@@ -102,8 +103,22 @@ def _resolve_padding(kernel, stride, padding, dilation) -> tuple[tuple[int, int]
     return (pad_h, pad_h), (pad_w, pad_w)
 
 
+def check_padding(kernel_size, stride, padding, dilation) -> None:
+    """Refuse a ``padding`` that no input size could make valid, as torch.nn.Conv2d does at construction."""
+    _resolve_padding(kernel_size, stride, padding, dilation)
+
+
 def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
-    """Check that the sizes make a convolution and compute its output size."""
+    """Check that the sizes make a convolution and compute its output size (once per shape)."""
+    key = (tuple(input_shape), tuple(weight_shape), stride, padding, dilation)
+    try:
+        # The types too: stride=True equals 1 as a key, but is refused where 1 is not.
+        return _cached_geometry(tuple(map(type, key[2:])), *key)
+    except TypeError:  # a list among the arguments: not hashable, so not cached
+        return _compute_geometry(*key)
+
+
+def _compute_geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
     batch, c_in, height, width = input_shape
     c_out, w_in, kernel_h, kernel_w = weight_shape
     if w_in != c_in:
@@ -111,8 +126,9 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry
             f"weight {tuple(weight_shape)} (OIHW) expects {w_in} input channels, but input "
             f"{tuple(input_shape)} (NCHW) has {c_in}"
         )
-    if min(weight_shape) < 1 or min(input_shape) < 1:
-        raise ValueError(f"input {tuple(input_shape)} and weight {tuple(weight_shape)} must have no empty dimension")
+    if min(weight_shape) < 1 or min(input_shape[1:]) < 1 or batch < 0:
+        raise ValueError(f"input {tuple(input_shape)} and weight {tuple(weight_shape)} must have no empty dimension "
+                         f"but the batch")
     stride = pair(stride, "stride", 1)
     dilation = pair(dilation, "dilation", 1)
     (top, bottom), (left, right) = _resolve_padding((kernel_h, kernel_w), stride, padding, dilation)
@@ -128,6 +144,11 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry
         dilation[0], dilation[1],
         (padded_h - extent_h) // stride[0] + 1, (padded_w - extent_w) // stride[1] + 1,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(types, *key) -> _Geometry:
+    return _compute_geometry(*key)
 
 
 def conv2d_output_size(input_size, kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
@@ -385,6 +406,7 @@ def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilatio
 # Public API: check once, then dispatch.
 
 
+@ieee_arithmetic
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None, precision=None):
     """2-D cross-correlation of ``input`` (N, C_in, H, W) with ``weight`` (C_out, C_in, KH, KW).
 
@@ -406,6 +428,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     g = _geometry(input.shape, weight.shape, stride, padding, dilation)
     if bias is not None and tuple(bias.shape) != (g.c_out,):
         raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    if g.batch == 0:  # as PyTorch: an empty output, and no kernel launched on an empty grid
+        return empty(g.output_shape, input.dtype, device)
     if precision != "fp32":
         if device != "cpu":
             return conv_tensorcore.conv2d(input, weight, bias, g, activation == "relu", precision)
@@ -413,6 +437,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     return _implementation(device, "conv2d_forward", _FORWARD)(input, weight, bias, g, activation == "relu")
 
 
+@ieee_arithmetic
 def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1, *, precision=None):
     """Gradient of ``conv2d`` with respect to its input, of shape ``input_shape``.
 
@@ -427,6 +452,8 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     precision = resolve_precision(precision, weight.dtype)
     g = _geometry(input_shape, weight.shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if g.batch == 0:
+        return empty(g.input_shape, grad_output.dtype, device)
     if precision != "fp32":
         if device != "cpu":
             return conv_tensorcore.conv2d_input(weight, grad_output, g, precision)
@@ -434,6 +461,7 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
+@ieee_arithmetic
 def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
@@ -452,6 +480,8 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     precision = resolve_precision(precision, input.dtype)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if g.batch == 0:  # as PyTorch: nothing to sum, a zero gradient
+        return zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
     if precision != "fp32":
         if device != "cpu":
             return conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
@@ -459,8 +489,12 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
 
 
+@ieee_arithmetic
 def conv2d_bias(grad_output, *, out=None):
     """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W
     (written into ``out``, a (C_out,) array on the same device, if given)."""
     check_array(grad_output, "grad_output", 4, "NCHW")
-    return _implementation(device_of(grad_output), "conv2d_bias_grad", _BIAS_GRAD)(grad_output, out)
+    device = device_of(grad_output)
+    if grad_output.size == 0:  # an empty batch (or plane): a zero gradient, no kernel launch
+        return zero_(output_array(out, "out", (grad_output.shape[1],), grad_output.dtype, device))
+    return _implementation(device, "conv2d_bias_grad", _BIAS_GRAD)(grad_output, out)
