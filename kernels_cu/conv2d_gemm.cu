@@ -115,7 +115,6 @@ conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int c0 = 0; c0 < channels; c0 += stage_channels) {
         const int c1 = min(channels, c0 + stage_channels);
-        __syncthreads();  // the previous pass is done with the stage (and the tap table is filled)
         for (int k = threadIdx.x; k < (c1 - c0) * n_taps; k += NARROW_THREADS) {
             const int column = c0 * n_taps + k;
             float v[4];
@@ -123,7 +122,7 @@ conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src
             for (int r = 0; r < 4; ++r) v[r] = r < rows ? __ldg(a + (long long)r * a_pitch + column) : 0.0f;
             stage[k] = make_float4(v[0], v[1], v[2], v[3]);
         }
-        __syncthreads();
+        __syncthreads();  // the stage (and, the first time, the tap table) is filled
         for (int c = c0; c < c1; ++c) {
             const int channel_offset = origin + c * plane;
             const float4* weights = stage + (c - c0) * n_taps;
@@ -138,6 +137,7 @@ conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src
                 acc[3] = fmaf(w.w, g, acc[3]);
             }
         }
+        __syncthreads();  // every thread is done with this stage before the next pass refills it
     }
     if (n >= columns) return;
     const conv::LatticePixel at = conv::lattice_pixel(n, lattice_h, lattice_w);  // not kept live through K
