@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="(default: %(default)s: CUDA when CuPy sees a GPU, else the CPU)")
     train.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
                        help="total epochs, resumed ones included (default: %(default)s)")
-    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                       help="per process: under `mpiexec -n N` the global batch is N times this, as in "
+                            "PyTorch's DistributedDataParallel (default: %(default)s)")
     train.add_argument("--lr", type=_positive_float, default=defaults.lr, help="learning rate (default: %(default)s)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
     train.add_argument("--momentum", type=_non_negative_float, default=defaults.momentum,
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit-test", type=_positive_int, metavar="N", help="evaluate on the first N images only")
     train.add_argument("--no-download", action="store_true", help="never download the dataset")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--dist-timeout", type=_positive_float, default=defaults.dist_timeout, metavar="SECONDS",
+                       help="under mpiexec: how long a rank waits for the others in one collective before it "
+                            "aborts the job, naming the ranks that did not arrive (default: %(default)s)")
 
     summary = commands.add_parser("summary", help="per-layer shapes, parameters and multiply-adds of a model")
     summary.add_argument("model", choices=sorted(MODELS))
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from .data import DatasetNotFoundError, IdxError
+    from .distributed import DistributedError, abort_on_error, init_process_group
     from .train import CHECKPOINT, ResumeError, TrainConfig, TrainingDiverged, train
 
     try:
@@ -118,15 +124,17 @@ def _train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_step_size=args.lr_step_size or None, lr_gamma=args.lr_gamma,
         seed=args.seed, out=out, resume=resume, limit_train=args.limit_train, limit_test=args.limit_test,
-        download=not args.no_download, progress=not args.no_progress,
+        download=not args.no_download, progress=not args.no_progress, dist_timeout=args.dist_timeout,
     )
+    expected = (TrainingDiverged, DatasetNotFoundError, IdxError, ResumeError, DistributedError)
     try:
-        history = train(config)
-    except (TrainingDiverged, DatasetNotFoundError, IdxError, ResumeError) as exc:
+        with abort_on_error(expected, prog="gpuconv train"):  # one rank of several failing stops them all
+            history = train(config)
+    except expected as exc:
         # Expected failures with messages written for the user: no traceback.
         print(f"gpuconv train: {exc}", file=sys.stderr)
         return 1
-    if history:
+    if history and init_process_group().is_main:
         last = history[-1]
         print(f"done: test accuracy {last['test_acc']:.4f} after epoch {last['epoch']}; results in {out}")
     return 0

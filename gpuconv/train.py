@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, data, nn, optim
+from . import __version__, data, distributed, nn, optim
 from .device import array_module, resolve_device, to_numpy
 from .models import get_model
 from .random import generator, manual_seed
@@ -75,6 +75,7 @@ class TrainConfig:
     download: bool = True
     sync_every: int = 50
     progress: bool = True
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a rank waits for the others (MPI jobs)
 
     def __post_init__(self):
         if self.out is None:
@@ -93,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout!r}")
 
 
 class ResumeError(ValueError):
@@ -200,14 +203,26 @@ def make_optimizer(config: TrainConfig, params):
 
 class Trainer:
     """Builds the model, optimizer and device-resident datasets of a :class:`TrainConfig`
-    (resuming from ``config.resume`` if set); :meth:`fit` runs the remaining epochs."""
+    (resuming from ``config.resume`` if set); :meth:`fit` runs the remaining epochs.
+
+    Started by an MPI launcher, it is one rank of a data-parallel job (:mod:`gpuconv.distributed`):
+    ``batch_size`` is per rank, and only rank 0 logs and writes files."""
 
     def __init__(self, config: TrainConfig, log=print):
         self.config = config
-        self.log = log
+        self.group = distributed.init_process_group(config.dist_timeout)
+        self.log = log if self.group.is_main else _silent
         self.out = Path(config.out)
         self.device, reason = resolve_device(config.device)
-        log(f"device: {self.device} ({reason})")
+        where = self.group.use_device(self.device)
+        self.log(f"device: {self.device} ({reason})")
+        if self.group.is_distributed:
+            self.group.check_same(dataclasses.asdict(config), "the training configuration")
+            world = self.group.world_size
+            self.log(f"data-parallel over {world} MPI ranks: global batch {world} x {config.batch_size} = "
+                     f"{world * config.batch_size}")
+            for line in distributed.describe_ranks(self.group, where):
+                self.log(f"  {line}")
         manual_seed(config.seed)
         self.model = get_model(config.model, num_classes=len(data.DATASETS[config.dataset].classes)).to(self.device)
         self.optimizer = make_optimizer(config, self.model.parameters())
@@ -215,8 +230,13 @@ class Trainer:
                           if config.lr_step_size else None)
         # The datasets check their labels once when loaded (DeviceDataset).
         self.criterion = nn.CrossEntropyLoss(validate_target=False)
-        self.train_set = self._dataset("train", config.limit_train)
-        self.test_set = self._dataset("test", config.limit_test)
+        with self.group.main_first():  # rank 0 alone downloads a missing dataset
+            self.train_set = self._dataset("train", config.limit_train)
+            self.test_set = self._dataset("test", config.limit_test)
+        rank, world = self.group.rank, self.group.world_size
+        self.train_sampler = distributed.DistributedSampler(len(self.train_set), rank, world, seed=config.seed)
+        self.test_order = (distributed.DistributedSampler(len(self.test_set), rank, world, shuffle=False).indices(0)
+                           if self.group.is_distributed else None)
         self.history: list[dict] = []
         self.epochs_done = 0
         if config.resume is not None:
@@ -232,9 +252,11 @@ class Trainer:
         return self.out / CHECKPOINT
 
     def _resume(self, path: Path) -> None:
-        if not path.is_file():
+        # Rank 0 reads the checkpoint and sends it to the others, which need no copy of the file.
+        if self.group.is_main and not path.is_file():
             raise ResumeError(f"cannot resume: no checkpoint at {path}")
-        checkpoint = load_checkpoint(path)
+        checkpoint = self.group.broadcast_object(load_checkpoint(path) if self.group.is_main else None,
+                                                 what=f"the checkpoint {path}")
         for key, flag in (("model", "--model"), ("dataset", "--dataset"), ("optimizer", "--optimizer")):
             theirs, ours = checkpoint["config"][key], getattr(self.config, key)
             if theirs != ours:
@@ -277,48 +299,61 @@ class Trainer:
         c, xp = self.config, array_module(self.device)
         self.model.train()
         loss_sum, correct, seen = xp.zeros((), np.float64), xp.zeros((), np.int64), 0
-        steps = self.train_set.num_batches(c.batch_size)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{c.epochs}", unit="batch", disable=not c.progress, leave=False)
+        steps = self.train_sampler.num_steps(c.batch_size)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{c.epochs}", unit="batch", leave=False,
+                   disable=not c.progress or not self.group.is_main)
         start = time.perf_counter()
         with bar:
-            for step, (x, y) in enumerate(self.train_set.batches(c.batch_size, shuffle=True, seed=c.seed, epoch=epoch), 1):
-                logits = self.model(x)
-                loss = self.criterion(logits, y)
-                self.model.backward(self.criterion.backward())
+            batches = distributed.shard_batches(self.train_set, self.train_sampler, c.batch_size, epoch)
+            for step, (x, y, share) in enumerate(batches, 1):
+                if y is not None:  # None: this rank's shard ran out before the epoch's last global step
+                    logits = self.model(x)
+                    loss = self.criterion(logits, y)
+                    self.model.backward(self.criterion.backward())
+                    loss_sum = loss_sum + loss * len(y)
+                    correct = correct + (logits.argmax(axis=1) == y).sum()
+                    seen += len(y)
+                self.group.average_gradients(self.model.parameters(), share)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
-                loss_sum = loss_sum + loss * len(y)
-                correct = correct + (logits.argmax(axis=1) == y).sum()
-                seen += len(y)
                 if step % c.sync_every == 0 or step == steps:
-                    mean_loss = float(loss_sum) / seen
+                    total_loss, total_correct, total_seen = self._sum_over_ranks(loss_sum, correct, seen)
+                    mean_loss, accuracy = total_loss / total_seen, total_correct / total_seen
                     if not math.isfinite(mean_loss):
                         raise self._diverged("training loss", mean_loss, epoch)
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(correct) / seen:.4f}",
-                                    img_s=f"{seen / elapsed:.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.4f}",
+                                    img_s=f"{total_seen / elapsed:.0f}", refresh=False)
                 bar.update()
-        return mean_loss, int(correct) / seen, time.perf_counter() - start
+        return mean_loss, accuracy, time.perf_counter() - start
+
+    def _sum_over_ranks(self, *values) -> list[float]:
+        """Host values (device scalars read back) summed over the ranks: the job's metrics."""
+        totals = np.array([float(value) for value in values], np.float64)
+        return self.group.allreduce_sum(totals, what="the sum of the metrics").tolist()
 
     def evaluate(self) -> tuple[float, float]:
         """(mean loss, accuracy) on the test set, in evaluation mode."""
         xp = array_module(self.device)
         self.model.eval()
         loss_sum, correct = xp.zeros((), np.float64), xp.zeros((), np.int64)
-        for x, y in self.test_set.batches(self.config.batch_size):
+        for x, y in self.test_set.batches(self.config.batch_size, order=self.test_order):
             logits = self.model(x)
             loss_sum = loss_sum + self.criterion(logits, y) * len(y)
             correct = correct + (logits.argmax(axis=1) == y).sum()
         self.model.train()
-        return float(loss_sum) / len(self.test_set), int(correct) / len(self.test_set)
+        loss_sum, correct = self._sum_over_ranks(loss_sum, correct)
+        return loss_sum / len(self.test_set), correct / len(self.test_set)
 
     def fit(self) -> list[dict]:
         """Train until ``config.epochs`` epochs are done; returns the metrics of every epoch."""
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.group.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if self.epochs_done >= c.epochs:
             self.log(f"nothing to do: {self.epochs_done} of {c.epochs} epochs are done")
-        info = {"model": c.model, "dataset": c.dataset, "device": self.device, "config": dataclasses.asdict(c)}
+        info = {"model": c.model, "dataset": c.dataset, "device": self.device, "ranks": self.group.world_size,
+                "config": dataclasses.asdict(c)}
         for epoch in range(self.epochs_done + 1, c.epochs + 1):
             lr = float(self.optimizer.lr)
             train_loss, train_acc, seconds = self.train_epoch(epoch)
@@ -332,13 +367,18 @@ class Trainer:
                    "lr": lr}
             self.history.append(row)
             self.epochs_done = epoch
-            save_checkpoint(self.checkpoint_path, self._checkpoint())
-            write_metrics(self.out, self.history, info)
-            plot_curves(self.out / CURVES_PNG, self.history, f"{c.model} on {c.dataset} ({self.device})")
+            if self.group.is_main:
+                save_checkpoint(self.checkpoint_path, self._checkpoint())
+                write_metrics(self.out, self.history, info)
+                plot_curves(self.out / CURVES_PNG, self.history, f"{c.model} on {c.dataset} ({self.device})")
             self.log(f"epoch {epoch}/{c.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
                      f"{row['images_per_s']:.0f} images/s")
         return self.history
+
+
+def _silent(*args) -> None:
+    """The log of ranks other than 0."""
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> list[dict]:
