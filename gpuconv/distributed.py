@@ -63,7 +63,7 @@ __all__ = ["ProcessGroup", "DistributedSampler", "DistributedError", "init_proce
 LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 DEFAULT_TIMEOUT = 300.0
 _TIMEOUT_TAG = 7101
-_GRACE = 5.0  # seconds the waiting ranks give each other to report in once a deadline passed
+_GRACE = 5.0  # at most this many seconds the waiting ranks give each other to report in, after a deadline
 
 
 class DistributedError(RuntimeError):
@@ -153,7 +153,7 @@ class ProcessGroup:
         others = [peer for peer in range(self.world_size) if peer != self.rank]
         sent = [self._reports.isend(self.rank, dest=peer, tag=_TIMEOUT_TAG) for peer in others]
         waiting = {self.rank}
-        grace_end = time.monotonic() + min(_GRACE, self.timeout)
+        grace_end = time.monotonic() + min(_GRACE, self.timeout / 4)
         while time.monotonic() < grace_end:
             while self._reports.iprobe(tag=_TIMEOUT_TAG):
                 waiting.add(self._reports.recv(tag=_TIMEOUT_TAG))
