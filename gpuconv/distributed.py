@@ -102,6 +102,7 @@ class ProcessGroup:
         self._flat = None  # the gradient buffer, and the parameter layout it was made for
         self._layout = None
         self._nccl = None
+        self._nccl_done = None  # the event after the last gradient all-reduce on 'cuda'
         if comm is not None:
             MPI = _mpi()
             self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
@@ -245,8 +246,11 @@ class ProcessGroup:
     def _nccl_communicator(self):
         # Awaits a GPU: written against cupy.cuda.nccl's documented API, not yet run.
         if self._nccl is None:
-            from cupy.cuda import nccl
-
+            try:
+                from cupy.cuda import nccl
+            except ImportError as exc:
+                raise DistributedError(f"data-parallel training on 'cuda' needs NCCL, which CuPy cannot load ({exc}); "
+                                       "install it with: pip install nvidia-nccl-cu12 (or -cu13)") from None
             unique_id = self.broadcast_object(nccl.get_unique_id() if self.is_main else None,
                                               what="the NCCL unique id")
             self._nccl = nccl.NcclCommunicator(self.world_size, unique_id, self.rank)
@@ -299,10 +303,22 @@ class ProcessGroup:
         stream = cupy.cuda.get_current_stream()
         self._nccl_communicator().allReduce(flat.data.ptr, flat.data.ptr, flat.size, nccl.NCCL_FLOAT32,
                                             nccl.NCCL_SUM, stream.ptr)
-        finished = stream.record()
-        # NCCL waits for a missing rank forever: poll its completion, and abort the communicator
-        # (in abort()) once the deadline passes.
-        self._poll(lambda: finished.done, "the NCCL gradient all-reduce")
+        # NCCL waits for a missing rank forever: poll completion against the deadline (abort()
+        # then aborts the communicator). The host waits for the previous step's all-reduce, not
+        # this one's, so that it can queue the next step while the GPU still works on this.
+        previous, self._nccl_done = self._nccl_done, stream.record()
+        if previous is not None:
+            self._poll(lambda: previous.done, "the NCCL gradient all-reduce")
+
+    def wait_for_device(self, what: str) -> None:
+        """On 'cuda' in a job of several ranks, wait (against the deadline) for the GPU's queued
+        work, which may wait on NCCL: call before reading a result back to the host."""
+        if self._nccl is None:
+            return
+        import cupy  # awaits a GPU, as the NCCL path
+
+        event = cupy.cuda.get_current_stream().record()
+        self._poll(lambda: event.done, what)
 
 
 _GROUP: ProcessGroup | None = None

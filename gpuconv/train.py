@@ -329,6 +329,7 @@ class Trainer:
 
     def _sum_over_ranks(self, *values) -> list[float]:
         """Host values (device scalars read back) summed over the ranks: the job's metrics."""
+        self.group.wait_for_device("the device work before the metrics")
         totals = np.array([float(value) for value in values], np.float64)
         return self.group.allreduce_sum(totals, what="the sum of the metrics").tolist()
 

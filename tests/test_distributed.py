@@ -76,16 +76,19 @@ def dataset(tmp_path) -> Path:
     return write_synthetic_dataset(tmp_path / "synthetic", n_train=91, n_test=37)
 
 
-def train_args(root: Path, out: Path, batch: int, epochs: int = 1, *extra: str) -> list[str]:
-    return ["train", "--model", "lenet5", "--data-dir", str(root), "--device", "cpu", "--epochs", str(epochs),
+def train_args(root: Path, out: Path, batch: int, epochs: int = 1, *extra: str, device: str = "cpu") -> list[str]:
+    return ["train", "--model", "lenet5", "--data-dir", str(root), "--device", device, "--epochs", str(epochs),
             "--batch-size", str(batch), "--lr", "0.05", "--lr-step-size", "0", "--seed", "3", "--no-progress",
             "--no-download", "--out", str(out), *extra]
 
 
-def one_process(root: Path, out: Path, batch: int, epochs: int = 1, resume: Path | None = None) -> list[dict]:
-    config = train.TrainConfig(model="lenet5", dataset="fashion-mnist", data_dir=str(root), device="cpu",
-                               epochs=epochs, batch_size=batch, lr=0.05, lr_step_size=None, seed=3, out=str(out),
-                               resume=None if resume is None else str(resume), download=False, progress=False)
+def one_process(root: Path, out: Path, batch: int, epochs: int = 1, resume: Path | None = None,
+                **options) -> list[dict]:
+    options = {"device": "cpu", **options}
+    config = train.TrainConfig(model="lenet5", dataset="fashion-mnist", data_dir=str(root), epochs=epochs,
+                               batch_size=batch, lr=0.05, lr_step_size=None, seed=3, out=str(out),
+                               resume=None if resume is None else str(resume), download=False, progress=False,
+                               **options)
     return train.train(config, log=lambda *args: None)
 
 
@@ -166,6 +169,16 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, datase
     assert result.stdout.count("epoch 2/2:") == 1  # rank 0 alone logs
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         [train.CHECKPOINT, train.METRICS_JSON, train.METRICS_CSV, train.CURVES_PNG])
+
+
+@needs_mpi
+def test_two_ranks_on_the_emulated_device_match_one_process(tmp_path, dataset):
+    # The gradient buffer is an EmuArray there; 21 images: steps of 8 + 8 and 3 + 2. The single
+    # process runs first, so that the ranks find the kernels compiled.
+    one_process(dataset, tmp_path / "one", 16, device="emu", limit_train=21, limit_test=8)
+    succeeded(run_job(tmp_path, *train_args(dataset, tmp_path / "two", 8, 1, "--limit-train", "21",
+                                            "--limit-test", "8", device="emu")))
+    assert_same_training(tmp_path / "two", tmp_path / "one")
 
 
 @needs_mpi
