@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .device import EmuArray, array_module, cuda_status, device_of, resolve_device, to_device, to_numpy
+from .profiler import profile
 from .random import manual_seed
 # Bound eagerly: a lazily imported submodule named `summary` would replace the function with
 # the module on the package the first time it loads.
@@ -13,7 +14,7 @@ from .summary import summary
 __version__ = "0.1.0"
 __all__ = [
     "EmuArray", "array_module", "cuda_status", "device_of", "resolve_device", "to_device", "to_numpy",
-    "functional", "nn", "models", "optim", "data", "summary", "manual_seed",
+    "functional", "nn", "models", "optim", "data", "summary", "manual_seed", "profile",
 ]
 
 _SUBMODULES = {"functional", "nn", "models", "optim", "data", "train", "bench", "emu", "kernels", "compile_check"}

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from . import dispatch
+
 DEVICES = ("cpu", "cuda", "emu")
 DEVICE_ENV = "GPUCONV_DEVICE"
 
@@ -123,6 +125,11 @@ def to_numpy(x) -> np.ndarray:
     return np.array(x, copy=True) if device == "emu" else np.asarray(x)
 
 
+# False only under gpuconv.emu.dry_run(), where no kernel writes anything and the fill would be
+# the only memory traffic left in a step timed for its host work.
+poison_fresh_arrays = True
+
+
 def empty(shape, dtype, device: str):
     """An uninitialised C-contiguous array on ``device``.
 
@@ -132,14 +139,23 @@ def empty(shape, dtype, device: str):
     out = array_module(device).empty(shape, dtype=dtype)
     if device != "emu":
         return out
-    out.view(np.uint8).fill(0xFF)
+    if poison_fresh_arrays:
+        out.view(np.uint8).fill(0xFF)
     return out.view(EmuArray)
 
 
 def zeros(shape, dtype, device: str):
-    """A zero-filled C-contiguous array on ``device``."""
-    out = array_module(device).zeros(shape, dtype=dtype)
-    return out.view(EmuArray) if device == "emu" else out
+    """A zero-filled C-contiguous array on ``device`` (a memset on a device: a profiled operation)."""
+    if device == "cpu":
+        return np.zeros(shape, dtype=dtype)
+    out = array_module(device).empty(shape, dtype=dtype)
+    return zero_(out.view(EmuArray) if device == "emu" else out)
+
+
+def zero_(out):
+    """``out`` filled with zeros, in place (a memset on a device: a profiled operation); returns it."""
+    dispatch.device_call("memset", device_of(out), lambda: out.fill(0))
+    return out
 
 
 def contiguous(x):

@@ -79,6 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dispatch
 from .kernels import Param, compiler_source, dim3, display_name, parse_signatures
 
 HEADER = Path(__file__).with_name("emu_runtime") / "cuda_emu.h"
@@ -182,6 +183,24 @@ def thread_order(order: str, seed: int = 0):
         yield
     finally:
         _order_override = previous
+
+
+@contextlib.contextmanager
+def dry_run():
+    """Within the ``with`` statement, launches are checked as always (argument types, launch
+    limits, shared memory) and recorded, but no kernel body runs, nor any library call on 'emu'
+    (the matrix products of Linear), and fresh arrays are not poisoned: the host path of a
+    training step can be timed alone. Yields the list of ``(kernel, grid, block, shared_mem)``
+    issued (grid and block None for a library call)."""
+    from . import device, dispatch
+
+    previous, dispatch.dry_run_launches = dispatch.dry_run_launches, []
+    poison, device.poison_fresh_arrays = device.poison_fresh_arrays, False
+    try:
+        yield dispatch.dry_run_launches
+    finally:
+        dispatch.dry_run_launches = previous
+        device.poison_fresh_arrays = poison
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +563,9 @@ class EmuFunction:
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         grid, block = self._check_launch(grid, block, shared_mem)
         args = self._check_args(args)
+        if dispatch.dry_run_launches is not None:
+            dispatch.dry_run_launches.append((self.name, grid, block, int(shared_mem)))
+            return
         order, seed = current_order()
         config = (ctypes.c_longlong * 9)(*grid, *block, int(shared_mem), ORDERS.index(order), seed)
         with _launch_lock:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dispatch
 from .device import array_module, device_of
 
 # Options CuPy itself passes to NVRTC, plus fast-math behaviour the kernels are written for.
@@ -116,6 +117,71 @@ def parse_signatures(source: str) -> dict[str, tuple[Param, ...]]:
     return signatures
 
 
+def _scalar_caster(kernel: str, param: Param):
+    """``cast(arg) -> numpy scalar`` for one scalar parameter, its type facts derived once.
+
+    Built once per kernel signature: deriving them per call (``np.iinfo``, ``np.issubdtype``)
+    cost more than the rest of a launch's host work.
+    """
+    make = param.dtype.type
+    if param.dtype.kind in "bf":
+        def cast_float(arg):
+            if hasattr(arg, "shape") and getattr(arg, "ndim", 0) > 0:
+                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is a scalar {param.ctype}, got an array")
+            return make(arg)
+        return cast_float
+    info = np.iinfo(param.dtype)
+    low, high = int(info.min), int(info.max)
+
+    def cast_int(arg):
+        if type(arg) is not int:  # the common case, a Python int, needs only the range check
+            if hasattr(arg, "shape") and getattr(arg, "ndim", 0) > 0:
+                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is a scalar {param.ctype}, got an array")
+            if isinstance(arg, (float, np.floating)) and not float(arg).is_integer():
+                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is {param.ctype}, got {arg!r}")
+            arg = int(arg)
+        if not low <= arg <= high:
+            raise KernelArgumentError(f"kernel {kernel}: {param.name}={arg} does not fit {param.ctype}")
+        return make(arg)
+    return cast_int
+
+
+@dataclass(frozen=True)
+class _ArgumentCheck:
+    """What checking and casting one kernel's arguments needs, derived from its signature once."""
+
+    kernel: str
+    params: tuple[Param, ...]
+    # Per parameter: None for a pointer (its dtype is checked), else the scalar's caster.
+    casters: tuple
+
+    def __call__(self, args) -> tuple:
+        params = self.params
+        if len(args) != len(params):
+            raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
+        out = []
+        for param, caster, arg in zip(params, self.casters, args):
+            if caster is not None:
+                out.append(caster(arg))
+                continue
+            dtype = getattr(arg, "dtype", None)
+            if dtype is None or not hasattr(arg, "flags"):
+                raise KernelArgumentError(f"kernel {self.kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
+            if dtype != param.dtype:
+                raise KernelArgumentError(
+                    f"kernel {self.kernel}: parameter {param.name} is {param.ctype}*, got an array of {dtype} {tuple(arg.shape)}"
+                )
+            if not arg.flags.c_contiguous:
+                raise KernelArgumentError(f"kernel {self.kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
+            out.append(arg)
+        return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _argument_check(kernel: str, params: tuple[Param, ...]) -> _ArgumentCheck:
+    return _ArgumentCheck(kernel, params, tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params))
+
+
 def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
     """Check arrays and cast scalars to the kernel's exact parameter types.
 
@@ -123,33 +189,7 @@ def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
     that cannot happen: a scalar becomes ``np.float32``/``np.int32``... as the source declares,
     and an array of the wrong dtype or layout is refused before any kernel runs.
     """
-    if len(args) != len(params):
-        raise KernelArgumentError(f"kernel {kernel} takes {len(params)} arguments, got {len(args)}")
-    out = []
-    for param, arg in zip(params, args):
-        if param.pointer:
-            if not hasattr(arg, "dtype") or not hasattr(arg, "flags"):
-                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
-            if arg.dtype != param.dtype:
-                raise KernelArgumentError(
-                    f"kernel {kernel}: parameter {param.name} is {param.ctype}*, got an array of {arg.dtype} {tuple(arg.shape)}"
-                )
-            if not arg.flags.c_contiguous:
-                raise KernelArgumentError(f"kernel {kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
-            out.append(arg)
-            continue
-        if hasattr(arg, "shape") and getattr(arg, "ndim", 0) > 0:
-            raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is a scalar {param.ctype}, got an array")
-        if np.issubdtype(param.dtype, np.integer):
-            if isinstance(arg, (float, np.floating)) and not float(arg).is_integer():
-                raise KernelArgumentError(f"kernel {kernel}: parameter {param.name} is {param.ctype}, got {arg!r}")
-            info = np.iinfo(param.dtype)
-            if not info.min <= int(arg) <= info.max:
-                raise KernelArgumentError(f"kernel {kernel}: {param.name}={int(arg)} does not fit {param.ctype}")
-            out.append(param.dtype.type(int(arg)))
-        else:
-            out.append(param.dtype.type(arg))
-    return tuple(out)
+    return _argument_check(kernel, tuple(params))(tuple(args))
 
 
 def dim3(value, what: str, error: type[Exception] = ValueError) -> tuple[int, int, int]:
@@ -227,25 +267,55 @@ def _emu_function(topic: str, kernel: str):
     return emu.module_for(kernel_path(topic)).get_function(kernel)
 
 
-def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, options: tuple[str, ...] = NVRTC_OPTIONS):
-    """Launch ``kernel`` from ``kernels_cu/<topic>.cu`` on the device of its array arguments."""
+@functools.lru_cache(maxsize=None)
+def _kernel_check(topic: str, kernel: str) -> _ArgumentCheck:
     params = signatures(topic).get(kernel)
     if params is None:
         raise KeyError(f"kernels_cu/{topic}.cu has no extern \"C\" __global__ kernel named {kernel!r}")
-    args = cast_args(kernel, params, args)
-    devices = {device_of(a) for a, p in zip(args, params) if p.pointer}
-    if len(devices) != 1 or "cpu" in devices:
-        raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
+    return _argument_check(kernel, params)
+
+
+def _checked_shape(kernel: str, grid, block) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     grid, block = dim3(grid, "grid"), dim3(block, "block")
     if min(grid + block) < 1:
         raise ValueError(f"kernel {kernel}: grid {grid} and block {block} must be positive in every dimension")
-    if devices == {"emu"}:
-        function = _emu_function(topic, kernel)
-    else:
-        function = _cupy_function(topic, kernel, tuple(options))
+    return grid, block
+
+
+_cached_shape = functools.lru_cache(maxsize=4096)(_checked_shape)
+
+
+def _launch_shape(kernel: str, grid, block):
+    """(grid, block) as checked triples; the same few shapes recur every step, so they are cached."""
+    try:
+        return _cached_shape(kernel, grid, block)
+    except TypeError:  # a list: not hashable, so not cached
+        return _checked_shape(kernel, grid, block)
+
+
+def _function(topic: str, kernel: str, device: str, options: tuple[str, ...]):
+    return _emu_function(topic, kernel) if device == "emu" else _cupy_function(topic, kernel, options)
+
+
+def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, options: tuple[str, ...] = NVRTC_OPTIONS):
+    """Launch ``kernel`` from ``kernels_cu/<topic>.cu`` on the device of its array arguments.
+
+    Everything that depends only on the kernel (its parameter types, the casters of its scalars,
+    the compiled function) and on the launch shape is derived once and cached: a steady-state
+    launch checks its arrays, casts its scalars and launches.
+    """
+    check = _kernel_check(topic, kernel)
+    args = check(tuple(args))
+    devices = {device_of(a) for a, c in zip(args, check.casters) if c is None}
+    if len(devices) != 1 or "cpu" in devices:
+        raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
+    (device,) = devices
+    grid, block = _launch_shape(kernel, grid, block)
+    function = _function(topic, kernel, device, tuple(options))
+    shared_mem = int(shared_mem)
     if shared_mem > 48 * 1024:  # past 48 KiB, CUDA wants the kernel's explicit opt-in
-        function.max_dynamic_shared_size_bytes = int(shared_mem)
-    function(grid, block, args, shared_mem=int(shared_mem))
+        function.max_dynamic_shared_size_bytes = shared_mem
+    dispatch.issue(kernel, device, lambda: function(grid, block, args, shared_mem=shared_mem), grid, block, shared_mem)
 
 
 BLOCK = 256

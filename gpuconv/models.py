@@ -31,8 +31,12 @@ class ConvNet(nn.Module):
             )
         return self.classifier(self.flatten(self.features(x)))
 
+    # A model's input is data: backward computes no gradient for it (the first convolution
+    # launches no backward-data kernel) unless asked to, as for an input with requires_grad.
+    requires_input_grad = False
+
     def backward(self, grad_output):
-        return self.features.backward(self.flatten.backward(self.classifier.backward(grad_output)))
+        return nn.backward_chain([self.features, self.flatten, self.classifier], grad_output, self.requires_input_grad)
 
 
 # One type per architecture, so that repr() and summaries name it.

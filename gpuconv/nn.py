@@ -19,6 +19,7 @@ import numpy as np
 
 from . import functional as F
 from .device import device_of, to_device, to_numpy
+from .dispatch import device_call
 from .functional._checks import pair
 from .random import generator, next_seed
 
@@ -30,13 +31,42 @@ __all__ = [
 
 
 class Parameter:
-    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward)."""
+    """A trainable array (``data``) and its accumulated gradient (``grad``, None until a backward).
 
-    __slots__ = ("data", "grad")
+    ``requires_grad=False`` freezes it, as in PyTorch: backward computes no gradient for it (its
+    ``grad`` stays None), so the optimizers skip it.
+    """
 
-    def __init__(self, data):
+    __slots__ = ("data", "grad", "requires_grad", "_grad_buffer")
+
+    def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._grad_buffer = None
+
+    def attach_grad_buffer(self, buffer) -> None:
+        """Where fresh gradients go from now on: an optimizer's slot for this parameter in its
+        flat gradient buffer (see :class:`gpuconv.optim.Optimizer`)."""
+        self._grad_buffer = buffer
+
+    def grad_destination(self):
+        """The array a layer writes a fresh gradient into, or None to allocate one.
+
+        While ``grad`` is None, the attached buffer (if it still matches the data's shape and
+        device): the optimizer then finds the gradient in place and copies nothing. As with
+        ``zero_grad`` in PyTorch, a gradient kept from before ``zero_grad`` is overwritten.
+        """
+        buffer = self._grad_buffer
+        if self.grad is not None or buffer is None:
+            return None
+        if buffer.shape != self.data.shape or device_of(buffer) != device_of(self.data):
+            return None
+        return buffer
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Parameter":
+        self.requires_grad = bool(requires_grad)
+        return self
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -57,10 +87,12 @@ class Parameter:
         if self.grad is None:
             self.grad = grad
         else:
-            self.grad += grad
+            accumulated = self.grad
+            device_call("add", device_of(grad), lambda: accumulated.__iadd__(grad))
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r})"
+        frozen = "" if self.requires_grad else ", requires_grad=False"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device!r}{frozen})"
 
 
 def host_array(value) -> np.ndarray:
@@ -82,6 +114,11 @@ class Module:
     children in registration order, which is why containers register children in the order
     their forward runs them.
     """
+
+    # Whether backward must return the gradient with respect to the input. A layer called on its
+    # own returns it; a container sets it on its children from what their inputs are (the first
+    # layer of a model sees data, which needs none), and a layer that need not skips the work.
+    requires_input_grad = True
 
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -201,6 +238,15 @@ class Module:
         for param in self.parameters():
             param.grad = None
 
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze every parameter, as ``torch.nn.Module.requires_grad_``; returns self."""
+        for param in self.parameters():
+            param.requires_grad_(requires_grad)
+        return self
+
+    def _trains_any_parameter(self) -> bool:
+        return any(param.requires_grad for param in self.parameters())
+
     def _convert(self, convert) -> None:
         """Apply ``convert`` to every parameter and gradient; saved activations become stale."""
         for module in self.modules():
@@ -300,9 +346,29 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output):
-        for module in reversed(list(self)):
-            grad_output = module.backward(grad_output)
-        return grad_output
+        return backward_chain(list(self), grad_output, self.requires_input_grad)
+
+
+def backward_chain(modules, grad_output, requires_input_grad: bool):
+    """Backward through ``modules`` run in that order by forward; None if no input gradient is needed.
+
+    A module's input needs a gradient when the chain's input does or when a module before it
+    trains a parameter (as PyTorch's autograd decides it): each is told so through its
+    ``requires_input_grad``, and the walk stops at the first module whose input needs none, since
+    nothing before it needs anything.
+    """
+    needed, needs = [], bool(requires_input_grad)
+    for module in modules:
+        needed.append(needs)
+        needs = needs or module._trains_any_parameter()
+    for module, needs_input_grad in zip(reversed(modules), reversed(needed)):
+        if not needs_input_grad and not module._trains_any_parameter():
+            return None
+        module.requires_input_grad = needs_input_grad
+        grad_output = module.backward(grad_output)
+        if not needs_input_grad:
+            return None
+    return grad_output
 
 
 def _uniform(shape, bound: float) -> np.ndarray:
@@ -354,9 +420,13 @@ class Conv2d(Module):
     def backward(self, grad_output):
         x = self._saved()["input"]
         weight = self.weight.data
-        self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args()))
-        if self.bias is not None:
-            self.bias.accumulate_grad(F.conv2d_bias(grad_output))
+        if self.weight.requires_grad:
+            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(),
+                                                        out=self.weight.grad_destination()))
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.accumulate_grad(F.conv2d_bias(grad_output, out=self.bias.grad_destination()))
+        if not self.requires_input_grad:
+            return None
         return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args())
 
     def output_shape(self, input_shape):
@@ -529,9 +599,14 @@ class Linear(Module):
         return out
 
     def backward(self, grad_output):
-        grad_input, grad_weight, grad_bias = F.linear_backward(grad_output, self._saved()["input"], self.weight.data)
-        self.weight.accumulate_grad(grad_weight)
-        if self.bias is not None:
+        train_bias = self.bias is not None and self.bias.requires_grad
+        grad_input, grad_weight, grad_bias = F.linear_backward(
+            grad_output, self._saved()["input"], self.weight.data, input_grad=self.requires_input_grad,
+            weight_grad=self.weight.requires_grad, bias_grad=train_bias,
+            weight_out=self.weight.grad_destination(), bias_out=self.bias.grad_destination() if train_bias else None)
+        if grad_weight is not None:
+            self.weight.accumulate_grad(grad_weight)
+        if grad_bias is not None:
             self.bias.accumulate_grad(grad_bias)
         return grad_input
 

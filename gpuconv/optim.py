@@ -3,7 +3,7 @@
 A parameter is any object with a ``.data`` array, updated in place, and a ``.grad`` array or
 ``None`` (such a parameter is skipped by :meth:`Optimizer.step`). On 'cpu' an update is a few
 in-place NumPy operations; on 'cuda' and 'emu' it is one launch of a ``kernels_cu/optim.cu``
-kernel per parameter tensor. ``state_dict()`` holds NumPy arrays and plain numbers, so that a
+kernel for all parameters together, packed in one flat buffer (see :class:`Optimizer`). ``state_dict()`` holds NumPy arrays and plain numbers, so that a
 checkpoint can be saved from any device and loaded onto any other.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from . import kernels
 from .device import device_of, empty, to_device, to_numpy, zeros
+from .dispatch import device_call
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR"]
 
@@ -32,11 +33,77 @@ def _check_number(value, name: str, low: float, high: float | None = None, *, hi
     return value
 
 
+class _FlatGroup:
+    """The parameters of one device and dtype packed into one flat buffer, with their gradients
+    and optimizer state in flat buffers of the same layout.
+
+    Each parameter's ``data`` becomes a view of the flat buffer, and its state arrays views of
+    the state buffers, so one launch updates any run of neighbouring parameters. A flat buffer
+    with views rather than a kernel reading a table of pointers: the kernel gets each buffer as
+    one ordinary array argument, so the emulator still guards every access (a pointer read from
+    a table inside the kernel would bypass its bounds checks), and the update is the same
+    elementwise kernel as for one tensor, which makes it bit-identical to updating each tensor
+    on its own.
+    """
+
+    def __init__(self, indices: list[int], params: list, state: dict[int, dict]):
+        first = params[indices[0]].data
+        self.device, self.dtype = device_of(first), first.dtype
+        self.indices = indices
+        self.shapes = [tuple(params[i].data.shape) for i in indices]
+        sizes = [math.prod(shape) for shape in self.shapes]
+        self.offsets = [0]
+        for size in sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.data = self._pack([params[i].data for i in indices])
+        self.grad = empty((self.offsets[-1],), self.dtype, self.device)
+        self.grad_views = self.views(self.grad)
+        self.data_views = self.views(self.data)
+        for i, view in zip(indices, self.data_views):
+            params[i].data = view
+        self.state: dict[str, object] = {}
+        # State carried over (a rebuilt group, a loaded state_dict) is packed like the data.
+        names = {name for i in indices for name, v in state.get(i, {}).items() if hasattr(v, "shape")}
+        for name in sorted(names):
+            buffer = self.state_buffer(name)
+            for i, view in zip(indices, self.views(buffer)):
+                if name in state.get(i, {}):
+                    view[...] = state[i][name]
+                    state[i][name] = view
+
+    def _pack(self, arrays):
+        flat = empty((self.offsets[-1],), self.dtype, self.device)
+        for view, array in zip(self.views(flat), arrays):
+            view[...] = array
+        return flat
+
+    def views(self, flat) -> list:
+        return [flat[a:b].reshape(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def state_buffer(self, name: str):
+        """The flat state buffer ``name`` (zeros when first asked for)."""
+        if name not in self.state:
+            self.state[name] = zeros((self.offsets[-1],), self.dtype, self.device)
+        return self.state[name]
+
+    def current(self, params) -> bool:
+        """Whether every parameter's data is still its view (a model moved since would not be)."""
+        return all(params[i].data is view for i, view in zip(self.indices, self.data_views))
+
+
 class Optimizer(abc.ABC):
     """What SGD and Adam share: the parameters, their per-parameter state, ``lr``, checkpoints.
 
+    Parameters of one device and dtype are packed into one flat buffer at the first step (see
+    :class:`_FlatGroup`; each ``param.data`` becomes a view of it, so a layer keeps reading its
+    parameters as before), and one kernel launch (one NumPy pass on 'cpu') updates every run of
+    neighbouring parameters that share their state: all of them, unless some have no gradient
+    (skipped, as PyTorch skips a parameter whose grad is None). A gradient a layer wrote into
+    the parameter's slot of the flat gradient buffer (``grad_destination``) is used in place;
+    any other is copied there first.
+
     Subclasses name their hyper-parameters in ``_hyperparameters`` and implement
-    ``_update_numpy`` and ``_update_kernel`` for one parameter tensor.
+    ``_update_numpy`` and ``_update_kernel`` for one flat run of parameters.
     """
 
     _hyperparameters: tuple[str, ...] = ("lr",)
@@ -50,6 +117,9 @@ class Optimizer(abc.ABC):
                 raise TypeError(f"parameter {index} must have .data and .grad, got {type(param).__name__}")
         self.lr = lr
         self.state: dict[int, dict] = {}
+        self._groups: list[_FlatGroup] | None = None
+        # Packed now, so that the first backward already writes into the flat gradient buffer.
+        self._flat_groups()
 
     @property
     def lr(self) -> float:
@@ -65,36 +135,86 @@ class Optimizer(abc.ABC):
         for param in self.params:
             param.grad = None
 
+    def _flat_groups(self) -> list[_FlatGroup]:
+        """The flat groups, (re)built when a parameter's data is no longer its group's view."""
+        if self._groups is not None and all(group.current(self.params) for group in self._groups):
+            return self._groups
+        by_kind: dict[tuple, list[int]] = {}
+        for index, param in enumerate(self.params):
+            data = param.data
+            device = device_of(data)
+            if device != "cpu" and data.dtype != np.float32:
+                raise ValueError(f"parameter {index}: the kernels update float32 data, got {data.dtype} {tuple(data.shape)}")
+            by_kind.setdefault((device, data.dtype), []).append(index)
+        self._groups = [_FlatGroup(indices, self.params, self.state) for indices in by_kind.values()]
+        for group in self._groups:
+            for index, view in zip(group.indices, group.grad_views):
+                if hasattr(type(self.params[index]), "grad_destination"):
+                    self.params[index].attach_grad_buffer(view)
+        return self._groups
+
+    def _run_key(self, index: int):
+        """Neighbouring parameters with equal keys share one launch (Adam: the step count)."""
+        return None
+
     def step(self) -> None:
         """Update every parameter that has a gradient, in place."""
-        for index, param in enumerate(self.params):
-            if param.grad is None:
-                continue
-            data, grad = param.data, param.grad
-            if tuple(grad.shape) != tuple(data.shape):
-                raise ValueError(f"parameter {index}: grad {tuple(grad.shape)} does not match data {tuple(data.shape)}")
-            device = device_of(data)
-            if device_of(grad) != device:
-                raise ValueError(f"parameter {index}: data is on {device} but grad is on {device_of(grad)}")
-            state = self.state.setdefault(index, {})
-            if device == "cpu":
-                self._update_numpy(data, grad, state)
-                continue
-            if data.dtype != np.float32 or not data.flags.c_contiguous:
-                raise ValueError(f"parameter {index}: the kernels update float32 C-contiguous data in place, "
-                                 f"got {data.dtype} {tuple(data.shape)}")
-            # astype rather than ascontiguousarray: it keeps an EmuArray on the emulated device.
-            grad = grad.astype(np.float32, order="C", copy=False)
-            if data.size:
-                self._update_kernel(data, grad, state, kernels.blocks_for(data.size))
+        for group in self._flat_groups():
+            runs: list[list[int]] = []
+            for position, index in enumerate(group.indices):
+                param = self.params[index]
+                if param.grad is None:
+                    runs.append([])
+                    continue
+                self._stage_grad(index, param, group, position)
+                if runs and runs[-1] and self._run_key(group.indices[runs[-1][-1]]) == self._run_key(index):
+                    runs[-1].append(position)
+                else:
+                    runs.append([position])
+            for run in runs:
+                if run:
+                    self._update_run(group, run)
+
+    def _stage_grad(self, index: int, param, group: _FlatGroup, position: int) -> None:
+        grad, view = param.grad, group.grad_views[position]
+        if tuple(grad.shape) != tuple(view.shape):
+            raise ValueError(f"parameter {index}: grad {tuple(grad.shape)} does not match data {tuple(view.shape)}")
+        if device_of(grad) != group.device:
+            raise ValueError(f"parameter {index}: data is on {group.device} but grad is on {device_of(grad)}")
+        if grad is not view:
+            device_call("copy", group.device, lambda: view.__setitem__(Ellipsis, grad))
+
+    def _update_run(self, group: _FlatGroup, run: list[int]) -> None:
+        """One update of the parameters at ``run`` (neighbouring positions of ``group``)."""
+        start, stop = group.offsets[run[0]], group.offsets[run[-1] + 1]
+        span = slice(start, stop)
+        indices = [group.indices[position] for position in run]
+        for index, position in zip(indices, run):
+            entry = self.state.setdefault(index, {})
+            for name in self._state_names:
+                if name not in entry:
+                    entry[name] = group.views(group.state_buffer(name))[position]
+        state = {name: group.state_buffer(name)[span] for name in self._state_names}
+        scalars = self._advance(indices)
+        if group.device == "cpu":
+            self._update_numpy(group.data[span], group.grad[span], state, scalars)
+        elif stop > start:
+            self._update_kernel(group.data[span], group.grad[span], state, scalars, kernels.blocks_for(stop - start))
+
+    # The flat state buffers an update reads and writes.
+    _state_names: tuple[str, ...] = ()
+
+    def _advance(self, indices: list[int]) -> tuple:
+        """Host-side per-step values of one update of the parameters ``indices`` (Adam: bias corrections)."""
+        return ()
 
     @abc.abstractmethod
-    def _update_numpy(self, data, grad, state: dict) -> None:
-        """Update one parameter on 'cpu', in place."""
+    def _update_numpy(self, data, grad, state: dict, scalars: tuple) -> None:
+        """Update one flat run of parameters on 'cpu', in place."""
 
     @abc.abstractmethod
-    def _update_kernel(self, data, grad, state: dict, grid: int) -> None:
-        """Update one float32 parameter on 'cuda' or 'emu' with one kernel launch."""
+    def _update_kernel(self, data, grad, state: dict, scalars: tuple, grid: int) -> None:
+        """Update one flat float32 run of parameters on 'cuda' or 'emu' with one kernel launch."""
 
     def state_dict(self) -> dict:
         """``{'state': {index: {name: ndarray or number}}, 'hyperparameters': {name: value}}``.
@@ -132,6 +252,7 @@ class Optimizer(abc.ABC):
                                  f"{', '.join(self._hyperparameters)}")
             setattr(self, name, value)
         self.state = state
+        self._groups = None  # the next step packs the loaded state into flat buffers
 
 
 class SGD(Optimizer):
@@ -156,24 +277,23 @@ class SGD(Optimizer):
             raise ValueError("nesterov=True needs a positive momentum, got momentum=0")
         super().__init__(params, lr)
 
-    def _buffer(self, data, state):
-        # A zero buffer makes the first update momentum * 0 + d = d, PyTorch's initial copy, exactly.
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = zeros(data.shape, data.dtype, device_of(data))
-        return state["momentum_buffer"]
+    @property
+    def _state_names(self):
+        return ("momentum_buffer",) if self.momentum else ()
 
-    def _update_numpy(self, data, grad, state):
+    def _update_numpy(self, data, grad, state, scalars):
         d = grad + self.weight_decay * data if self.weight_decay else grad
         if self.momentum:
-            buffer = self._buffer(data, state)
+            # A zero buffer makes the first update momentum * 0 + d = d, PyTorch's initial copy, exactly.
+            buffer = state["momentum_buffer"]
             buffer *= self.momentum
             buffer += d
             d = d + self.momentum * buffer if self.nesterov else buffer
         data -= self.lr * d
 
-    def _update_kernel(self, data, grad, state, grid):
+    def _update_kernel(self, data, grad, state, scalars, grid):
         # With no momentum the kernel never reads the buffer: an empty array stands for a null pointer.
-        buffer = self._buffer(data, state) if self.momentum else empty((0,), np.float32, device_of(data))
+        buffer = state["momentum_buffer"] if self.momentum else empty((0,), np.float32, device_of(data))
         kernels.launch("optim", "sgd_step_v1", grid, kernels.BLOCK,
                        (data, grad, buffer, data.size, self.lr, self.momentum, self.weight_decay, self.nesterov))
 
@@ -205,20 +325,23 @@ class Adam(Optimizer):
             raise TypeError(f"betas must be a pair of floats, got {value!r}")
         self._betas = (_check_number(value[0], "betas[0]", 0.0, 1.0), _check_number(value[1], "betas[1]", 0.0, 1.0))
 
-    def _moments(self, data, state):
-        if "step" not in state:
-            device = device_of(data)
-            state.update(step=0, exp_avg=zeros(data.shape, data.dtype, device),
-                         exp_avg_sq=zeros(data.shape, data.dtype, device))
-        state["step"] += 1
+    _state_names = ("exp_avg", "exp_avg_sq")
+
+    def _run_key(self, index):
+        return self.state.get(index, {}).get("step", 0)
+
+    def _advance(self, indices):
+        for index in indices:
+            entry = self.state[index]
+            entry["step"] = entry.get("step", 0) + 1
+        step = self.state[indices[0]]["step"]
         beta1, beta2 = self.betas
         # In double precision on the host, as PyTorch does: 1 - beta ** step cancels badly in float32.
-        step_size = self.lr / (1 - beta1 ** state["step"])
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-        return state["exp_avg"], state["exp_avg_sq"], step_size, bias_correction2_sqrt
+        return self.lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
 
-    def _update_numpy(self, data, grad, state):
-        exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt = self._moments(data, state)
+    def _update_numpy(self, data, grad, state, scalars):
+        step_size, bias_correction2_sqrt = scalars
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         beta1, beta2 = self.betas
         g = grad + self.weight_decay * data if self.weight_decay else grad
         exp_avg += (1 - beta1) * (g - exp_avg)
@@ -226,12 +349,12 @@ class Adam(Optimizer):
         exp_avg_sq += (1 - beta2) * g * g
         data -= step_size * exp_avg / (np.sqrt(exp_avg_sq) / bias_correction2_sqrt + self.eps)
 
-    def _update_kernel(self, data, grad, state, grid):
-        exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt = self._moments(data, state)
+    def _update_kernel(self, data, grad, state, scalars, grid):
+        step_size, bias_correction2_sqrt = scalars
         beta1, beta2 = self.betas
         kernels.launch("optim", "adam_step_v1", grid, kernels.BLOCK,
-                       (data, grad, exp_avg, exp_avg_sq, data.size, beta1, beta2, self.eps, self.weight_decay,
-                        step_size, bias_correction2_sqrt))
+                       (data, grad, state["exp_avg"], state["exp_avg_sq"], data.size, beta1, beta2, self.eps,
+                        self.weight_decay, step_size, bias_correction2_sqrt))
 
 
 class StepLR:

@@ -98,6 +98,7 @@ def test_lenet5_forward_backward_shapes(classic, rng):
     x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
     out = model(x)
     assert out.shape == (3, 10)
+    model.requires_input_grad = True  # a model computes no input gradient unless asked
     grad_input = model.backward(np.ones_like(out))
     assert grad_input.shape == x.shape
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
@@ -125,6 +126,7 @@ def test_lenet5_on_every_device_matches_cpu(device, rng):
     model = models.lenet5(classic=True)
     cpu_model = models.lenet5(classic=True)
     cpu_model.load_state_dict(model.state_dict())
+    model.requires_input_grad = cpu_model.requires_input_grad = True
     x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
     grad = rng.standard_normal((2, 10)).astype(np.float32)
     out = model.to(device)(to_device(x, device))

@@ -213,3 +213,68 @@ def test_a_grad_of_the_wrong_shape_is_named(rng):
     params[1].grad = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match=r"parameter 1: grad \(4,\) does not match data \(5,\)"):
         SGD(params, lr=0.1).step()
+
+
+# -- one launch for every parameter ------------------------------------------------------------
+
+FLAT_SHAPES = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (10, 40), (10,), (3,)]
+ONE_LAUNCH = [
+    lambda p: SGD(p, lr=0.05),
+    lambda p: SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda p: Adam(p, lr=0.01, weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("make", ONE_LAUNCH)
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_one_update_of_all_parameters_is_bit_identical_to_updating_each_alone(device, rng, make):
+    """Several steps, with a parameter left without a gradient in one of them (its Adam step count
+    then differs from its neighbours'), against one optimizer per parameter."""
+    import gpuconv
+
+    start = [rng.standard_normal(s).astype(np.float32) for s in FLAT_SHAPES]
+    together = [SimpleNamespace(data=to_device(w, device), grad=None) for w in start]
+    alone = [SimpleNamespace(data=to_device(w, device), grad=None) for w in start]
+    optimizer, singles = make(together), [make([p]) for p in alone]
+    for step in range(4):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in FLAT_SHAPES]
+        skipped = 2 if step == 1 else None
+        for index, (a, b, g) in enumerate(zip(together, alone, grads)):
+            a.grad = b.grad = None if index == skipped else to_device(g, device)
+        with gpuconv.profile() as prof:
+            optimizer.step()
+        if device == "emu":
+            # One launch; one on each side of the parameter without a gradient; and for Adam,
+            # whose step counts then differ, one per run of equal counts from then on.
+            expected = 2 if step == 1 else (3 if step > 1 and isinstance(optimizer, Adam) else 1)
+            assert len([x for x in prof.launches if not x.library]) == expected
+        for single in singles:
+            single.step()
+    for index, (a, b) in enumerate(zip(together, alone)):
+        np.testing.assert_array_equal(to_numpy(a.data), to_numpy(b.data), err_msg=f"parameter {index}")
+        for name, value in optimizer.state[index].items():
+            expected = singles[index].state[0][name]
+            np.testing.assert_array_equal(to_numpy(value) if hasattr(value, "shape") else value,
+                                          to_numpy(expected) if hasattr(expected, "shape") else expected)
+
+
+def test_a_gradient_written_into_its_flat_slot_is_not_copied(rng):
+    """A model's layers write gradients straight into the optimizer's flat buffer: the step is
+    the update's one launch and nothing else."""
+    import gpuconv
+    from gpuconv import models, nn
+
+    model = models.lenet5().to("emu")
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    x = to_device(rng.standard_normal((2, 1, 28, 28)).astype(np.float32), "emu")
+    y = to_device(np.array([1, 7], np.int32), "emu")
+    for step in range(2):
+        criterion(model(x), y)
+        model.backward(criterion.backward())
+        with gpuconv.profile() as prof:
+            optimizer.step()
+        optimizer.zero_grad()
+        # (the first step also zeroes the new momentum buffer)
+        assert [x.kernel for x in prof.launches] == ["memset"] * (step == 0) + ["sgd_step_v1"]
+    assert len({p.data.base.ctypes.data if p.data.base is not None else None for p in model.parameters()}) == 1

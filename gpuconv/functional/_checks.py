@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..device import device_of
+from ..device import device_of, empty
 
 
 def check_array(x, name: str, ndim: int | None = None, layout: str = ""):
@@ -46,3 +46,14 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
         bound = "positive" if minimum == 1 else f"at least {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return int(items[0]), int(items[1])
+
+
+def output_array(out, name: str, shape, dtype, device: str):
+    """``out`` checked to take a result of ``shape`` (an ``out=`` argument); a fresh array when None."""
+    if out is None:
+        return empty(shape, dtype, device)
+    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or device_of(out) != device
+            or not out.flags.c_contiguous):
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)} on "
+                         f"{device}, got {out.dtype} {tuple(out.shape)} on {device_of(out)}")
+    return out

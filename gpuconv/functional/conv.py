@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..device import array_module, common_device, contiguous, device_of, empty, zeros
-from ._checks import check_array, check_same_dtype, pair
+from ..device import array_module, common_device, contiguous, device_of, empty, zero_, zeros
+from ._checks import check_array, check_same_dtype, output_array, pair
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size"]
 
@@ -230,8 +230,8 @@ def _conv2d_input_im2col(weight, grad_output, g: _Geometry):
     return grad_input
 
 
-def _conv2d_weight_im2col(x, grad_output, g: _Geometry):
-    grad_weight = zeros((g.c_out, g.patch_size), x.dtype, device_of(x))
+def _conv2d_weight_im2col(x, grad_output, g: _Geometry, out):
+    grad_weight = zero_(output_array(out, "out", g.weight_shape, x.dtype, device_of(x))).reshape(g.c_out, g.patch_size)
     for chunk in _batch_chunks(g, x.dtype.itemsize):
         # (K x NP) @ (NP x C_out), transposed afterwards: BLAS runs this orientation about 1.5x
         # faster than (C_out x NP) @ (NP x K) when C_out and K are small (LeNet).
@@ -239,8 +239,8 @@ def _conv2d_weight_im2col(x, grad_output, g: _Geometry):
     return grad_weight.reshape(g.weight_shape)
 
 
-def _conv2d_bias_sum(grad_output):
-    grad_bias = empty((grad_output.shape[1],), grad_output.dtype, device_of(grad_output))
+def _conv2d_bias_sum(grad_output, out):
+    grad_bias = output_array(out, "out", (grad_output.shape[1],), grad_output.dtype, device_of(grad_output))
     grad_bias[...] = grad_output.sum(axis=(0, 2, 3))
     return grad_bias
 
@@ -290,10 +290,10 @@ def _conv2d_input_kernel(weight, grad_output, g: _Geometry):
     return grad_input
 
 
-def _conv2d_weight_kernel(x, grad_output, g: _Geometry):
+def _conv2d_weight_kernel(x, grad_output, g: _Geometry, out):
     _check_kernel_limits(g)
     # Blocks add their partial sums into a zeroed result (split-K over batch*H_out*W_out).
-    grad_weight = zeros(g.weight_shape, np.float32, device_of(x))
+    grad_weight = zero_(output_array(out, "out", g.weight_shape, np.float32, device_of(x)))
     tiles = math.ceil(g.c_out / _TILE_M) * math.ceil(g.patch_size / _TILE_N)
     k_tiles = math.ceil(g.batch * g.out_h * g.out_w / _TILE_K)
     splits = min(k_tiles, max(1, _TARGET_BLOCKS // tiles))
@@ -305,9 +305,9 @@ def _conv2d_weight_kernel(x, grad_output, g: _Geometry):
     return grad_weight
 
 
-def _conv2d_bias_kernel(grad_output):
+def _conv2d_bias_kernel(grad_output, out):
     batch, c_out, height, width = grad_output.shape
-    grad_bias = empty((c_out,), np.float32, device_of(grad_output))
+    grad_bias = output_array(out, "out", (c_out,), np.float32, device_of(grad_output))
     kernels.launch("conv2d_backward_filter", "conv2d_bias_grad_v1", c_out, _THREADS,
                    (contiguous(grad_output), grad_bias, batch, c_out, height * width))
     return grad_bias
@@ -364,10 +364,11 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
-def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1):
+def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
+    ``out``: an array of ``weight_shape`` on the input's device to write the gradient into.
     On 'cuda' the kernel adds the partial sums of its blocks with float ``atomicAdd``, so the last
     bits of the result may differ from run to run (as cuDNN's non-deterministic algorithms do).
     """
@@ -378,10 +379,11 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     check_same_dtype(input=input, grad_output=grad_output)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
-    return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g)
+    return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
 
 
-def conv2d_bias(grad_output):
-    """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W."""
+def conv2d_bias(grad_output, *, out=None):
+    """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W
+    (written into ``out``, a (C_out,) array on the same device, if given)."""
     check_array(grad_output, "grad_output", 4, "NCHW")
-    return _implementation(device_of(grad_output), "conv2d_bias_grad", _BIAS_GRAD)(grad_output)
+    return _implementation(device_of(grad_output), "conv2d_bias_grad", _BIAS_GRAD)(grad_output, out)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels
-from ..device import common_device, empty
+from ..device import array_module, common_device, device_of, empty
+from ..dispatch import device_call
 from ._checks import check_array
 
 __all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
@@ -40,12 +41,12 @@ def _reduce(losses, reduction: str):
     """The per-sample ``losses`` reduced as asked; a 0-d array on their device for 'mean'/'sum'."""
     if reduction == "none":
         return losses
-    # Reduce to shape (1,) and reshape last: NumPy turns 0-d results of arithmetic into scalars.
-    total = losses.sum(keepdims=True)
-    if reduction == "mean":
-        total /= losses.shape[0]
+    # Into a shape (1,) array, reshaped last: NumPy turns 0-d results of arithmetic into scalars.
+    device, xp = device_of(losses), array_module(losses)
+    total = empty((1,), losses.dtype, device)
+    reduce = xp.mean if reduction == "mean" and losses.shape[0] else xp.sum
+    device_call(reduce.__name__, device, lambda: reduce(losses, keepdims=True, out=total))
     return total.reshape(())
-
 
 def _numpy(input, target, reduction, want_grad):
     rows = np.arange(input.shape[0])

@@ -1,0 +1,93 @@
+"""Work nobody needs is not done: frozen parameters, the input gradient of a model's first layer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import models, nn
+from gpuconv.device import to_device, to_numpy
+from gpuconv.random import manual_seed
+
+
+def _lenet_step(device, rng, batch=2):
+    manual_seed(0)
+    model = models.lenet5().to(device)
+    criterion = nn.CrossEntropyLoss()
+    x = to_device(rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), device)
+    y = to_device(rng.integers(0, 10, batch).astype(np.int32), device)
+    return model, criterion, x, y
+
+
+def test_first_layer_of_lenet_launches_no_backward_data_kernel(rng):
+    model, criterion, x, y = _lenet_step("emu", rng)
+    criterion(model(x), y)
+    with gpuconv.profile() as prof:
+        assert model.backward(criterion.backward()) is None
+    launched = prof.counts()
+    # conv2 still needs one (its input gradient feeds pool1 and conv1's weight gradient)
+    assert launched["conv2d_backward_data_v1"] == 1
+    assert launched["conv2d_backward_filter_v1"] == 2
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_asking_a_model_for_its_input_gradient_computes_it(rng):
+    model, criterion, x, y = _lenet_step("emu", rng)
+    model.requires_input_grad = True
+    criterion(model(x), y)
+    with gpuconv.profile() as prof:
+        grad_input = model.backward(criterion.backward())
+    assert prof.counts()["conv2d_backward_data_v1"] == 2
+    assert grad_input.shape == x.shape
+
+
+def test_a_standalone_layer_still_returns_its_input_gradient(rng):
+    conv = nn.Conv2d(1, 2, 3).to("emu")
+    x = to_device(rng.standard_normal((1, 1, 5, 5)).astype(np.float32), "emu")
+    out = conv(x)
+    assert conv.backward(out).shape == x.shape
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_frozen_parameters_get_no_gradient_and_no_update(device, rng):
+    model, criterion, x, y = _lenet_step(device, rng)
+    model.features.requires_grad_(False)
+    model.classifier[0].bias.requires_grad = False
+    frozen = {name: to_numpy(p.data).copy() for name, p in model.named_parameters() if not p.requires_grad}
+    assert sorted(frozen) == ["classifier.0.bias", "features.0.bias", "features.0.weight",
+                              "features.3.bias", "features.3.weight"]
+    optimizer = gpuconv.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion(model(x), y)
+    with gpuconv.profile() as prof:
+        model.backward(criterion.backward())
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name in frozen), name
+    if device == "emu":
+        # Nothing before the first trained layer needs a gradient: the features stack is skipped
+        # whole, and the classifier's first layer computes no input gradient.
+        launched = prof.counts()
+        assert not [k for k in launched if k.startswith(("conv2d", "max_pool2d"))], launched
+        assert launched["relu_backward_v1"] == 2 and launched["matmul"] == 5, launched
+    optimizer.step()
+    for name, value in frozen.items():
+        np.testing.assert_array_equal(to_numpy(dict(model.named_parameters())[name].data), value, err_msg=name)
+
+
+def test_freezing_matches_torch_gradients_of_the_rest(rng):
+    torch = pytest.importorskip("torch")
+    layer = nn.Linear(4, 3)
+    layer.weight.requires_grad = False
+    reference = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor(layer.weight.data))
+        reference.bias.copy_(torch.tensor(layer.bias.data))
+    reference.weight.requires_grad_(False)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    g = rng.standard_normal((2, 3)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    reference(xt).backward(torch.tensor(g))
+    layer(x)
+    grad_input = layer.backward(g)
+    assert layer.weight.grad is None and reference.weight.grad is None
+    np.testing.assert_allclose(layer.bias.grad, reference.bias.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grad_input, xt.grad.numpy(), rtol=1e-6)
