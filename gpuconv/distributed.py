@@ -54,7 +54,7 @@ import traceback
 import numpy as np
 
 from .data import epoch_order
-from .device import array_module, device_of, empty
+from .device import device_of
 
 __all__ = ["ProcessGroup", "DistributedSampler", "DistributedError", "init_process_group", "launched_by_mpi",
            "abort_on_error", "shard_batches"]
@@ -99,8 +99,6 @@ class ProcessGroup:
         self.comm = comm
         self.timeout = float(timeout)
         self.rank, self.world_size, self.local_rank, self.local_size = 0, 1, 0, 1
-        self._flat = None  # the gradient buffer, and the parameter layout it was made for
-        self._layout = None
         self._nccl = None
         self._nccl_done = None  # the event after the last gradient all-reduce on 'cuda'
         if comm is not None:
@@ -256,42 +254,22 @@ class ProcessGroup:
             self._nccl = nccl.NcclCommunicator(self.world_size, unique_id, self.rank)
         return self._nccl
 
-    def _flat_buffer(self, params: list):
-        layout = [(id(p), p.data.shape) for p in params]
-        if layout != self._layout:
-            data = params[0].data
-            self._flat = empty((sum(p.data.size for p in params),), data.dtype, device_of(data))
-            self._layout = layout
-        return self._flat
-
-    def average_gradients(self, params, share: float) -> None:
-        """Replace every ``param.grad`` by ``sum over ranks of share_r * grad_r``, with ONE
-        all-reduce of one flat buffer.
+    def average_gradients(self, optimizer, share: float) -> None:
+        """Sum ``share_r * grad_r`` over the ranks into every gradient of ``optimizer``'s
+        parameters, with ONE all-reduce of its flat gradient buffer (one per device and dtype),
+        in place: the layers wrote their gradients there, and the optimizer steps from there.
 
         ``share`` is this rank's samples over the global batch's, so the result is the gradient
-        of the global batch's mean loss. A ``grad`` of None (an empty local batch) counts as
-        zero. Afterwards each ``grad`` is a view of the flat buffer, valid until the next call.
+        of the global batch's mean loss. A missing gradient (an empty local batch) counts as zero.
         """
         if not self.is_distributed:
             return
-        params = list(params)
-        flat = self._flat_buffer(params)
-        xp = array_module(device_of(flat))
-        segments, offset = [], 0
-        for param in params:
-            segment = flat[offset:offset + param.data.size]
-            offset += param.data.size
-            if param.grad is None:
-                segment.fill(0)
+        for flat in optimizer.flat_gradients():
+            flat *= share
+            if device_of(flat) == "cuda":
+                self._nccl_sum(flat)
             else:
-                xp.multiply(param.grad.reshape(-1), share, out=segment)
-            segments.append(segment)
-        if device_of(flat) == "cuda":
-            self._nccl_sum(flat)
-        else:
-            self.allreduce_sum(flat, what="the gradient all-reduce")
-        for param, segment in zip(params, segments):
-            param.grad = segment.reshape(param.data.shape)
+                self.allreduce_sum(flat, what="the gradient all-reduce")
 
     def _nccl_sum(self, flat) -> None:
         # Awaits a GPU: written against cupy.cuda.nccl's documented API, not yet run.

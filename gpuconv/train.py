@@ -313,7 +313,7 @@ class Trainer:
                     loss_sum = loss_sum + loss * len(y)
                     correct = correct + (logits.argmax(axis=1) == y).sum()
                     seen += len(y)
-                self.group.average_gradients(self.model.parameters(), share)
+                self.group.average_gradients(self.optimizer, share)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
                 if step % c.sync_every == 0 or step == steps:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuconv import data, distributed, train
+from gpuconv import data, distributed, optim, train
 from gpuconv.nn import Parameter
 from test_train import write_synthetic_dataset
 
@@ -143,12 +143,30 @@ def test_a_group_of_one_process_changes_nothing():
     group = distributed.ProcessGroup()
     param = Parameter(np.ones(3, np.float32))
     param.grad = np.full(3, 2.0, np.float32)
-    group.average_gradients([param], share=0.5)
+    group.average_gradients(optim.SGD([param], lr=0.1), share=0.5)
     assert param.grad.tolist() == [2.0, 2.0, 2.0]
     assert group.broadcast_object({"a": 1}) == {"a": 1}
     assert group.allgather_object(5) == [5]
     assert group.allreduce_sum(np.array([1.5])).tolist() == [1.5]
     group.check_same({"lr": 1}, "a value")
+
+
+def test_flat_gradients_hold_every_gradient_zeros_for_missing_ones_and_skip_frozen_parameters():
+    rng = np.random.default_rng(0)
+    params = [Parameter(rng.standard_normal(shape).astype(np.float32)) for shape in ((2, 3), (4,), (3,), (1,))]
+    params[2].requires_grad_(False)
+    params[0].grad = rng.standard_normal((2, 3)).astype(np.float32)
+    params[3].grad = np.array([5.0], np.float32)
+    optimizer = optim.SGD(params, lr=0.5)
+    expected = [p.data - 0.5 * (p.grad if p.grad is not None else 0) for p in params]
+    expected[2] = params[2].data.copy()  # frozen
+    (flat,) = optimizer.flat_gradients()
+    np.testing.assert_array_equal(flat[:6], params[0].grad.reshape(-1))
+    np.testing.assert_array_equal(flat[6:10], 0)  # trainable, no gradient on this rank: zeros
+    assert flat[13] == 5.0 and params[2].grad is None
+    optimizer.step()
+    for param, want in zip(params, expected):
+        np.testing.assert_array_equal(param.data, want)
 
 
 def test_sampler_refuses_a_rank_outside_the_world():
@@ -218,10 +236,10 @@ DRIVER = textwrap.dedent("""
     mode, at = sys.argv[1], int(sys.argv[2])
     average = distributed.ProcessGroup.average_gradients
     if mode == "apart":
-        distributed.ProcessGroup.average_gradients = lambda self, params, share: None
+        distributed.ProcessGroup.average_gradients = lambda self, optimizer, share: None
     elif mode == "mean":
         distributed.ProcessGroup.average_gradients = (
-            lambda self, params, share: average(self, params, 1 / self.world_size))
+            lambda self, optimizer, share: average(self, optimizer, 1 / self.world_size))
     elif distributed.init_process_group().rank == 1:
         forward, calls = models.ConvNet.forward, []
 
