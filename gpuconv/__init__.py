@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .device import EmuArray, array_module, cuda_status, device_of, resolve_device, to_device, to_numpy
+from .precision import get_float32_matmul_precision, set_float32_matmul_precision
 from .profiler import profile
 from .random import manual_seed
 # Bound eagerly: a lazily imported submodule named `summary` would replace the function with
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EmuArray", "array_module", "cuda_status", "device_of", "resolve_device", "to_device", "to_numpy",
     "functional", "nn", "models", "optim", "data", "summary", "manual_seed", "profile",
+    "set_float32_matmul_precision", "get_float32_matmul_precision",
 ]
 
 _SUBMODULES = {"functional", "nn", "models", "optim", "data", "train", "bench", "emu", "kernels", "compile_check"}

@@ -21,6 +21,7 @@ from . import functional as F
 from .device import device_of, to_device, to_numpy
 from .dispatch import device_call
 from .functional._checks import pair
+from .precision import check as check_precision
 from .random import generator, next_seed
 
 __all__ = [
@@ -387,11 +388,17 @@ def _shape_check(layer: str, input_shape, ndim: int, layout: str) -> tuple[int, 
 
 
 class Conv2d(Module):
-    """2-D convolution, NCHW input, OIHW weight; initialised as ``torch.nn.Conv2d``."""
+    """2-D convolution, NCHW input, OIHW weight; initialised as ``torch.nn.Conv2d``.
+
+    ``precision`` ('fp32', 'tf32', 'bf16'; None: the global setting) is the internal precision of
+    its three convolutions, see ``gpuconv.precision``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True):
+                 bias: bool = True, *, precision=None):
         super().__init__()
+        check_precision(precision)
+        self.precision = precision
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         if min(self.in_channels, self.out_channels) < 1:
             raise ValueError(
@@ -413,7 +420,7 @@ class Conv2d(Module):
     def forward(self, x):
         self._check_input(x)
         bias = None if self.bias is None else self.bias.data
-        out = F.conv2d(x, self.weight.data, bias, *self._conv_args())
+        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), precision=self.precision)
         self._save(input=x)
         return out
 
@@ -422,12 +429,12 @@ class Conv2d(Module):
         weight = self.weight.data
         if self.weight.requires_grad:
             self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(),
-                                                        out=self.weight.grad_destination()))
+                                                        out=self.weight.grad_destination(), precision=self.precision))
         if self.bias is not None and self.bias.requires_grad:
             self.bias.accumulate_grad(F.conv2d_bias(grad_output, out=self.bias.grad_destination()))
         if not self.requires_input_grad:
             return None
-        return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args())
+        return F.conv2d_input(x.shape, weight, grad_output, *self._conv_args(), precision=self.precision)
 
     def output_shape(self, input_shape):
         n, c, h, w = _shape_check("Conv2d", input_shape, 4, "NCHW")
@@ -446,6 +453,8 @@ class Conv2d(Module):
             text += f", dilation={self.dilation}"
         if self.bias is None:
             text += ", bias=False"
+        if self.precision is not None:
+            text += f", precision={self.precision!r}"
         return text
 
 

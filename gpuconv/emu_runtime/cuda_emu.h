@@ -222,6 +222,15 @@ static inline void __threadfence() { __asm__ __volatile__("" ::: "memory"); }
 static inline void __threadfence_block() { __asm__ __volatile__("" ::: "memory"); }
 
 // ---------------------------------------------------------------------------------------------
+// Hook for kernels_cu/ptx.cuh (the emulated cp.async, mma.sync and ldmatrix). ptx.cuh keeps
+// per-thread state, the copies a thread has in flight above all, and sets this pointer; the
+// scheduler calls it as each thread of a block starts (with the thread's linear index), so that
+// nothing carries over from an earlier block or launch. Null when a file does not include ptx.cuh.
+namespace emu {
+static void (*reset_thread_state)(int thread) = nullptr;
+}  // namespace emu
+
+// ---------------------------------------------------------------------------------------------
 // Fibers and the block scheduler.
 namespace emu {
 
@@ -383,6 +392,7 @@ static void prepare_fiber(Fiber* f, int index) {
     makecontext(&f->ctx, fiber_main, 0);
 #endif
     f->state = RUNNABLE;
+    if (reset_thread_state) reset_thread_state(index);  // the ptx.cuh hook above
 }
 
 // Stacks live in one mapping, reused across blocks and launches, each above a PROT_NONE page.

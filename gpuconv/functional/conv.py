@@ -21,6 +21,9 @@ import numpy as np
 
 from .. import kernels
 from ..device import array_module, common_device, contiguous, device_of, empty, zero_, zeros
+from ..precision import resolve as resolve_precision
+from ..precision import round_operand
+from . import conv_tensorcore
 from ._checks import check_array, check_same_dtype, output_array, pair
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size"]
@@ -328,12 +331,14 @@ def _implementation(device: str, op: str, versions: dict):
 # Public API: check once, then dispatch.
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None):
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None, precision=None):
     """2-D cross-correlation of ``input`` (N, C_in, H, W) with ``weight`` (C_out, C_in, KH, KW).
 
     ``padding`` is an int, a pair, ``'valid'`` or ``'same'`` (stride 1 only; an odd total padding
     puts the extra row/column at the bottom/right, as PyTorch does). ``activation='relu'`` applies
-    the ReLU in the same pass. Returns (N, C_out, H_out, W_out) on the device of ``input``.
+    the ReLU in the same pass. ``precision`` ('fp32', 'tf32', 'bf16'; None: the global
+    ``gpuconv.set_float32_matmul_precision``) is the internal precision of float32 operands, see
+    ``gpuconv.precision``. Returns (N, C_out, H_out, W_out) on the device of ``input``.
     """
     check_array(input, "input", 4, "NCHW")
     check_array(weight, "weight", 4, "OIHW")
@@ -341,34 +346,46 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
         check_array(bias, "bias", 1)
     device = common_device(input=input, weight=weight, bias=bias)
     check_same_dtype(input=input, weight=weight, bias=bias)
+    precision = resolve_precision(precision, input.dtype)
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     g = _geometry(input.shape, weight.shape, stride, padding, dilation)
     if bias is not None and tuple(bias.shape) != (g.c_out,):
         raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    if precision != "fp32":
+        if device != "cpu":
+            return conv_tensorcore.conv2d(input, weight, bias, g, activation == "relu", precision)
+        input, weight = round_operand(input, precision), round_operand(weight, precision)
     return _implementation(device, "conv2d_forward", _FORWARD)(input, weight, bias, g, activation == "relu")
 
 
-def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1):
+def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1, *, precision=None):
     """Gradient of ``conv2d`` with respect to its input, of shape ``input_shape``.
 
-    As ``torch.nn.grad.conv2d_input``; ``padding`` also takes ``'same'`` and ``'valid'``.
+    As ``torch.nn.grad.conv2d_input``; ``padding`` also takes ``'same'`` and ``'valid'``;
+    ``precision`` as for ``conv2d``.
     """
     input_shape = _shape4(input_shape, "input_shape")
     check_array(weight, "weight", 4, "OIHW")
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = common_device(weight=weight, grad_output=grad_output)
     check_same_dtype(weight=weight, grad_output=grad_output)
+    precision = resolve_precision(precision, weight.dtype)
     g = _geometry(input_shape, weight.shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if precision != "fp32":
+        if device != "cpu":
+            return conv_tensorcore.conv2d_input(weight, grad_output, g, precision)
+        weight, grad_output = round_operand(weight, precision), round_operand(grad_output, precision)
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
-def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None):
+def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
     ``out``: an array of ``weight_shape`` on the input's device to write the gradient into.
+    ``precision`` as for ``conv2d``.
     On 'cuda' the kernel adds the partial sums of its blocks with float ``atomicAdd``, so the last
     bits of the result may differ from run to run (as cuDNN's non-deterministic algorithms do).
     """
@@ -377,8 +394,13 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     check_array(grad_output, "grad_output", 4, "NCHW")
     device = common_device(input=input, grad_output=grad_output)
     check_same_dtype(input=input, grad_output=grad_output)
+    precision = resolve_precision(precision, input.dtype)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if precision != "fp32":
+        if device != "cpu":
+            return conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
+        input, grad_output = round_operand(input, precision), round_operand(grad_output, precision)
     return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
 
 

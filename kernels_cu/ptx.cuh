@@ -1,0 +1,382 @@
+// ptx.cuh: the PTX instructions gpuconv's kernels use that CUDA C++ does not spell, as small
+// device functions. Under NVRTC each is one inline `asm volatile`; under GPUCONV_EMU (the
+// emulated device, gpuconv/emu_runtime/cuda_emu.h) each is emulated with the semantics the PTX
+// ISA gives it. Kernels never write inline PTX themselves (tests/test_ptx.py checks), so every
+// kernel runs on 'emu'.
+//
+// Asynchronous copies (sm_80+), global -> shared:
+//   cp_async_ca<BYTES>(shared_dst, global_src, src_bytes = BYTES)  cp.async.ca, BYTES 4, 8 or 16
+//   cp_async_cg16(shared_dst, global_src, src_bytes = 16)          cp.async.cg (16 bytes only)
+//     src_bytes < BYTES reads only that many bytes and zero-fills the rest (0: a zero fill that
+//     reads nothing, the usual way to pad an implicit-GEMM tile). Both addresses BYTES-aligned.
+//   cp_async_commit()       cp.async.commit_group: the copies issued since the last commit
+//                           become one group
+//   cp_async_wait<N>()      cp.async.wait_group N: all but the N most recent groups have landed
+//   cp_async_wait_all()     cp.async.wait_all: every copy, committed or not, has landed
+//   A copy lands at some moment before the wait that covers it, and only the issuing thread's
+//   wait covers it: other threads need a __syncthreads() after that wait. The emulator makes the
+//   latest moment the rule: it poisons the destination at issue (0xFF bytes, NaN as float) and
+//   copies at the wait, so a read before the wait reads NaN. Copies still in flight when a
+//   thread exits never land.
+//
+// Conversions:
+//   to_tf32(x)          cvt.rna.tf32.f32: round to nearest, ties away from zero, to TF32's 10
+//                       mantissa bits; returns the bits (low 13 zero), as mma's operands take them
+//   pack_bf16x2(lo, hi) cvt.rn.bf16x2.f32: both rounded to nearest even to bfloat16, lo in the low
+//                       half (the element with the lower index in a fragment)
+//
+// Warp-collective tensor-core instructions (sm_80+); all 32 lanes of the warp must execute them
+// together (.sync.aligned), which the emulator checks:
+//   mma_tf32_m16n8k8(d, a, b)   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += A*B
+//   mma_bf16_m16n8k16(d, a, b)  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += A*B
+//     Fragments (PTX ISA "Matrix Fragments for mma.m16n8k8 / m16n8k16"), with g = lane / 4 and
+//     t = lane % 4:
+//       tf32 A (16x8, row-major):  a[i] = A[g + 8*(i % 2)][t + 4*(i / 2)]
+//       tf32 B (8x8, column):      b[i] = B[t + 4*i][g]
+//       bf16 A (16x16): a[i] holds A[g + 8*(i % 2)][2t + 8*(i / 2) + h], h = 0 low half, 1 high
+//       bf16 B (16x8):  b[i] holds B[2t + 8*i + h][g]
+//       C/D (16x8, f32):  d[i] = D[g + 8*(i / 2)][2t + i % 2]
+//     FP32 accumulate. The emulator sums each instruction's products (exact for TF32 and BF16
+//     operands) in double and rounds once to float; the hardware's internal order differs from
+//     that by a few FP32 ulps. TF32 operand bits below the 10 mantissa bits are ignored
+//     (truncated), as the hardware ignores them.
+//   ldmatrix<COUNT, TRANS>(r, shared_row)  ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16:
+//     COUNT 8x8 matrices of 16-bit elements; lane 8*i + j gives the address of row j of matrix
+//     i (16-byte aligned; lanes past 8*COUNT give none). r[i] = elements (g, 2t) low and
+//     (g, 2t + 1) high of matrix i, or with TRANS (2t, g) and (2t + 1, g).
+
+#ifndef GPUCONV_EMU
+
+__device__ __forceinline__ unsigned int shared_address(const void* p)
+{
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
+template <int BYTES>
+__device__ __forceinline__ void cp_async_ca(void* shared_dst, const void* global_src, int src_bytes = BYTES)
+{
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async.ca copies 4, 8 or 16 bytes");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(shared_address(shared_dst)),
+                 "l"(global_src), "n"(BYTES), "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_cg16(void* shared_dst, const void* global_src, int src_bytes = 16)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared_dst)),
+                 "l"(global_src), "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ unsigned int to_tf32(float x)
+{
+    unsigned int bits;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(x));
+    return bits;
+}
+
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi)
+{
+    unsigned int bits;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(bits) : "f"(hi), "f"(lo));  // first source -> high half
+    return bits;
+}
+
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
+{
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int COUNT, bool TRANS>
+__device__ __forceinline__ void ldmatrix(unsigned int (&r)[COUNT], const void* shared_row)
+{
+    static_assert(COUNT == 1 || COUNT == 2 || COUNT == 4, "ldmatrix loads 1, 2 or 4 matrices");
+    const unsigned int p = shared_address(shared_row);
+    if constexpr (COUNT == 1 && !TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(p));
+    else if constexpr (COUNT == 1)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(p));
+    else if constexpr (COUNT == 2 && !TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(p));
+    else if constexpr (COUNT == 2)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(p));
+    else if constexpr (!TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(p));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(p));
+}
+
+#else  // GPUCONV_EMU: the same functions, emulated on the fibers of cuda_emu.h.
+
+namespace emu_ptx {
+
+constexpr int kMaxThreads = 1024;
+// Copies one thread may have in flight; a pipeline of a few stages needs a few dozen.
+constexpr int kMaxCopies = 128;
+
+struct Copy {
+    char* dst;
+    const char* src;
+    int bytes, src_bytes;
+};
+
+// One thread's copies in issue order; the committed groups end at group_end[0 .. groups), the
+// copies after the last end belong to no group yet.
+struct ThreadCopies {
+    Copy copies[kMaxCopies];
+    int count, groups;
+    int group_end[kMaxCopies];
+};
+
+static ThreadCopies thread_copies[kMaxThreads];
+// Warp collectives alternate between two exchange slots per warp: a lane writes slot s of its
+// next collective only after the whole warp has passed the collective that used slot s^1, and
+// so after every lane finished reading slot s two collectives ago.
+constexpr int kWords = 6;  // an mma's A and B fragments
+static unsigned long long exchange[kMaxThreads / 32][2][32][kWords];
+static unsigned int collectives_done[kMaxThreads];
+
+static void reset_thread(int thread)
+{
+    thread_copies[thread].count = thread_copies[thread].groups = 0;
+    collectives_done[thread] = 0;
+}
+static const bool registered = (emu::reset_thread_state = &reset_thread, true);
+
+static inline int thread_index() { return (int)(emu::current - emu::fibers); }
+
+static inline bool in_shared(const void* p, int bytes)
+{
+    const char* c = static_cast<const char*>(p);
+    const bool dynamic = c >= emu_dynamic_shared && c + bytes <= emu_dynamic_shared + sizeof emu_dynamic_shared;
+    const bool fixed = __start_emu_shared && c >= __start_emu_shared && c + bytes <= __stop_emu_shared;
+    return dynamic || fixed;
+}
+
+static void issue(const char* what, void* dst, const void* src, int bytes, int src_bytes)
+{
+    if (((uintptr_t)dst | (uintptr_t)src) % (uintptr_t)bytes)
+        emu::fail_in_fiber(emu::WARP_MISUSE, "%s: addresses %p (shared) and %p (global) must be %d-byte aligned", what,
+                           dst, src, bytes);
+    if (!in_shared(dst, bytes))
+        emu::fail_in_fiber(emu::WARP_MISUSE, "%s: destination %p is not in shared memory", what, dst);
+    if (in_shared(src, 1))
+        emu::fail_in_fiber(emu::WARP_MISUSE, "%s: source %p is in shared memory, not global", what, src);
+    if (src_bytes < 0 || src_bytes > bytes)
+        emu::fail_in_fiber(emu::WARP_MISUSE, "%s: src_bytes %d must be in [0, %d]", what, src_bytes, bytes);
+    ThreadCopies& t = thread_copies[thread_index()];
+    if (t.count == kMaxCopies)
+        emu::fail_in_fiber(emu::WARP_MISUSE, "%s: more than %d copies in flight in one thread (the emulator's limit)",
+                           what, kMaxCopies);
+    t.copies[t.count++] = {static_cast<char*>(dst), static_cast<const char*>(src), bytes, src_bytes};
+    memset(dst, 0xff, (size_t)bytes);  // in flight: undefined until the wait
+}
+
+// Lands the first `n` copies of this thread and forgets them.
+static void land(ThreadCopies& t, int n)
+{
+    for (int i = 0; i < n; ++i) {
+        const Copy& c = t.copies[i];
+        if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
+        memset(c.dst + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+    }
+    memmove(t.copies, t.copies + n, sizeof(Copy) * (size_t)(t.count - n));
+    t.count -= n;
+}
+
+static void wait_groups(int pending)
+{
+    ThreadCopies& t = thread_copies[thread_index()];
+    if (t.groups <= pending) return;
+    const int done = t.groups - pending;
+    const int n = t.group_end[done - 1];
+    land(t, n);
+    for (int g = done; g < t.groups; ++g) t.group_end[g - done] = t.group_end[g] - n;
+    t.groups = pending;
+}
+
+// Rounds to TF32 (cvt.rna) on the bits: adding half an ulp of the 10-bit mantissa to the
+// magnitude and truncating rounds ties away from zero; NaN and infinity keep their class.
+static inline unsigned int tf32_bits(float x)
+{
+    unsigned int u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return (u & 0x007fffffu) ? (u | 0x00400000u) & 0xffffe000u : u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+static inline unsigned int bf16_bits(float x)
+{
+    unsigned int u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return ((u & 0x007fffffu) ? (u | 0x00400000u) : u) >> 16;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest, ties to even
+}
+
+static inline float float_of(unsigned int bits)
+{
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Publishes this lane's operand words, waits for the whole warp and returns the exchange slot
+// every lane's words are in. An instruction that not all 32 lanes execute is an error.
+static unsigned long long (*collective(const char* what, const unsigned long long* words, int n))[kWords]
+{
+    const int thread = thread_index();
+    const int warp = thread / 32, lane = thread % 32;
+    const int slot = (int)(collectives_done[thread]++ & 1u);
+    for (int i = 0; i < n; ++i) exchange[warp][slot][lane][i] = words[i];
+    const unsigned int lanes = __ballot_sync(0xffffffffu, 1);
+    const int present = emu::fiber_count - warp * 32;
+    if (lanes != 0xffffffffu || present < 32)
+        emu::fail_in_fiber(emu::WARP_MISUSE,
+                           "%s: only lanes 0x%08x of warp %d execute it (%d in the block); all 32 lanes of the warp "
+                           "must execute it together",
+                           what, lanes, warp, present < 32 ? present : 32);
+    return exchange[warp][slot];
+}
+
+// D += A*B for one 16x8 tile; a(lanes, r, k) and b(lanes, k, n) read an operand element from the
+// exchanged fragments.
+template <class A, class B>
+static void mma_tile(float (&d)[4], int k_depth, A a, B b, unsigned long long (*lanes)[kWords])
+{
+    const int lane = thread_index() % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        double sum = 0.0;
+        for (int k = 0; k < k_depth; ++k) sum += (double)a(lanes, row, k) * (double)b(lanes, k, col);
+        d[i] = (float)((double)d[i] + sum);
+    }
+}
+
+}  // namespace emu_ptx
+
+template <int BYTES>
+static inline void cp_async_ca(void* shared_dst, const void* global_src, int src_bytes = BYTES)
+{
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async.ca copies 4, 8 or 16 bytes");
+    emu_ptx::issue("cp.async.ca", shared_dst, global_src, BYTES, src_bytes);
+}
+
+static inline void cp_async_cg16(void* shared_dst, const void* global_src, int src_bytes = 16)
+{
+    emu_ptx::issue("cp.async.cg", shared_dst, global_src, 16, src_bytes);
+}
+
+static inline void cp_async_commit()
+{
+    emu_ptx::ThreadCopies& t = emu_ptx::thread_copies[emu_ptx::thread_index()];
+    // A copy may land any time before its wait: landing the oldest group early keeps the record
+    // bounded when a loop commits (empty) groups it never waits for.
+    if (t.groups == emu_ptx::kMaxCopies) emu_ptx::wait_groups(t.groups - 1);
+    t.group_end[t.groups++] = t.count;
+}
+
+template <int N>
+static inline void cp_async_wait()
+{
+    static_assert(N >= 0, "cp.async.wait_group takes a non-negative count");
+    emu_ptx::wait_groups(N);
+}
+
+static inline void cp_async_wait_all()
+{
+    emu_ptx::ThreadCopies& t = emu_ptx::thread_copies[emu_ptx::thread_index()];
+    emu_ptx::land(t, t.count);
+    t.groups = 0;
+}
+
+static inline unsigned int to_tf32(float x) { return emu_ptx::tf32_bits(x); }
+
+static inline unsigned int pack_bf16x2(float lo, float hi)
+{
+    return emu_ptx::bf16_bits(lo) | emu_ptx::bf16_bits(hi) << 16;
+}
+
+static inline void mma_tf32_m16n8k8(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
+{
+    const unsigned long long words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    auto lanes = emu_ptx::collective("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", words, 6);
+    const auto element = [](unsigned long long w) { return emu_ptx::float_of((unsigned int)w & 0xffffe000u); };
+    emu_ptx::mma_tile(
+        d, 8,
+        [&](unsigned long long (*l)[emu_ptx::kWords], int r, int k) { return element(l[(r % 8) * 4 + k % 4][r / 8 + 2 * (k / 4)]); },
+        [&](unsigned long long (*l)[emu_ptx::kWords], int k, int n) { return element(l[n * 4 + k % 4][4 + k / 4]); }, lanes);
+}
+
+static inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
+{
+    const unsigned long long words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    auto lanes = emu_ptx::collective("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", words, 6);
+    const auto half = [](unsigned long long w, int h) { return emu_ptx::float_of(((unsigned int)w >> (16 * h)) << 16); };
+    emu_ptx::mma_tile(
+        d, 16,
+        [&](unsigned long long (*l)[emu_ptx::kWords], int r, int k) {
+            return half(l[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k % 2);
+        },
+        [&](unsigned long long (*l)[emu_ptx::kWords], int k, int n) { return half(l[n * 4 + (k % 8) / 2][4 + k / 8], k % 2); },
+        lanes);
+}
+
+template <int COUNT, bool TRANS>
+static inline void ldmatrix(unsigned int (&r)[COUNT], const void* shared_row)
+{
+    static_assert(COUNT == 1 || COUNT == 2 || COUNT == 4, "ldmatrix loads 1, 2 or 4 matrices");
+    static const char* const name = TRANS ? (COUNT == 1 ? "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16"
+                                             : COUNT == 2 ? "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"
+                                                          : "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
+                                          : (COUNT == 1 ? "ldmatrix.sync.aligned.m8n8.x1.shared.b16"
+                                             : COUNT == 2 ? "ldmatrix.sync.aligned.m8n8.x2.shared.b16"
+                                                          : "ldmatrix.sync.aligned.m8n8.x4.shared.b16");
+    const int lane = emu_ptx::thread_index() % 32;
+    if (lane < 8 * COUNT && ((uintptr_t)shared_row % 16 || !emu_ptx::in_shared(shared_row, 16)))
+        emu::fail_in_fiber(emu::WARP_MISUSE, "%s: lane %d's row address %p is not a 16-byte aligned shared address",
+                           name, lane, shared_row);
+    const unsigned long long word = (unsigned long long)(uintptr_t)shared_row;
+    auto lanes = emu_ptx::collective(name, &word, 1);
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < COUNT; ++i) {
+        unsigned int value = 0;
+        for (int h = 0; h < 2; ++h) {
+            const int row = TRANS ? 2 * t + h : g, col = TRANS ? g : 2 * t + h;
+            uint16_t element;
+            memcpy(&element, (const char*)(uintptr_t)lanes[8 * i + row][0] + 2 * col, 2);
+            value |= (unsigned int)element << (16 * h);
+        }
+        r[i] = value;
+    }
+}
+
+#endif  // GPUCONV_EMU
