@@ -4,7 +4,9 @@ Runs the real thing, ``mpiexec -n N python -m gpuconv train``, for each N in ``-
 ``--batch-size`` per rank (weak scaling, the convention of gpuconv and PyTorch's DDP: the global
 batch grows with N), and reads the training throughput of each epoch from the run's
 ``metrics.json`` (``images_per_s``: training images over the wall time of the training pass,
-evaluation excluded). The first epoch is warm-up; the median of the others is reported.
+evaluation excluded). The first epoch of each job is warm-up; the median over the other epochs
+of ``--repeats`` jobs per N, run interleaved (1, 2, ..., 1, 2, ...) so that a change in the
+machine's load touches every N alike, is reported.
 
     python benchmarks/data_parallel.py --ranks 1,2 --device cpu --threads 1
     python benchmarks/data_parallel.py --ranks 1,2,4,8 --device cuda --images 60000 --batch-size 256
@@ -25,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="per rank (default: %(default)s)")
     parser.add_argument("--images", type=int, default=4096, help="training images per epoch (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=4, help="the first is warm-up (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="jobs per rank count (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads per rank (default: %(default)s)")
     parser.add_argument("--data-dir", type=Path, help="real IDX files (default: random ones)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per job (default: %(default)s)")
@@ -87,26 +89,27 @@ def main(argv=None) -> int:
     if counts[0] != 1:
         parser.error("--ranks must include 1, the baseline of the efficiency")
 
-    rows = []
+    rates: dict[int, list[float]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if data_dir is None:
             data_dir = Path(tmp) / "data"
             write_random_dataset(data_dir, args.images, 64)
-        for n in counts:
-            start = time.monotonic()
-            rates = run(n, args, data_dir, Path(tmp) / f"run{n}")
-            rows.append({"ranks": n, "images_per_s": statistics.median(rates), "epochs_timed": len(rates),
-                         "wall_s": time.monotonic() - start})
+        for repeat in range(args.repeats):
+            for n in counts:
+                rates[n] += run(n, args, data_dir, Path(tmp) / f"run{n}-{repeat}")
+    rows = [{"ranks": n, "images_per_s": statistics.median(r), "min": min(r), "max": max(r), "epochs_timed": len(r)}
+            for n, r in rates.items()]
     single = rows[0]["images_per_s"]
     for row in rows:
         row["efficiency"] = row["images_per_s"] / (row["ranks"] * single)
 
     title = (f"{args.model} on {args.device}, batch {args.batch_size} per rank, {args.images} images per epoch, "
              f"{args.threads} thread(s) per rank; {platform.node()}, {os.cpu_count()} CPUs")
-    table = [f"Data-parallel scaling: {title}", "", "| ranks | images/s (median of epochs 2-) | scaling efficiency |",
-             "|---:|---:|---:|"]
-    table += [f"| {r['ranks']} | {r['images_per_s']:.0f} | {r['efficiency']:.2f} |" for r in rows]
+    table = [f"Data-parallel scaling: {title}", "",
+             "| ranks | images/s (median) | min - max | epochs timed | scaling efficiency |", "|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['ranks']} | {r['images_per_s']:.0f} | {r['min']:.0f} - {r['max']:.0f} | {r['epochs_timed']} "
+              f"| {r['efficiency']:.2f} |" for r in rows]
     print("\n".join(table))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
