@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .device import EmuArray, array_module, cuda_status, device_of, resolve_device, to_device, to_numpy
+from .graphs import CUDAGraph, graph
 from .precision import get_float32_matmul_precision, set_float32_matmul_precision
 from .profiler import profile
 from .random import manual_seed
@@ -15,7 +16,7 @@ from .summary import summary
 __version__ = "0.1.0"
 __all__ = [
     "EmuArray", "array_module", "cuda_status", "device_of", "resolve_device", "to_device", "to_numpy",
-    "functional", "nn", "models", "optim", "data", "summary", "manual_seed", "profile",
+    "functional", "nn", "models", "optim", "data", "summary", "manual_seed", "profile", "CUDAGraph", "graph",
     "set_float32_matmul_precision", "get_float32_matmul_precision",
 ]
 

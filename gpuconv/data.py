@@ -1,23 +1,26 @@
 """MNIST and Fashion-MNIST: IDX files, where to find them, batching, and a device-resident dataset.
 
-:func:`load_dataset` looks for the IDX files (gzipped or not), in this order:
+:func:`load_dataset` reads the IDX files (gzipped or not) from the ``root`` argument (the CLI's
+``--data-dir``) when one is given, and from nowhere else: a directory that does not exist or lacks
+the files is an error naming it (as torchvision's ``root`` is), never replaced by another location.
+Without ``root`` it looks, in this order, in:
 
-1. the ``root`` argument (the CLI's ``--data-dir``),
-2. ``$GPUCONV_DATA``,
-3. the Debian package's directory (``apt-get install dataset-fashion-mnist``; MNIST has none),
-4. the cache, ``$XDG_CACHE_HOME/gpuconv/<dataset>`` (default ``~/.cache/gpuconv/<dataset>``),
-5. a download of the official files into the cache, each checked against its published MD5.
+1. ``$GPUCONV_DATA``,
+2. the Debian package's directory (``apt-get install dataset-fashion-mnist``; MNIST has none),
+3. the cache, ``$XDG_CACHE_HOME/gpuconv/<dataset>`` (default ``~/.cache/gpuconv/<dataset>``),
+4. a download of the official files into the cache, each checked against its published MD5.
 
-In 1 and 2 a ``<dataset>/`` subfolder is tried before the folder itself, because MNIST and
-Fashion-MNIST use the same file names and one folder can hold both. A location that has the files
-but a broken one is an error (:class:`IdxError`), never a reason to look further: silently
-training on other data than the user pointed at would be worse. When every location fails, one
-:class:`DatasetNotFoundError` lists what was tried and how to get the data.
+In ``root`` and ``$GPUCONV_DATA`` a ``<dataset>/`` subfolder is tried before the folder itself,
+because MNIST and Fashion-MNIST use the same file names and one folder can hold both. A location
+that has the files but a broken one is an error (:class:`IdxError`), never a reason to look
+further: silently training on other data than the user pointed at would be worse. When every
+location fails, one :class:`DatasetNotFoundError` lists what was tried and how to get the data.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.request
@@ -31,6 +34,7 @@ import numpy as np
 from . import functional as F
 from .device import to_device
 from .nn import host_array
+from .random import normalize_seed
 
 DATA_ENV = "GPUCONV_DATA"
 OFFLINE_ENV = "GPUCONV_OFFLINE"
@@ -143,8 +147,11 @@ def read_idx(path) -> np.ndarray:
         raise IdxError(f"{path}: truncated: {len(data)} bytes, shorter than the {header}-byte header of {ndim} dimensions")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: 255 dimensions of 2**32 - 1 do not overflow
     payload = len(data) - header
+    if expected >= 2**63:  # more than any file can hold: the header is wrong, not the payload short
+        raise IdxError(f"{path}: corrupt header: dimensions {shape} of {dtype.name} would need about "
+                       f"2**{expected.bit_length() - 1} payload bytes, found {payload}")
     if payload < expected:
         raise IdxError(f"{path}: truncated: dimensions {shape} of {dtype.name} need {expected} payload bytes, found {payload}")
     if payload > expected:
@@ -203,18 +210,38 @@ def _find_in(directory: Path, stems: tuple[str, ...]) -> tuple[list[Path] | None
     return found, ""
 
 
-def _candidate_dirs(name: str, root) -> list[tuple[str, Path | None]]:
+def _candidate_dirs(name: str) -> list[tuple[str, Path | None]]:
+    """The places searched when no directory is given, in order."""
     info = _dataset_info(name)
     places: list[tuple[str, Path | None]] = []
-    for label, value in (("root (--data-dir)", root), (f"${DATA_ENV}", os.environ.get(DATA_ENV))):
-        if value is None or value == "":
-            places.append((label, None))
-        else:
-            places += [(label, Path(value).expanduser() / name), (label, Path(value).expanduser())]
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        places.append((f"${DATA_ENV}", None))
+    else:
+        places += [(f"${DATA_ENV}", Path(value).expanduser() / name), (f"${DATA_ENV}", Path(value).expanduser())]
     if info.system_dir:
         places.append((f"Debian package {info.package}", Path(info.system_dir)))
     places.append(("cache", cache_dir(name)))
     return places
+
+
+def _find_in_root(root: Path, name: str, split: str, stems: tuple[str, ...]) -> list[Path]:
+    """The files in the directory the caller named (``root/<name>/`` first): there or an error,
+    never another location, as torchvision does with its ``root``."""
+    title = f"{_dataset_info(name).title} ({split} split)"
+    if not root.exists():
+        raise DatasetNotFoundError(f"the data directory {root} (--data-dir) does not exist; it should hold "
+                                   f"the {title} IDX files")
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"the data directory {root} (--data-dir) is not a directory")
+    why = {}
+    for directory in (root / name, root):
+        paths, why[directory] = _find_in(directory, stems)
+        if paths:
+            return paths
+    looked = f" (nor does {root / name})" if (root / name).is_dir() else ""
+    raise DatasetNotFoundError(f"the data directory {root} (--data-dir) does not hold {title}: "
+                               f"{why[root]}{looked}")
 
 
 def fetch_url(url: str, out: BinaryIO) -> None:
@@ -291,23 +318,27 @@ def _download(name: str, stems: tuple[str, ...], downloader) -> tuple[list[Path]
     return paths, errors
 
 
-def load_dataset(name: str, split: str, root=None, download: bool = True,
-                 downloader: Callable[[str, BinaryIO], None] = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(images, labels)`` of one split: uint8 ``(N, 28, 28)`` and int64 ``(N,)``.
+def locate_dataset(name: str, split: str, root=None, download: bool = True,
+                   downloader: Callable[[str, BinaryIO], None] = None) -> list[Path]:
+    """The ``[images, labels]`` IDX files of one split (see the module's docstring for where
+    they are looked for); downloads them when allowed and found nowhere.
 
-    ``download=False`` or ``$GPUCONV_OFFLINE`` set (to anything but ``0``) never touches the
-    network; ``downloader(url, fileobj)`` replaces the HTTP client (tests use it).
+    An explicit ``root`` is the only place looked in. ``download=False`` or ``$GPUCONV_OFFLINE``
+    set (to anything but ``0``) never touches the network; ``downloader(url, fileobj)``
+    replaces the HTTP client (tests use it).
     """
     info = _dataset_info(name)
     stems = split_files(split)
+    if root is not None and str(root) != "":
+        return _find_in_root(Path(root).expanduser(), name, split, stems)
     tried = []
-    for label, directory in _candidate_dirs(name, root):
+    for label, directory in _candidate_dirs(name):
         if directory is None:
             tried.append(f"{label}: not set")
             continue
         paths, why = _find_in(directory, stems)
         if paths:
-            return _read_split(paths, info)
+            return paths
         tried.append(f"{label} {directory}: {why}")
     offline = os.environ.get(OFFLINE_ENV, "0") not in ("", "0")
     if not download or offline:
@@ -315,7 +346,7 @@ def load_dataset(name: str, split: str, root=None, download: bool = True,
     else:
         paths, errors = _download(name, stems, downloader or fetch_url)
         if paths:
-            return _read_split(paths, info)
+            return paths
         tried += [f"download {e}" for e in errors]
     how = [f"apt-get install {info.package}"] if info.package else []
     how.append(f"put the IDX files {', '.join(stems)} (gzipped or not) in a directory and pass --data-dir DIR "
@@ -327,7 +358,16 @@ def load_dataset(name: str, split: str, root=None, download: bool = True,
     )
 
 
-def _read_split(paths: list[Path], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+def load_dataset(name: str, split: str, root=None, download: bool = True,
+                 downloader: Callable[[str, BinaryIO], None] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of one split: uint8 ``(N, 28, 28)`` and int64 ``(N,)``, from the
+    files :func:`locate_dataset` finds."""
+    return read_split(locate_dataset(name, split, root, download, downloader), name)
+
+
+def read_split(paths: list[Path], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The checked ``(images, labels)`` of one split's ``[images, labels]`` IDX files."""
+    info = _dataset_info(name)
     image_path, label_path = paths
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.dtype != np.uint8 or images.ndim != 3:
@@ -355,7 +395,7 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
     epoch's order does not depend on what ran before it (a resumed run sees the same batches)."""
     if not shuffle:
         return np.arange(n)
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    return np.random.default_rng([normalize_seed(seed), int(epoch)]).permutation(n)
 
 
 def _batch_slices(n: int, batch_size: int, drop_last: bool) -> range:
@@ -422,14 +462,15 @@ class DeviceDataset:
         return x
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False, order=None) -> Iterator[tuple[object, object]]:
-        """``(x, y)`` device batches of one epoch: x ``(B, C, H, W)`` float32, y ``(B,)`` int32.
+                drop_last: bool = False, start_batch: int = 0, order=None) -> Iterator[tuple[object, object]]:
+        """``(x, y)`` device batches of one epoch: x ``(B, C, H, W)`` float32, y ``(B,)`` int32;
+        from batch ``start_batch`` on (the same order: a run resumed mid-epoch continues it).
 
         ``order``: the sample indices to serve (host integers, e.g. one rank's shard of the
         epoch), in place of the epoch's order."""
         if order is None and shuffle:
             order = epoch_order(len(self), shuffle, seed, epoch)
-        slices = _batch_slices(len(self) if order is None else len(order), batch_size, drop_last)
+        slices = _batch_slices(len(self) if order is None else len(order), batch_size, drop_last)[start_batch:]
         order = None if order is None else to_device(np.asarray(order), self.device)
         for start in slices:
             if order is None:

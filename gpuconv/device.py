@@ -22,13 +22,49 @@ DEVICES = ("cpu", "cuda", "emu")
 DEVICE_ENV = "GPUCONV_DEVICE"
 
 
+# The graph being captured (gpuconv.graphs), which serves allocations and refuses host round
+# trips; None outside a capture.
+capture = None
+
+
 class EmuArray(np.ndarray):
     """A NumPy array that lives on the emulated CUDA device.
 
     It behaves as an ``ndarray`` in every respect (NumPy ufuncs and methods keep the subclass),
     so the glue that is common to ``cuda`` and ``emu`` can use ``array_module()`` for both; the
-    marker only decides which launcher runs the kernels.
+    marker only decides which launcher runs the kernels. Inside a graph capture, where an
+    operation must be recorded to run on every replay, a NumPy operation on it, a copy of it, or
+    a read of its value is refused (:mod:`gpuconv.graphs`).
     """
+
+    def __array_finalize__(self, obj):
+        if capture is not None and self.base is None:
+            capture.refuse("a copy of an emu array")
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        if capture is not None:
+            capture.refuse(f"NumPy's {context[0].__name__ if context else 'reduction'} on an emu array")
+        return super().__array_wrap__(array, context, return_scalar)
+
+    def _read(self, method: str, *args):
+        if capture is not None:
+            capture.refuse(f"reading an emu array's value ({method})")
+        return getattr(super(), method)(*args)
+
+    def __float__(self):
+        return self._read("__float__")
+
+    def __int__(self):
+        return self._read("__int__")
+
+    def __bool__(self):
+        return self._read("__bool__")
+
+    def item(self, *args):
+        return self._read("item", *args)
+
+    def tolist(self):
+        return self._read("tolist")
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,6 +146,8 @@ def to_device(x, device: str):
     writing in place on the emulated device (optimizer updates) never touch the caller's array.
     """
     device = resolve_device(device)[0]
+    if capture is not None and not (device == device_of(x) != "cpu"):
+        capture.refuse(f"a copy to {device!r} (to_device)")
     if device == "cuda":
         return array_module("cuda").asarray(x)
     if device == "emu":
@@ -120,6 +158,8 @@ def to_device(x, device: str):
 def to_numpy(x) -> np.ndarray:
     """A plain NumPy array with the contents of ``x``: ``x`` itself on 'cpu', a copy from a device."""
     device = device_of(x)
+    if capture is not None and device != "cpu":
+        capture.refuse("a copy to the host (to_numpy)")
     if device == "cuda":
         return x.get()
     return np.array(x, copy=True) if device == "emu" else np.asarray(x)
@@ -134,8 +174,15 @@ def empty(shape, dtype, device: str):
     """An uninitialised C-contiguous array on ``device``.
 
     On 'emu' it is filled with 0xFF bytes (NaN as floats): NumPy's fresh memory is often zeros,
-    which would let a kernel that forgets to write part of its output pass.
+    which would let a kernel that forgets to write part of its output pass. Inside a graph
+    capture it is the calling layer's static buffer (see :mod:`gpuconv.graphs`).
     """
+    if capture is not None and device != "cpu":
+        return capture.allocate(shape, dtype, device, _fresh)
+    return _fresh(shape, dtype, device)
+
+
+def _fresh(shape, dtype, device: str):
     out = array_module(device).empty(shape, dtype=dtype)
     if device != "emu":
         return out
@@ -148,8 +195,14 @@ def zeros(shape, dtype, device: str):
     """A zero-filled C-contiguous array on ``device`` (a memset on a device: a profiled operation)."""
     if device == "cpu":
         return np.zeros(shape, dtype=dtype)
-    out = array_module(device).empty(shape, dtype=dtype)
-    return zero_(out.view(EmuArray) if device == "emu" else out)
+    return zero_(empty(shape, dtype, device))
+
+
+def copy_to_device(out, values: np.ndarray) -> None:
+    """Copy the host array ``values`` into the device array ``out`` of its shape, in place."""
+    device = device_of(out)
+    copy = out.set if device == "cuda" else (lambda v: out.__setitem__(Ellipsis, v))
+    dispatch.device_call("copy_to_device", device, lambda: copy(values))
 
 
 def zero_(out):

@@ -3,9 +3,10 @@
 A job is started by MPI's launcher, ``mpiexec -n N gpuconv train ...`` (any MPI that mpi4py is
 built against: the ``mpich`` wheel of ``gpuconv[mpi]``, or the system's). Every rank holds the
 whole model and optimizer; per step, each trains on its own part of the global batch and the
-gradients are summed over the ranks in ONE all-reduce of one flat buffer per step: over MPI on
-'cpu' and 'emu' (host memory), over NCCL on 'cuda' (``cupy.cuda.nccl``; its unique id is broadcast
-over MPI). After it, every rank applies the same update to the same weights, so the model and the
+gradients are summed over the ranks in ONE all-reduce per step, in place, of the optimizer's
+flat gradient buffer (which the layers write into): over MPI on 'cpu' and 'emu' (host memory),
+over NCCL on 'cuda' (``cupy.cuda.nccl``; its unique id is broadcast over MPI; this path awaits a
+run on a machine with several GPUs). After it, every rank applies the same update to the same weights, so the model and the
 optimizer stay identical on every rank without ever being sent again.
 
 Conventions (decided here, as PyTorch's ``DistributedDataParallel`` and ``DistributedSampler``):
@@ -23,6 +24,10 @@ Conventions (decided here, as PyTorch's ``DistributedDataParallel`` and ``Distri
 * Rank 0 alone logs, writes metrics, curves and checkpoints. A checkpoint holds the full model and
   optimizer state (identical on every rank) and so resumes on any number of ranks; rank 0 reads it
   and broadcasts it, so other machines need no copy of the file.
+* A stop (Ctrl-C: ``mpiexec`` passes SIGINT to every rank) takes effect at the first step where
+  the ranks sum their metrics (every ``sync_every`` steps) and so agree on it: every rank stops
+  at that step, and rank 0 saves the checkpoint there. A mid-epoch position is counted in samples
+  of the epoch's permutation, so it resumes on any number of ranks. No clock-driven syncs.
 * Dropout draws the same mask seeds on every rank (one generator, seeded alike everywhere): the
   random state in a checkpoint is then that of every rank, whatever their number.
 
@@ -38,8 +43,9 @@ Failures stop the job instead of hanging it:
   tell each other so; the lowest of them names the ranks that never arrived and aborts the job.
 
 Checkpoints are written atomically (:func:`gpuconv.data.atomic_write`), so a job aborted in the
-middle of a save leaves the previous checkpoint whole. Polling (rather than MPI's blocking calls,
-which spin) also leaves the cores to the ranks that still compute, and lets Ctrl-C through.
+middle of a save leaves the previous checkpoint whole. Polling (after a short spin, where MPI's
+blocking calls spin throughout) also leaves the cores to the ranks that still compute, and lets
+Ctrl-C through.
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ __all__ = ["ProcessGroup", "DistributedSampler", "DistributedError", "init_proce
 LAUNCHER_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 DEFAULT_TIMEOUT = 300.0
 _TIMEOUT_TAG = 7101
+_SPIN_S = 2e-3
 _GRACE = 5.0  # at most this many seconds the waiting ranks give each other to report in, after a deadline
 
 
@@ -126,25 +133,35 @@ class ProcessGroup:
 
     def abort(self, code: int = 1) -> None:
         """Stop every rank of the job now (``MPI_Abort``); in a job of one process, exit."""
+        sys.stdout.flush()
         sys.stderr.flush()
         if self._nccl is not None:
             self._nccl.abort()
         if self.comm is None:
             raise SystemExit(code)
+        time.sleep(0.5)  # the launcher forwards what this rank printed before it tears the job down
         self.comm.Abort(code)
+        os._exit(code)  # MPI_Abort may return before the launcher ends this process
 
     def _wait(self, request, what: str) -> None:
         """Complete a non-blocking MPI request, or abort the job once ``timeout`` has passed."""
         self._poll(request.Test, what)
 
     def _poll(self, done, what: str) -> None:
-        deadline = time.monotonic() + self.timeout
-        pause = 0.0
+        # Spin for the first _SPIN_S (MPI progresses a non-blocking collective only inside Test;
+        # LeNet-5's gradient all-reduce between 2 ranks that arrive together takes 0.15 ms on a
+        # CPU, as the blocking call), then sleep between tests, longer and longer: a rank that
+        # waits for a slower one leaves it the core, and Ctrl-C gets through.
+        start = time.monotonic()
+        deadline, spin_until = start + self.timeout, start + _SPIN_S
+        pause = 1e-5
         while not done():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self._timed_out(what)
-            time.sleep(pause)  # yields the core to a rank that is still computing
-            pause = min(1e-3, 2 * pause or 1e-5)
+            if now > spin_until:
+                time.sleep(pause)
+                pause = min(1e-3, 2 * pause)
 
     def _timed_out(self, what: str) -> None:
         """Every rank whose deadline passed tells the others; after a grace period the lowest of
@@ -323,16 +340,22 @@ def describe_ranks(group: ProcessGroup, device: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def abort_on_error(expected: tuple[type[BaseException], ...] = (), prog: str = "gpuconv"):
+def abort_on_error(expected: tuple[type[BaseException], ...] = (), collective: tuple[type[BaseException], ...] = (),
+                   prog: str = "gpuconv"):
     """In a job of several ranks, turn an exception on one rank into a message naming the rank and
-    an abort of the whole job (an ``expected`` exception prints its message alone, any other its
-    traceback). A job of one process sees its exceptions unchanged."""
+    an abort of the whole job: an ``expected`` exception prints its message alone (exit status
+    2), Ctrl-C says so (130), any other prints its traceback (1). A ``collective`` exception is
+    one that every rank raises at the same step (a stop all ranks agreed on, a diverged loss
+    they all summed): it passes through, and each rank ends on its own. A job of one process
+    sees its exceptions unchanged."""
     group = init_process_group()
     if not group.is_distributed:
         yield
         return
     try:
         yield
+    except collective:
+        raise
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise
@@ -341,14 +364,14 @@ def abort_on_error(expected: tuple[type[BaseException], ...] = (), prog: str = "
         group.abort(exc.code if isinstance(exc.code, int) else 1)
     except BaseException as exc:  # noqa: B036 -- every failure, Ctrl-C included, must stop all ranks
         if isinstance(exc, KeyboardInterrupt):
-            detail = "interrupted"
+            detail, code = "interrupted", 130
         elif isinstance(exc, expected):
-            detail = str(exc)
+            detail, code = str(exc), 2
         else:
-            detail = "".join(traceback.format_exception(exc)).rstrip()
+            detail, code = "".join(traceback.format_exception(exc)).rstrip(), 1
         print(f"{prog}: rank {group.rank} of {group.world_size}: {detail}\n{prog}: aborting all ranks",
               file=sys.stderr)
-        group.abort(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        group.abort(code)
 
 
 class DistributedSampler:

@@ -18,7 +18,8 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 
 from . import functional as F
-from .device import device_of, to_device, to_numpy
+from . import graphs
+from .device import copy_to_device, device_of, empty, to_device, to_numpy
 from .dispatch import device_call
 from .functional._checks import pair
 from .precision import check as check_precision
@@ -124,6 +125,8 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        # Buffers this layer's captured calls use, per (pass, input shapes, mode): gpuconv.graphs.
+        object.__setattr__(self, "_static_buffers", {})
         self.training = True
         self._ctx = None
 
@@ -158,7 +161,17 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
     def __call__(self, *inputs):
-        return self.forward(*inputs)
+        if graphs.capturing() is None:
+            return self.forward(*inputs)
+        with graphs.static_buffers(self, ("forward", self.training, *(getattr(a, "shape", None) for a in inputs))):
+            return self.forward(*inputs)
+
+    def _backward_captured(self, grad_output):
+        """``backward``, with the static buffers of this layer inside a graph capture."""
+        if graphs.capturing() is None:
+            return self.backward(grad_output)
+        with graphs.static_buffers(self, ("backward", self.training, getattr(grad_output, "shape", None))):
+            return self.backward(grad_output)
 
     def _save(self, **tensors) -> None:
         """Keep what backward needs from this forward (and drop what the last one kept)."""
@@ -366,7 +379,7 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
         if not needs_input_grad and not module._trains_any_parameter():
             return None
         module.requires_input_grad = needs_input_grad
-        grad_output = module.backward(grad_output)
+        grad_output = module._backward_captured(grad_output)
         if not needs_input_grad:
             return None
     return grad_output
@@ -644,12 +657,24 @@ class Dropout(Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = float(p)
+        self._seed_buffer = None
 
     def forward(self, x):
-        active = self.training and self.p > 0.0
-        seed = next_seed() if active else None
+        if not (self.training and self.p > 0.0):
+            self._save(seed=None)
+            return x
+        # On a device the seed lives in device memory, written by a host update, so that a
+        # captured graph draws the next seed before every replay and its kernels read it there.
+        seed = next_seed() if device_of(x) == "cpu" else self._device_seed(device_of(x))
         self._save(seed=seed)
-        return F.dropout(x, self.p, True, seed=seed) if active else x
+        return F.dropout(x, self.p, True, seed=seed)
+
+    def _device_seed(self, device: str):
+        if self._seed_buffer is None or device_of(self._seed_buffer) != device:
+            self._seed_buffer = empty((1,), np.uint64, device)
+        buffer = self._seed_buffer
+        graphs.host_update(lambda: copy_to_device(buffer, np.array([next_seed()], np.uint64)))
+        return buffer
 
     def backward(self, grad_output):
         seed = self._saved()["seed"]

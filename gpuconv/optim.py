@@ -3,8 +3,9 @@
 A parameter is any object with a ``.data`` array, updated in place, and a ``.grad`` array or
 ``None`` (such a parameter is skipped by :meth:`Optimizer.step`). On 'cpu' an update is a few
 in-place NumPy operations; on 'cuda' and 'emu' it is one launch of a ``kernels_cu/optim.cu``
-kernel for all parameters together, packed in one flat buffer (see :class:`Optimizer`). ``state_dict()`` holds NumPy arrays and plain numbers, so that a
-checkpoint can be saved from any device and loaded onto any other.
+kernel for all parameters together, packed in one flat buffer (see :class:`Optimizer`).
+``state_dict()`` holds NumPy arrays and plain numbers, so that a checkpoint can be saved from
+any device and loaded onto any other.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import numbers
 
 import numpy as np
 
-from . import kernels
-from .device import device_of, empty, to_device, to_numpy, zeros
+from . import graphs, kernels
+from .device import copy_to_device, device_of, empty, to_device, to_numpy, zeros
 from .dispatch import device_call
 
 __all__ = ["Optimizer", "SGD", "Adam", "StepLR"]
@@ -31,6 +32,22 @@ def _check_number(value, name: str, low: float, high: float | None = None, *, hi
         bound = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+class _DeviceScalars:
+    """A few float32 values in device memory, which a kernel reads at each launch (or replay)."""
+
+    def __init__(self, array):
+        self.array = array
+        self._last = None
+
+    def write(self, values: tuple) -> None:
+        """Copy ``values``, rounded to float32 as a kernel's float argument would be, into device
+        memory, when they changed since the last write (the learning rate rarely does)."""
+        values = np.array(values, np.float32)
+        if self._last is None or not np.array_equal(self._last, values):
+            copy_to_device(self.array, values)
+            self._last = values
 
 
 class _FlatGroup:
@@ -62,6 +79,7 @@ class _FlatGroup:
         for i, view in zip(indices, self.data_views):
             params[i].data = view
         self.state: dict[str, object] = {}
+        self._scalars: dict[int, tuple] = {}
         # State carried over (a rebuilt group, a loaded state_dict) is packed like the data.
         names = {name for i in indices for name, v in state.get(i, {}).items() if hasattr(v, "shape")}
         for name in sorted(names):
@@ -85,6 +103,12 @@ class _FlatGroup:
         if name not in self.state:
             self.state[name] = zeros((self.offsets[-1],), self.dtype, self.device)
         return self.state[name]
+
+    def scalars(self, position: int, count: int) -> "_DeviceScalars":
+        """The per-step values of the update that starts at ``position``, in device memory."""
+        if position not in self._scalars:
+            self._scalars[position] = _DeviceScalars(empty((count,), np.float32, self.device))
+        return self._scalars[position]
 
     def current(self, params) -> bool:
         """Whether every parameter's data is still its view (a model moved since would not be)."""
@@ -212,26 +236,32 @@ class Optimizer(abc.ABC):
                 if name not in entry:
                     entry[name] = group.views(group.state_buffer(name))[position]
         state = {name: group.state_buffer(name)[span] for name in self._state_names}
-        scalars = self._advance(indices)
         if group.device == "cpu":
-            self._update_numpy(group.data[span], group.grad[span], state, scalars)
+            self._update_numpy(group.data[span], group.grad[span], state, self._advance(indices))
         elif stop > start:
-            self._update_kernel(group.data[span], group.grad[span], state, scalars, kernels.blocks_for(stop - start))
+            scalars = group.scalars(run[0], len(self._scalar_names))
+            graphs.host_update(lambda: scalars.write(self._advance(indices)))
+            self._update_kernel(group.data[span], group.grad[span], state, scalars.array,
+                                kernels.blocks_for(stop - start))
 
     # The flat state buffers an update reads and writes.
     _state_names: tuple[str, ...] = ()
+    # The per-step values of an update, which the kernels read from device memory.
+    _scalar_names: tuple[str, ...] = ("lr",)
 
     def _advance(self, indices: list[int]) -> tuple:
-        """Host-side per-step values of one update of the parameters ``indices`` (Adam: bias corrections)."""
-        return ()
+        """The per-step values (``_scalar_names``) of one update of the parameters ``indices``,
+        advancing what they count (Adam: the step count)."""
+        return (self.lr,)
 
     @abc.abstractmethod
     def _update_numpy(self, data, grad, state: dict, scalars: tuple) -> None:
         """Update one flat run of parameters on 'cpu', in place."""
 
     @abc.abstractmethod
-    def _update_kernel(self, data, grad, state: dict, scalars: tuple, grid: int) -> None:
-        """Update one flat float32 run of parameters on 'cuda' or 'emu' with one kernel launch."""
+    def _update_kernel(self, data, grad, state: dict, scalars, grid: int) -> None:
+        """Update one flat float32 run of parameters on 'cuda' or 'emu' with one kernel launch,
+        the per-step values in the float32 device array ``scalars``."""
 
     def state_dict(self) -> dict:
         """``{'state': {index: {name: ndarray or number}}, 'hyperparameters': {name: value}}``.
@@ -299,6 +329,7 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if self.momentum else ()
 
     def _update_numpy(self, data, grad, state, scalars):
+        (lr,) = scalars
         d = grad + self.weight_decay * data if self.weight_decay else grad
         if self.momentum:
             # A zero buffer makes the first update momentum * 0 + d = d, PyTorch's initial copy, exactly.
@@ -306,13 +337,13 @@ class SGD(Optimizer):
             buffer *= self.momentum
             buffer += d
             d = d + self.momentum * buffer if self.nesterov else buffer
-        data -= self.lr * d
+        data -= lr * d
 
     def _update_kernel(self, data, grad, state, scalars, grid):
         # With no momentum the kernel never reads the buffer: an empty array stands for a null pointer.
-        buffer = state["momentum_buffer"] if self.momentum else empty((0,), np.float32, device_of(data))
-        kernels.launch("optim", "sgd_step_v1", grid, kernels.BLOCK,
-                       (data, grad, buffer, data.size, self.lr, self.momentum, self.weight_decay, self.nesterov))
+        buffer = state["momentum_buffer"] if self.momentum else data[:0]
+        kernels.launch("optim", "sgd_step_v2", grid, kernels.BLOCK,
+                       (data, grad, buffer, data.size, scalars, self.momentum, self.weight_decay, self.nesterov))
 
 
 class Adam(Optimizer):
@@ -343,6 +374,7 @@ class Adam(Optimizer):
         self._betas = (_check_number(value[0], "betas[0]", 0.0, 1.0), _check_number(value[1], "betas[1]", 0.0, 1.0))
 
     _state_names = ("exp_avg", "exp_avg_sq")
+    _scalar_names = ("step_size", "bias_correction2_sqrt")
 
     def _run_key(self, index):
         return self.state.get(index, {}).get("step", 0)
@@ -367,11 +399,10 @@ class Adam(Optimizer):
         data -= step_size * exp_avg / (np.sqrt(exp_avg_sq) / bias_correction2_sqrt + self.eps)
 
     def _update_kernel(self, data, grad, state, scalars, grid):
-        step_size, bias_correction2_sqrt = scalars
         beta1, beta2 = self.betas
-        kernels.launch("optim", "adam_step_v1", grid, kernels.BLOCK,
+        kernels.launch("optim", "adam_step_v2", grid, kernels.BLOCK,
                        (data, grad, state["exp_avg"], state["exp_avg_sq"], data.size, beta1, beta2, self.eps,
-                        self.weight_decay, step_size, bias_correction2_sqrt))
+                        self.weight_decay, scalars))
 
 
 class StepLR:

@@ -10,7 +10,9 @@ name        ``precision=`` what a float32 convolution computes with
 'medium'    'bf16'         operands rounded to BF16 (7 mantissa bits), FP32 accumulate
 =========== ============== ==============================================================
 
-The conv functions and ``nn.Conv2d`` also take ``precision='fp32'|'tf32'|'bf16'`` explicitly;
+The setting starts from ``$GPUCONV_FLOAT32_MATMUL_PRECISION`` when that is set (so that
+``gpuconv train`` and ``gpuconv bench`` can run at TF32 without a flag of their own), else
+'highest'. The conv functions and ``nn.Conv2d`` also take ``precision='fp32'|'tf32'|'bf16'`` explicitly;
 ``None`` (their default) means the global setting. On 'cuda' and 'emu', TF32 and BF16 run the
 tensor-core kernels (``kernels_cu/conv2d_tensorcore.cu``); on 'cpu' the same operands are rounded
 exactly as those kernels round them (TF32: round to nearest, ties away from zero, as
@@ -23,6 +25,8 @@ gpuconv's convolutions; ``linear`` is not affected.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .device import array_module
@@ -34,21 +38,28 @@ _BY_NAME = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
 # Unit roundoff of the operand formats: half an ulp of 1 (FP32 2^-24, TF32 2^-11, BF16 2^-8).
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8}
 
-_global = "highest"
+ENV = "GPUCONV_FLOAT32_MATMUL_PRECISION"
+_global: str | None = None  # None: not set in this process, $GPUCONV_FLOAT32_MATMUL_PRECISION or 'highest'
+
+
+def _checked_name(precision, where: str) -> str:
+    if precision not in _BY_NAME:
+        raise ValueError(f"{where} must be one of {sorted(_BY_NAME)} (as torch names them), got {precision!r}")
+    return precision
 
 
 def set_float32_matmul_precision(precision: str) -> None:
     """Set the internal precision of float32 convolutions: 'highest' (FP32, the default),
     'high' (TF32) or 'medium' (BF16), as ``torch.set_float32_matmul_precision``."""
     global _global
-    if precision not in _BY_NAME:
-        raise ValueError(f"precision must be one of {sorted(_BY_NAME)} (as torch names them), got {precision!r}")
-    _global = precision
+    _global = _checked_name(precision, "precision")
 
 
 def get_float32_matmul_precision() -> str:
     """The global setting: 'highest', 'high' or 'medium'."""
-    return _global
+    if _global is not None:
+        return _global
+    return _checked_name(os.environ.get(ENV, "highest"), f"${ENV}")
 
 
 def check(precision) -> None:
@@ -62,7 +73,7 @@ def resolve(precision, dtype) -> str:
     check(precision)
     if np.dtype(dtype) != np.float32:
         return "fp32"
-    return _BY_NAME[_global] if precision is None else precision
+    return _BY_NAME[get_float32_matmul_precision()] if precision is None else precision
 
 
 def round_operand(a, precision: str):

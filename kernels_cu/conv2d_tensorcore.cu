@@ -63,6 +63,7 @@ conv2d_forward_tc(const float* __restrict__ x, const float* __restrict__ w, cons
         iw0 = (p - oh * out_w) * stride_w - pad_left;
         x_image = x + (long long)image * c_in * height * width;
     }
+    tc::TapCursor tap(tc::load_slot<tc::ALONG_ROWS>(0).k, kernel_h, kernel_w);  // this thread's next B row
 
     const auto load = [&](tc::Stage& s, int k0) {
 #pragma unroll
@@ -75,13 +76,13 @@ conv2d_forward_tc(const float* __restrict__ x, const float* __restrict__ w, cons
 #pragma unroll
         for (int r = 0; r < tc::LOADS; ++r) {
             const tc::Slot at = tc::load_slot<tc::ALONG_ROWS>(r);
-            const int k = k0 + at.k;
-            const int channel = k / taps, tap = k - channel * taps, i = tap / kernel_w;
-            const int ih = ih0 + i * dil_h, iw = iw0 + (tap - i * kernel_w) * dil_w;
+            const int ih = ih0 + tap.i * dil_h, iw = iw0 + tap.j * dil_w;
             // One unsigned compare per axis tests both "before the input" and "past its end".
-            const bool inside = column_ok && k < patch && (unsigned)ih < (unsigned)height && (unsigned)iw < (unsigned)width;
-            tc::copy_element(&s.b[at.row][at.k], inside ? x_image + ((long long)channel * height + ih) * width + iw : x,
-                             inside);
+            const bool inside = column_ok && k0 + at.k < patch && (unsigned)ih < (unsigned)height &&
+                                (unsigned)iw < (unsigned)width;
+            tc::copy_element(&s.b[at.row][at.k],
+                             inside ? x_image + ((long long)tap.channel * height + ih) * width + iw : x, inside);
+            tap.advance<tc::THREADS / tc::BM>(kernel_h, kernel_w);
         }
     };
     tc::Accumulators acc;
@@ -120,29 +121,31 @@ conv2d_backward_data_tc(const float* __restrict__ w, const float* __restrict__ d
         w_pad = p - h * width + pad_left;
         dy_image = dy + (long long)image * c_out * out_h * out_w;
     }
+    tc::TapCursor tap(tc::load_slot<tc::ALONG_ROWS>(0).k, kernel_h, kernel_w);  // (co, i, j) of the next B row
 
     const auto load = [&](tc::Stage& s, int k0) {
+        // Along K, this thread's k is the same for all its A elements: decoded once per tile.
+        const int k = k0 + tc::load_slot<tc::ALONG_K>(0).k;
+        const int co = k / taps;
+        const long long k_offset = (long long)co * c_in * taps + (k - co * taps);
 #pragma unroll
         for (int r = 0; r < tc::LOADS; ++r) {
             const tc::Slot at = tc::load_slot<tc::ALONG_K>(r);
-            const int m = m0 + at.row, k = k0 + at.k;
-            const int co = k / taps;
+            const int m = m0 + at.row;
             const bool inside = m < c_in && k < depth;
-            tc::copy_element(&s.a[at.row][at.k], inside ? w + ((long long)co * c_in + m) * taps + (k - co * taps) : w,
-                             inside);
+            tc::copy_element(&s.a[at.row][at.k], inside ? w + k_offset + (long long)m * taps : w, inside);
         }
 #pragma unroll
         for (int r = 0; r < tc::LOADS; ++r) {
             const tc::Slot at = tc::load_slot<tc::ALONG_ROWS>(r);
-            const int k = k0 + at.k;
-            const int co = k / taps, tap = k - co * taps, i = tap / kernel_w;
-            const int oh_strided = h_pad - i * dil_h, ow_strided = w_pad - (tap - i * kernel_w) * dil_w;
+            const int oh_strided = h_pad - tap.i * dil_h, ow_strided = w_pad - tap.j * dil_w;
             const int oh = oh_strided / stride_h, ow = ow_strided / stride_w;
             // Negative numerators fail the first test, so truncating division needs no care.
-            const bool inside = column_ok && k < depth && oh_strided >= 0 && ow_strided >= 0 &&
+            const bool inside = column_ok && k0 + at.k < depth && oh_strided >= 0 && ow_strided >= 0 &&
                                 oh * stride_h == oh_strided && ow * stride_w == ow_strided && oh < out_h && ow < out_w;
-            tc::copy_element(&s.b[at.row][at.k], inside ? dy_image + ((long long)co * out_h + oh) * out_w + ow : dy,
-                             inside);
+            tc::copy_element(&s.b[at.row][at.k],
+                             inside ? dy_image + ((long long)tap.channel * out_h + oh) * out_w + ow : dy, inside);
+            tap.advance<tc::THREADS / tc::BM>(kernel_h, kernel_w);
         }
     };
     tc::Accumulators acc;
@@ -170,28 +173,40 @@ conv2d_backward_filter_tc(const float* __restrict__ x, const float* __restrict__
     const int k_begin = blockIdx.z * k_per_split;
     const int k_end = min(k_begin + k_per_split, depth);
 
-    // Both operands are contiguous along K (the output pixels), so both are loaded along K.
+    // Both operands are contiguous along K (the output pixels), so both are loaded along K: this
+    // thread's k is the same for all its elements of a tile, and its B rows (filter taps n) the
+    // same in every tile, decoded once here into the tap's offset within an image.
+    int tap_h[tc::LOADS], tap_w[tc::LOADS], tap_offset[tc::LOADS];
+    unsigned int rows_ok = 0;  // bit r: row r is a filter tap (n < patch)
+#pragma unroll
+    for (int r = 0; r < tc::LOADS; ++r) {
+        const int n = n0 + tc::load_slot<tc::ALONG_K>(r).row;
+        const int channel = n / taps, tap = n - channel * taps, i = tap / kernel_w;
+        rows_ok |= (unsigned int)(n < patch) << r;
+        tap_h[r] = i * dil_h - pad_top;
+        tap_w[r] = (tap - i * kernel_w) * dil_w - pad_left;
+        tap_offset[r] = (channel * height + tap_h[r]) * width + tap_w[r];
+    }
+
     const auto load = [&](tc::Stage& s, int k0) {
+        const int k = k0 + tc::load_slot<tc::ALONG_K>(0).k;
+        const bool k_ok = k < k_end;
+        const int image = k / plane, p = k - image * plane, oh = p / out_w, ow = p - oh * out_w;
+        const long long dy_pixel = (long long)image * c_out * plane + p;
+        const long long x_pixel = ((long long)image * c_in * height + oh * stride_h) * width + ow * stride_w;
 #pragma unroll
         for (int r = 0; r < tc::LOADS; ++r) {
             const tc::Slot at = tc::load_slot<tc::ALONG_K>(r);
-            const int m = m0 + at.row, k = k0 + at.k;
-            const int image = k / plane;
-            const bool inside = m < c_out && k < k_end;
-            tc::copy_element(&s.a[at.row][at.k],
-                             inside ? dy + ((long long)image * c_out + m) * plane + (k - image * plane) : dy, inside);
+            const int m = m0 + at.row;
+            const bool inside = m < c_out && k_ok;
+            tc::copy_element(&s.a[at.row][at.k], inside ? dy + dy_pixel + (long long)m * plane : dy, inside);
         }
 #pragma unroll
         for (int r = 0; r < tc::LOADS; ++r) {
             const tc::Slot at = tc::load_slot<tc::ALONG_K>(r);
-            const int n = n0 + at.row, k = k0 + at.k;
-            const int image = k / plane, p = k - image * plane, oh = p / out_w;
-            const int channel = n / taps, tap = n - channel * taps, i = tap / kernel_w;
-            const int ih = oh * stride_h - pad_top + i * dil_h;
-            const int iw = (p - oh * out_w) * stride_w - pad_left + (tap - i * kernel_w) * dil_w;
-            const bool inside = n < patch && k < k_end && (unsigned)ih < (unsigned)height && (unsigned)iw < (unsigned)width;
-            tc::copy_element(&s.b[at.row][at.k],
-                             inside ? x + (((long long)image * c_in + channel) * height + ih) * width + iw : x, inside);
+            const int ih = oh * stride_h + tap_h[r], iw = ow * stride_w + tap_w[r];
+            const bool inside = k_ok && (rows_ok >> r & 1u) && (unsigned)ih < (unsigned)height && (unsigned)iw < (unsigned)width;
+            tc::copy_element(&s.b[at.row][at.k], inside ? x + x_pixel + tap_offset[r] : x, inside);
         }
     };
     tc::Accumulators acc;

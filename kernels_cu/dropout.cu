@@ -1,6 +1,6 @@
 // dropout.cu -- inverted dropout with a counter-based mask.
 //
-// Versions: dropout_v1.
+// Versions: dropout_v1; dropout_device_seed_v1 (the same, its seed in device memory).
 //
 // The keep-mask is a pure function of (seed, flat element index), so forward and backward need
 // no stored mask and every device (this kernel on 'cuda' and 'emu', NumPy on 'cpu') draws the
@@ -27,11 +27,24 @@ __device__ __forceinline__ unsigned int dropout_bits(unsigned long long key, uns
     return (unsigned int)(mix64(key + (index + 1ull) * 0x9E3779B97F4A7C15ull) >> 32);
 }
 
-extern "C" __global__ void dropout_v1(const float* __restrict__ x, float* __restrict__ y, long long n,
-                                      unsigned long long seed, unsigned int threshold, float scale) {
+__device__ __forceinline__ void dropout_apply(const float* __restrict__ x, float* __restrict__ y, long long n,
+                                              unsigned long long seed, unsigned int threshold, float scale) {
     const unsigned long long key = mix64(seed);
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         y[i] = dropout_bits(key, (unsigned long long)i) >= threshold ? x[i] * scale : 0.f;
     }
+}
+
+extern "C" __global__ void dropout_v1(const float* __restrict__ x, float* __restrict__ y, long long n,
+                                      unsigned long long seed, unsigned int threshold, float scale) {
+    dropout_apply(x, y, n, seed, threshold, scale);
+}
+
+// dropout_device_seed_v1(x, y, n, seed, threshold, scale): dropout_v1 with the seed read from
+//   device memory (seed[0]), so that a captured CUDA graph draws the mask of each replay's seed.
+extern "C" __global__ void dropout_device_seed_v1(const float* __restrict__ x, float* __restrict__ y, long long n,
+                                                  const unsigned long long* __restrict__ seed,
+                                                  unsigned int threshold, float scale) {
+    dropout_apply(x, y, n, seed[0], threshold, scale);
 }

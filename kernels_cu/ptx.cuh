@@ -43,7 +43,10 @@
 //   ldmatrix<COUNT, TRANS>(r, shared_row)  ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16:
 //     COUNT 8x8 matrices of 16-bit elements; lane 8*i + j gives the address of row j of matrix
 //     i (16-byte aligned; lanes past 8*COUNT give none). r[i] = elements (g, 2t) low and
-//     (g, 2t + 1) high of matrix i, or with TRANS (2t, g) and (2t + 1, g).
+//     (g, 2t + 1) high of matrix i, or with TRANS (2t, g) and (2t + 1, g). The emulator reads
+//     each row as its lane reaches the instruction, the earliest moment the hardware could.
+//     With 32-bit data an 8x8 matrix of halves is an 8x4 block of words, lane (g, t) getting
+//     word (g, t): a TF32 mma fragment.
 
 #ifndef GPUCONV_EMU
 
@@ -137,6 +140,11 @@ __device__ __forceinline__ void ldmatrix(unsigned int (&r)[COUNT], const void* s
 
 #else  // GPUCONV_EMU: the same functions, emulated on the fibers of cuda_emu.h.
 
+// The emulator's own bookkeeping (each thread's copies in flight, the warp exchange slots) is not
+// kernel memory: functions marked EMU_PTX_BOOKKEEPING touch it unseen by ThreadSanitizer (the
+// race-checking build), which still sees the copies' real reads and writes (memcpy/memset).
+#define EMU_PTX_BOOKKEEPING __attribute__((no_sanitize("thread"), noinline))
+
 namespace emu_ptx {
 
 constexpr int kMaxThreads = 1024;
@@ -165,7 +173,7 @@ constexpr int kWords = 6;  // an mma's A and B fragments
 static unsigned long long exchange[kMaxThreads / 32][2][32][kWords];
 static unsigned int collectives_done[kMaxThreads];
 
-static void reset_thread(int thread)
+EMU_PTX_BOOKKEEPING static void reset_thread(int thread)
 {
     thread_copies[thread].count = thread_copies[thread].groups = 0;
     collectives_done[thread] = 0;
@@ -182,7 +190,7 @@ static inline bool in_shared(const void* p, int bytes)
     return dynamic || fixed;
 }
 
-static void issue(const char* what, void* dst, const void* src, int bytes, int src_bytes)
+EMU_PTX_BOOKKEEPING static void issue(const char* what, void* dst, const void* src, int bytes, int src_bytes)
 {
     if (((uintptr_t)dst | (uintptr_t)src) % (uintptr_t)bytes)
         emu::fail_in_fiber(emu::WARP_MISUSE, "%s: addresses %p (shared) and %p (global) must be %d-byte aligned", what,
@@ -201,27 +209,32 @@ static void issue(const char* what, void* dst, const void* src, int bytes, int s
     memset(dst, 0xff, (size_t)bytes);  // in flight: undefined until the wait
 }
 
-// Lands the first `n` copies of this thread and forgets them.
-static void land(ThreadCopies& t, int n)
+// Lands this thread's copies of every group but the `pending` most recent (all its copies, group
+// or not, when pending < 0) and forgets them.
+EMU_PTX_BOOKKEEPING static void land(int pending)
 {
+    ThreadCopies& t = thread_copies[thread_index()];
+    if (pending >= 0 && t.groups <= pending) return;
+    const int done = pending < 0 ? t.groups : t.groups - pending;
+    const int n = pending < 0 ? t.count : t.group_end[done - 1];
     for (int i = 0; i < n; ++i) {
         const Copy& c = t.copies[i];
         if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
         memset(c.dst + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
     }
-    memmove(t.copies, t.copies + n, sizeof(Copy) * (size_t)(t.count - n));
+    for (int i = n; i < t.count; ++i) t.copies[i - n] = t.copies[i];
     t.count -= n;
+    for (int g = done; g < t.groups; ++g) t.group_end[g - done] = t.group_end[g] - n;
+    t.groups -= done;
 }
 
-static void wait_groups(int pending)
+EMU_PTX_BOOKKEEPING static void commit()
 {
     ThreadCopies& t = thread_copies[thread_index()];
-    if (t.groups <= pending) return;
-    const int done = t.groups - pending;
-    const int n = t.group_end[done - 1];
-    land(t, n);
-    for (int g = done; g < t.groups; ++g) t.group_end[g - done] = t.group_end[g] - n;
-    t.groups = pending;
+    // A copy may land any time before its wait: landing the oldest group early keeps the record
+    // bounded when a loop commits (empty) groups it never waits for.
+    if (t.groups == kMaxCopies) land(t.groups - 1);
+    t.group_end[t.groups++] = t.count;
 }
 
 // Rounds to TF32 (cvt.rna) on the bits: adding half an ulp of the 10-bit mantissa to the
@@ -249,36 +262,67 @@ static inline float float_of(unsigned int bits)
     return f;
 }
 
-// Publishes this lane's operand words, waits for the whole warp and returns the exchange slot
-// every lane's words are in. An instruction that not all 32 lanes execute is an error.
-static unsigned long long (*collective(const char* what, const unsigned long long* words, int n))[kWords]
+using Lanes = const unsigned long long (*)[kWords];
+
+// Publishes this lane's words and returns the slot of the current collective.
+EMU_PTX_BOOKKEEPING static Lanes publish(const unsigned long long* words, int n)
 {
-    const int thread = thread_index();
-    const int warp = thread / 32, lane = thread % 32;
+    const int thread = thread_index(), warp = thread / 32;
     const int slot = (int)(collectives_done[thread]++ & 1u);
-    for (int i = 0; i < n; ++i) exchange[warp][slot][lane][i] = words[i];
-    const unsigned int lanes = __ballot_sync(0xffffffffu, 1);
-    const int present = emu::fiber_count - warp * 32;
-    if (lanes != 0xffffffffu || present < 32)
-        emu::fail_in_fiber(emu::WARP_MISUSE,
-                           "%s: only lanes 0x%08x of warp %d execute it (%d in the block); all 32 lanes of the warp "
-                           "must execute it together",
-                           what, lanes, warp, present < 32 ? present : 32);
+    for (int i = 0; i < n; ++i) exchange[warp][slot][thread % 32][i] = words[i];
     return exchange[warp][slot];
 }
 
-// D += A*B for one 16x8 tile; a(lanes, r, k) and b(lanes, k, n) read an operand element from the
-// exchanged fragments.
-template <class A, class B>
-static void mma_tile(float (&d)[4], int k_depth, A a, B b, unsigned long long (*lanes)[kWords])
+// Waits for the whole warp at a warp-collective instruction and returns the exchanged words of
+// every lane. An instruction that not all 32 lanes execute is an error.
+static Lanes collective(const char* what, const unsigned long long* words, int n)
+{
+    Lanes lanes = publish(words, n);
+    const unsigned int present = __ballot_sync(0xffffffffu, 1);
+    const int warp = thread_index() / 32, in_block = emu::fiber_count - warp * 32;
+    if (present != 0xffffffffu || in_block < 32)
+        emu::fail_in_fiber(emu::WARP_MISUSE,
+                           "%s: only lanes 0x%08x of warp %d execute it (%d in the block); all 32 lanes of the warp "
+                           "must execute it together",
+                           what, present, warp, in_block < 32 ? in_block : 32);
+    return lanes;
+}
+
+// The A (16 x depth) and B (depth x 8) operands of an mma, from every lane's fragments.
+EMU_PTX_BOOKKEEPING static void gather_tf32(Lanes l, float (&a)[16][16], float (&b)[16][8])
+{
+    const auto element = [](unsigned long long w) { return float_of((unsigned int)w & 0xffffe000u); };  // low bits ignored
+    for (int r = 0; r < 16; ++r)
+        for (int k = 0; k < 8; ++k) a[r][k] = element(l[(r % 8) * 4 + k % 4][r / 8 + 2 * (k / 4)]);
+    for (int k = 0; k < 8; ++k)
+        for (int n = 0; n < 8; ++n) b[k][n] = element(l[n * 4 + k % 4][4 + k / 4]);
+}
+
+EMU_PTX_BOOKKEEPING static void gather_bf16(Lanes l, float (&a)[16][16], float (&b)[16][8])
+{
+    const auto half = [](unsigned long long w, int h) { return float_of(((unsigned int)w >> (16 * h)) << 16); };
+    for (int r = 0; r < 16; ++r)
+        for (int k = 0; k < 16; ++k) a[r][k] = half(l[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k % 2);
+    for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < 8; ++n) b[k][n] = half(l[n * 4 + (k % 8) / 2][4 + k / 8], k % 2);
+}
+
+// This lane's four elements of D += A*B, each sum of products in double, rounded once.
+static void mma_tile(float (&d)[4], int depth, const float (&a)[16][16], const float (&b)[16][8])
 {
     const int lane = thread_index() % 32, g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) {
         const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
         double sum = 0.0;
-        for (int k = 0; k < k_depth; ++k) sum += (double)a(lanes, row, k) * (double)b(lanes, k, col);
+        for (int k = 0; k < depth; ++k) sum += (double)a[row][k] * (double)b[k][col];
         d[i] = (float)((double)d[i] + sum);
     }
+}
+
+// Element `col` (16-bit) of the row lane `source` read for an ldmatrix.
+EMU_PTX_BOOKKEEPING static unsigned int row_element(Lanes l, int source, int col)
+{
+    return (unsigned int)(l[source][col / 4] >> (16 * (col % 4))) & 0xffffu;
 }
 
 }  // namespace emu_ptx
@@ -295,28 +339,16 @@ static inline void cp_async_cg16(void* shared_dst, const void* global_src, int s
     emu_ptx::issue("cp.async.cg", shared_dst, global_src, 16, src_bytes);
 }
 
-static inline void cp_async_commit()
-{
-    emu_ptx::ThreadCopies& t = emu_ptx::thread_copies[emu_ptx::thread_index()];
-    // A copy may land any time before its wait: landing the oldest group early keeps the record
-    // bounded when a loop commits (empty) groups it never waits for.
-    if (t.groups == emu_ptx::kMaxCopies) emu_ptx::wait_groups(t.groups - 1);
-    t.group_end[t.groups++] = t.count;
-}
+static inline void cp_async_commit() { emu_ptx::commit(); }
 
 template <int N>
 static inline void cp_async_wait()
 {
     static_assert(N >= 0, "cp.async.wait_group takes a non-negative count");
-    emu_ptx::wait_groups(N);
+    emu_ptx::land(N);
 }
 
-static inline void cp_async_wait_all()
-{
-    emu_ptx::ThreadCopies& t = emu_ptx::thread_copies[emu_ptx::thread_index()];
-    emu_ptx::land(t, t.count);
-    t.groups = 0;
-}
+static inline void cp_async_wait_all() { emu_ptx::land(-1); }
 
 static inline unsigned int to_tf32(float x) { return emu_ptx::tf32_bits(x); }
 
@@ -328,26 +360,17 @@ static inline unsigned int pack_bf16x2(float lo, float hi)
 static inline void mma_tf32_m16n8k8(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
 {
     const unsigned long long words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-    auto lanes = emu_ptx::collective("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", words, 6);
-    const auto element = [](unsigned long long w) { return emu_ptx::float_of((unsigned int)w & 0xffffe000u); };
-    emu_ptx::mma_tile(
-        d, 8,
-        [&](unsigned long long (*l)[emu_ptx::kWords], int r, int k) { return element(l[(r % 8) * 4 + k % 4][r / 8 + 2 * (k / 4)]); },
-        [&](unsigned long long (*l)[emu_ptx::kWords], int k, int n) { return element(l[n * 4 + k % 4][4 + k / 4]); }, lanes);
+    float am[16][16], bm[16][8];
+    emu_ptx::gather_tf32(emu_ptx::collective("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", words, 6), am, bm);
+    emu_ptx::mma_tile(d, 8, am, bm);
 }
 
 static inline void mma_bf16_m16n8k16(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2])
 {
     const unsigned long long words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-    auto lanes = emu_ptx::collective("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", words, 6);
-    const auto half = [](unsigned long long w, int h) { return emu_ptx::float_of(((unsigned int)w >> (16 * h)) << 16); };
-    emu_ptx::mma_tile(
-        d, 16,
-        [&](unsigned long long (*l)[emu_ptx::kWords], int r, int k) {
-            return half(l[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k % 2);
-        },
-        [&](unsigned long long (*l)[emu_ptx::kWords], int k, int n) { return half(l[n * 4 + (k % 8) / 2][4 + k / 8], k % 2); },
-        lanes);
+    float am[16][16], bm[16][8];
+    emu_ptx::gather_bf16(emu_ptx::collective("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", words, 6), am, bm);
+    emu_ptx::mma_tile(d, 16, am, bm);
 }
 
 template <int COUNT, bool TRANS>
@@ -364,16 +387,17 @@ static inline void ldmatrix(unsigned int (&r)[COUNT], const void* shared_row)
     if (lane < 8 * COUNT && ((uintptr_t)shared_row % 16 || !emu_ptx::in_shared(shared_row, 16)))
         emu::fail_in_fiber(emu::WARP_MISUSE, "%s: lane %d's row address %p is not a 16-byte aligned shared address",
                            name, lane, shared_row);
-    const unsigned long long word = (unsigned long long)(uintptr_t)shared_row;
-    auto lanes = emu_ptx::collective(name, &word, 1);
+    // Each lane reads its row when it reaches the instruction: a read that needs a barrier or a
+    // wait first shows, as for any other load, in the thread order that runs it early.
+    unsigned long long row_bits[2] = {0, 0};
+    if (lane < 8 * COUNT) memcpy(row_bits, shared_row, 16);
+    const emu_ptx::Lanes lanes = emu_ptx::collective(name, row_bits, 2);
     const int g = lane / 4, t = lane % 4;
     for (int i = 0; i < COUNT; ++i) {
         unsigned int value = 0;
         for (int h = 0; h < 2; ++h) {
             const int row = TRANS ? 2 * t + h : g, col = TRANS ? g : 2 * t + h;
-            uint16_t element;
-            memcpy(&element, (const char*)(uintptr_t)lanes[8 * i + row][0] + 2 * col, 2);
-            value |= (unsigned int)element << (16 * h);
+            value |= emu_ptx::row_element(lanes, 8 * i + row, col) << (16 * h);
         }
         r[i] = value;
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then run the test suite (the GPU tests run where CuPy sees a GPU, and are skipped elsewhere).
-# Extra arguments go to pytest.
+# Set up (the project's virtual environment, .venv), then run the test suite in it (the GPU tests
+# run where CuPy sees a GPU, and are skipped elsewhere). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-exec python3 -m pytest -q "$@"
+exec "${GPUCONV_VENV:-.venv}/bin/python" -m pytest -q "$@"

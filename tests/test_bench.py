@@ -1,5 +1,6 @@
-"""The benchmark suite: its FLOP/byte accounting, its statistics, its timing loop, and a tiny
-`gpuconv bench --quick` run on the CPU. Nothing here asserts on speed."""
+"""The benchmark suite: its FLOP/byte accounting, its statistics, its timing loop, its worker
+processes (a crashing, hanging or poisoned worker costs one row), atomic reports, the GPU check
+script, and tiny `gpuconv bench --quick` runs on the CPU. Nothing here asserts on speed."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from gpuconv import bench
+from gpuconv.bench import cli, contenders, machine, reports, runner
 
 
 def _loop_conv_counts(batch, c_in, h, w, c_out, kh, kw, stride, pad):
@@ -192,9 +194,9 @@ def test_cases_run_most_important_first():
 
 
 def test_only_patterns_and_device_slug():
-    assert bench._matches("alexnet/conv2/conv2d_forward", ["conv2d_forward"])
-    assert bench._matches("alexnet/conv2/conv2d_forward", ["alexnet/conv*/conv2d_*"])
-    assert not bench._matches("lenet5/conv2/conv2d_forward", ["alexnet/*"])
+    assert cli.matches("alexnet/conv2/conv2d_forward", ["conv2d_forward"])
+    assert cli.matches("alexnet/conv2/conv2d_forward", ["alexnet/conv*/conv2d_*"])
+    assert not cli.matches("lenet5/conv2/conv2d_forward", ["alexnet/*"])
     info = {"gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "13.0"}, "cpu": "x"}
     assert bench.device_slug(info) == "nvidia-h100-80gb-hbm3"
     assert bench.device_slug({"gpu": {"name": "no device"}, "cpu": "AMD EPYC 7B13"}) == "cpu-amd-epyc-7b13"
@@ -230,7 +232,7 @@ def test_kernel_versions_come_from_the_sources():
     assert set(versions) == set(bench.BENCHMARKED_OPS)
     for op in bench.BASELINE_VERSION_OPS:
         assert versions[op][0] == 0  # the im2col + cuBLAS baseline
-    with bench._environ("GPUCONV_KERNEL_TEST_ONLY", 3):
+    with contenders.environ("GPUCONV_KERNEL_TEST_ONLY", 3):
         assert os.environ["GPUCONV_KERNEL_TEST_ONLY"] == "3"
     assert "GPUCONV_KERNEL_TEST_ONLY" not in os.environ
 
@@ -238,33 +240,54 @@ def test_kernel_versions_come_from_the_sources():
 @pytest.fixture
 def no_gpu(monkeypatch):
     """The CPU-only machine, also where a GPU is present: CuPy and PyTorch both see no device."""
-    monkeypatch.setattr(bench, "cuda_status", lambda: (False, "CuPy is not installed (test)"))
+    monkeypatch.setattr(machine, "cuda_status", lambda: (False, "CuPy is not installed (test)"))
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-def test_quick_run_on_cpu_writes_reports_and_says_no_device(tmp_path, no_gpu, capsys):
+def test_quick_run_on_cpu_writes_reports_and_says_no_device_once(tmp_path, no_gpu, capsys):
     out = tmp_path / "results"
-    code = bench.main(["--quick", "--only", "lenet5/conv2/conv2d_forward", "--only", "lenet5/train/step",
-                       "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    code = bench.main(["--quick", "--in-process", "--only", "lenet5/conv2/conv2d_forward", "--only",
+                       "lenet5/train/step", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "no device" in printed
+    # One line names every GPU contender that was not measured, instead of rows for each.
+    (missing,) = [line for line in printed.splitlines() if "not measured" in line]
+    assert "no GPU: CuPy is not installed" in missing and "gpuconv cuda" in missing and "torch cuda" in missing
     text = (out / "results.md").read_text()
-    assert "| numpy |" in text and "no device" in text and "GPU: no device" in text
+    assert "| numpy |" in text and "GPU: no device" in text and "gpuconv cuda |" not in text
+    assert text.count("not measured") == 1
     data = json.loads((out / "results.json").read_text())
     rows = {(r["case"], r["contender"]): r for r in data["rows"]}
-    assert {case for case, _ in rows} == {"lenet5/conv2/conv2d_forward", "lenet5/train/step"}
+    assert set(rows) == {(case, who) for case in ("lenet5/conv2/conv2d_forward", "lenet5/train/step")
+                         for who in ("numpy", "torch cpu (oneDNN)")}
     numpy_row = rows[("lenet5/conv2/conv2d_forward", "numpy")]
     assert numpy_row["status"] == "ok" and numpy_row["repeats"] == 2
     assert numpy_row["min_s"] <= numpy_row["q1_s"] <= numpy_row["median_s"] <= numpy_row["q3_s"] <= numpy_row["max_s"]
     assert numpy_row["flops"] == 2 * 64 * 16 * 10 * 10 * 6 * 25  # the quick CPU batch, 64
     assert numpy_row["pct_peak"] > 0 and "vs_torch" in numpy_row
-    gpu_rows = [r for r in data["rows"] if r["device"] == "cuda"]
-    assert gpu_rows and all(r["status"] == "no device" and "median_s" not in r for r in gpu_rows)
+    assert list(data["not_measured"]) == ["no GPU: CuPy is not installed"] and data["problems"] == []
     assert rows[("lenet5/train/step", "numpy")]["status"] == "ok"
     assert data["peaks"]["cpu"]["flops"] > 0 and data["machine"]["numpy"] == np.__version__
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_worker_processes_run_the_cpu_rows_with_the_openblas_timeout(tmp_path, capsys, monkeypatch):
+    """The default run: rows in a worker process started with OPENBLAS_THREAD_TIMEOUT (which
+    must be set before NumPy loads, so only a fresh process can have it), into runs/bench/NAME."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    code = bench.main(["--quick", "--device", "cpu", "--only", "lenet5/relu1/relu_forward", "--repeats", "2",
+                       "--warmup", "0", "--name", "tiny"])
+    assert code == 0
+    out = tmp_path / "runs" / "bench" / "tiny"
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["contender"], r["status"]) for r in data["rows"]] == [("numpy", "ok"), ("torch cpu (oneDNN)", "ok")]
+    assert data["machine"]["openblas_thread_timeout"] == runner.OPENBLAS_THREAD_TIMEOUT
+    assert runner.worker_env()["OPENBLAS_THREAD_TIMEOUT"] == runner.OPENBLAS_THREAD_TIMEOUT
+    assert "OPENBLAS_THREAD_TIMEOUT=4" in (out / "results.md").read_text()
+    assert "numpy" in capsys.readouterr().out
+    assert not list(tmp_path.glob("benchmarks")), "nothing is written into the source tree"
 
 
 def test_cpu_epoch_is_extrapolated_and_says_so(no_gpu):
@@ -312,7 +335,7 @@ def test_notes_hold_the_floors_the_code_computes():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not bench.cuda_status()[0], reason="no CUDA GPU (CuPy)")
+@pytest.mark.skipif(not machine.cuda_status()[0], reason="no CUDA GPU (CuPy)")
 def test_quick_run_on_the_gpu_times_every_gpu_contender(tmp_path):
     out = tmp_path / "results"
     assert bench.main(["--quick", "--device", "cuda", "--only", "lenet5/conv2/conv2d_forward",
@@ -353,40 +376,91 @@ def test_gpuconv_training_step_runs_as_the_trainer_does(monkeypatch):
 _FAKE_PYTHON = r"""#!/usr/bin/env bash
 # Stands in for python3 in benchmarks/gpu_check.sh: logs each call, answers as told.
 echo "$*" >> "$FAKE_LOG"
-case "$1" in
-    -) cat > /dev/null; echo "machine info" ;;
-    -c) exit "$FAKE_GPU_STATUS" ;;
-    -m) if [ "$2" = pytest ]; then exit "$FAKE_TESTS_STATUS"; fi
+case "$1 $2" in
+    "-c "*cuda_status*) exit "$FAKE_GPU_STATUS" ;;
+    "-c "*pytest_timeout*) exit 0 ;;
+    "-c "*) echo "machine info" ;;
+    "-m pytest") [ "${FAKE_HANG:-}" = tests ] && sleep 30; exit "$FAKE_TESTS_STATUS" ;;
+    "-m gpuconv.bench")
+        [ "${FAKE_HANG:-}" = bench ] && sleep 30
         while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
-        for name in results.md results.json results.png; do echo x > "$out/$name"; done ;;
+        for name in results.md results.json results.png; do echo x > "$out/$name"; done
+        echo "gpuconv bench: 3 rows measured, 1 failed, 0 skipped, in 1 s; wrote it"
+        echo "gpuconv bench: what failed:"
+        echo "  - cuda lenet5: the worker was killed by SIGSEGV during lenet5/conv1/conv2d_forward"
+        exit "$FAKE_BENCH_STATUS" ;;
 esac
 """
 
 
-@pytest.mark.parametrize("gpu, tests, expected", [(0, 0, 0), (0, 3, 3), (1, 0, 1)])
-def test_gpu_check_script_exit_status_and_outputs(tmp_path, gpu, tests, expected):
-    """The script's own logic, with python faked: its status is the GPU tests' (1 without a GPU),
-    and it leaves few files, at most one folder deep, as a machine that returns $OUT needs."""
+def _run_gpu_check(tmp_path, python=None, timeout=60, **env):
     import subprocess
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
     if not script.is_file():
         pytest.skip("benchmarks/gpu_check.sh is not beside the tests (installed package)")
-    fake = tmp_path / "python"
-    fake.write_text(_FAKE_PYTHON)
-    fake.chmod(0o755)
-    out, log = tmp_path / "out", tmp_path / "calls.log"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "FAKE_LOG": str(log),
-           "FAKE_GPU_STATUS": str(gpu), "FAKE_TESTS_STATUS": str(tests)}
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == expected, result.stdout + result.stderr
+    out = tmp_path / "out"
+    full_env = {**os.environ, "OUT": str(out), **{k: str(v) for k, v in env.items()}}
+    if python is None:
+        fake = tmp_path / "python"
+        fake.write_text(_FAKE_PYTHON)
+        fake.chmod(0o755)
+        full_env.update(PYTHON=str(fake), FAKE_LOG=str(tmp_path / "calls.log"))
+    result = subprocess.run(["bash", str(script)], env=full_env, capture_output=True, text=True, timeout=timeout)
     assert "unbound variable" not in result.stdout + result.stderr
-    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= 8 and all(len(p.parts) <= 2 for p in files), files
-    assert {"machine.txt", "pytest-gpu.log", "bench.log", "bench/results.md"} <= {p.as_posix() for p in files}
-    (bench_call,) = [line for line in log.read_text().splitlines() if line.startswith("-m gpuconv.bench")]
-    assert "--time-budget" in bench_call
+    return result, out
+
+
+@pytest.mark.parametrize("gpu, tests, bench_status, expected", [(0, 0, 0, 0), (0, 3, 1, 3), (0, 0, 1, 1),
+                                                                 (1, 0, 0, 1)])
+def test_gpu_check_script_exit_status_and_outputs(tmp_path, gpu, tests, bench_status, expected):
+    """The script's own logic, with python faked: its status is the GPU tests', then the
+    benchmark's (1 without a GPU); it leaves few files, at most one folder deep, as a machine that
+    returns $OUT needs, and a summary of each step and of what failed."""
+    result, out = _run_gpu_check(tmp_path, FAKE_GPU_STATUS=gpu, FAKE_TESTS_STATUS=tests,
+                                 FAKE_BENCH_STATUS=bench_status)
+    assert result.returncode == expected, result.stdout + result.stderr
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(f.count("/") <= 1 for f in files), files
+    assert {"summary.txt", "machine.txt", "pytest-gpu.log", "bench.log", "bench/results.md"} <= set(files)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    (bench_call,) = [line for line in calls if line.startswith("-m gpuconv.bench")]
+    assert "--time-budget 240" in bench_call and "--cpu-cases train/" in bench_call and "--device all" in bench_call
+    (pytest_call,) = [line for line in calls if line.startswith("-m pytest")]
+    assert "-m gpu" in pytest_call and "--timeout 60" in pytest_call and "-rA" in pytest_call
+    assert f"--junitxml {out}/pytest-gpu.xml" in pytest_call
+    summary = (out / "summary.txt").read_text()
+    assert "killed by SIGSEGV during lenet5/conv1" in summary and summary in result.stdout
+    assert ("no usable GPU" in summary) == bool(gpu)
+
+
+def test_gpu_check_steps_are_time_boxed(tmp_path):
+    """A step that hangs is killed at its limit, recorded as timed out, and the next step runs."""
+    result, out = _run_gpu_check(tmp_path, FAKE_GPU_STATUS=0, FAKE_TESTS_STATUS=0, FAKE_BENCH_STATUS=0,
+                                 FAKE_HANG="bench", BENCH_SECONDS=2)
+    summary = (out / "summary.txt").read_text()
+    assert "bench    timed out after 2 s" in summary
+    assert "tests    ok" in summary
+    assert result.returncode == 124
+
+
+def test_gpu_check_without_a_gpu_reports_no_device_and_still_writes_the_table(tmp_path):
+    """The real script on this machine, cut down by its knobs: with no GPU it says so, fails,
+    and still leaves the CPU rows of the table and the test reports."""
+    if machine.cuda_status()[0]:
+        pytest.skip("this machine has a GPU")
+    result, out = _run_gpu_check(
+        tmp_path, python=os.sys.executable, timeout=240, PYTHON=os.sys.executable,
+        BENCH_ARGS="--quick --only lenet5/relu1/relu_forward --cpu-cases lenet5/relu1 --repeats 2 --warmup 0",
+        PYTEST_ARGS="tests/test_activation.py")
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "no usable GPU" in summary and "bench    ok" in summary and "tests    ok" in summary
+    data = json.loads((out / "bench" / "results.json").read_text())
+    assert [r["contender"] for r in data["rows"]] == ["numpy", "torch cpu (oneDNN)"]
+    assert any(reason.startswith("no GPU") for reason in data["not_measured"])
+    assert "skipped" in (out / "pytest-gpu.xml").read_text()
 
 
 def test_a_broken_pytorch_install_does_not_end_the_run(monkeypatch):
@@ -406,4 +480,183 @@ def test_a_broken_pytorch_install_does_not_end_the_run(monkeypatch):
     assert bench.machine_info(use_gpu=False)["torch"] == "does not import (OSError)"
     usable, why = bench.Torch("cpu").available()
     assert not usable and "libcudnn" in why
-    bench._free_device_memory("cuda")  # a cleanup, never an error
+    machine.free_device_memory("cuda")  # a cleanup, never an error
+
+
+_FAKE_WORKER = r"""
+import json, os, signal, sys, time
+
+job_path, events_path = sys.argv[1:]
+job = json.load(open(job_path))
+plan = json.loads(os.environ["FAKE_PLAN"])
+events = open(events_path, "a")
+
+
+def emit(event):
+    events.write(json.dumps(event) + "\n")
+    events.flush()
+
+
+if job["peaks"]:
+    emit({"peaks": {job["peaks"]: {"flops": 1e12, "bytes_per_s": 1e11, "how": "fake"}}})
+for case, contender in job["pairs"]:
+    emit({"start": [case, contender]})
+    what = plan.get(f"{case} [{contender}]", "ok")
+    if what == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if what == "hang":
+        time.sleep(60)
+    stats = {"median": 1e-3, "q1": 1e-3, "q3": 1e-3, "min": 1e-3, "max": 1e-3, "n": 3}
+    status = "error: CUDARuntimeError: cudaErrorIllegalAddress" if what == "poison" else "ok"
+    emit({"row": {"case": case, "spec": {"batch": 128}, "contender": contender, "device": "cuda",
+                  "family": "gpuconv", "status": status, "buffers": 1, "note": os.environ["OPENBLAS_THREAD_TIMEOUT"],
+                  "extra": {}, "stats": None if what == "poison" else stats}})
+    if what == "poison":
+        emit({"device_error": "CUDARuntimeError: cudaErrorIllegalAddress"})
+        sys.exit(3)
+"""
+
+
+class _FakeGpuContender(contenders.Contender):
+    device = "cuda"
+
+    def __init__(self, name):
+        self.name = name
+
+
+@pytest.mark.parametrize("failure, status, problem", [
+    ("crash", "error: the worker was killed by SIGSEGV", "killed by SIGSEGV during convnet-benchmarks/L2/"),
+    ("hang", "error: the row ran past --row-timeout 2 s", "ran past --row-timeout 2 s"),
+    ("poison", "error: CUDARuntimeError: cudaErrorIllegalAddress", "the device became unusable (CUDARuntimeError"),
+])
+def test_a_failing_worker_costs_one_row_and_the_rest_are_measured(tmp_path, monkeypatch, failure, status, problem):
+    """Simulated with a stand-in worker: a row that crashes its process (SIGSEGV), hangs, or
+    leaves the device unusable (a sticky CUDA error) is reported as that row's error; the rest of
+    its group runs in a fresh worker, the other groups are untouched, the summary names it."""
+    cases = [c for c in bench.kernel_cases(["convnet-benchmarks", "lenet5"])
+             if c.op == "conv2d_forward"]  # L1..L5, then lenet5 conv1, conv2: two jobs on 'cuda'
+    broken = "convnet-benchmarks/L2/conv2d_forward"
+    script = tmp_path / "worker.py"
+    script.write_text(_FAKE_WORKER)
+    monkeypatch.setenv("FAKE_PLAN", json.dumps({f"{broken} [ours]": failure}))
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    pairs = [(c, k) for c in cases for k in (_FakeGpuContender("ours"), _FakeGpuContender("theirs"))]
+    jobs = runner.plan(pairs)
+    assert [(j.label, len(j.pairs)) for j in jobs] == [("cuda convnet-benchmarks", 10), ("cuda lenet5", 4)]
+    writes = []
+    collector = runner.Collector({c.name: c for c in cases}, lambda: writes.append(len(collector.rows)))
+    args = bench.parse_args(["--row-timeout", "2"])
+    runner.run_in_workers(jobs, [], args, {}, None, collector, worker_command=[os.sys.executable, str(script)])
+    rows = {(r.case.name, r.contender): r for r in collector.rows}
+    assert len(collector.rows) == len(rows) == 14
+    failed = {key: r.status for key, r in rows.items() if r.status != "ok"}
+    assert list(failed) == [(broken, "ours")] and failed[(broken, "ours")].startswith(status)
+    assert all(r.stats and r.note == runner.OPENBLAS_THREAD_TIMEOUT for key, r in rows.items() if key not in failed)
+    assert len(collector.problems) == 1 and problem in collector.problems[0]
+    assert "a fresh worker runs the 7 rows left" in collector.problems[0]
+    assert collector.peaks["cuda"]["how"] == "fake"  # measured once, by the first worker
+    assert writes == sorted(writes) and writes[-1] == 14  # the report was rewritten as rows came in
+
+
+def test_a_job_whose_workers_keep_failing_is_given_up(tmp_path, monkeypatch):
+    cases = [c for c in bench.kernel_cases(["lenet5"]) if c.op.startswith("conv2d")]
+    script = tmp_path / "worker.py"
+    script.write_text(_FAKE_WORKER)
+    monkeypatch.setenv("FAKE_PLAN", json.dumps({f"{c.name} [ours]": "crash" for c in cases}))
+    jobs = runner.plan([(c, _FakeGpuContender("ours")) for c in cases])
+    collector = runner.Collector({c.name: c for c in cases}, lambda: None)
+    runner.run_in_workers(jobs, [], bench.parse_args([]), {}, None, collector,
+                          worker_command=[os.sys.executable, str(script)])
+    assert len(collector.rows) == len(cases) == 6
+    crashed = [r for r in collector.rows if "SIGSEGV" in r.status]
+    given_up = [r for r in collector.rows if r.status == "error: not run: its workers kept failing"]
+    assert len(crashed) == runner.MAX_WORKERS_PER_JOB and len(given_up) == 6 - runner.MAX_WORKERS_PER_JOB
+    assert collector.problems[-1] == f"cuda lenet5: gave up after {runner.MAX_WORKERS_PER_JOB} workers; 2 rows not run"
+
+
+def test_the_summary_lists_what_failed_and_sets_the_exit_status(capsys, tmp_path):
+    case = bench.kernel_cases(["lenet5"])[0]
+    collector = runner.Collector({case.name: case}, lambda: None)
+    assert cli._summary(collector, tmp_path, 1.0) == 0
+    collector.add_row(case, _FakeGpuContender("ours"), "error: the worker was killed by SIGSEGV")
+    collector.problems.append("cuda lenet5: the worker was killed by SIGSEGV during lenet5/conv1/conv2d_forward")
+    assert cli._summary(collector, tmp_path, 1.0) == 1
+    out = capsys.readouterr().out
+    assert "0 rows measured, 1 failed" in out and "what failed:" in out
+    assert "  - cuda lenet5: the worker was killed by SIGSEGV" in out
+    assert f"  - {case.name} [ours]: error: the worker was killed by SIGSEGV" in out
+
+
+def test_reports_are_written_atomically(tmp_path):
+    path = tmp_path / "results.json"
+    reports.atomic_write(path, "old\n")
+
+    def dies_midway(f):
+        f.write(b"half of a new rep")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reports.atomic_write(path, dies_midway)
+    assert path.read_text() == "old\n"  # a reader never sees a half-written report
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # and no temporary is left
+    reports.atomic_write(path, b"new\n")
+    assert path.read_text() == "new\n"
+
+
+class _FailingGpuContender(_FakeGpuContender):
+    """A contender whose rows fail and whose device is then unusable, as after an illegal address."""
+
+    def __init__(self, name, device_error):
+        super().__init__(name)
+        self.why = device_error
+
+    def available(self):
+        return True, ""
+
+    def workload(self, case, rng):
+        raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+    def device_error(self):
+        return self.why
+
+
+def test_a_worker_stops_when_its_device_is_poisoned(capsys):
+    """The worker's own loop: after a failed row it asks the device; a sticky error ends the
+    worker at once (its parent starts a fresh one), a plain error does not."""
+    cases = bench.kernel_cases(["lenet5"])[:3]
+    args = bench.parse_args(["--repeats", "1", "--warmup", "0"])
+    for why, expected_rows, expected_status in (("", 3, 0), ("CUDARuntimeError: illegal address", 1, 3)):
+        events = []
+        status = runner.execute([(c, _FailingGpuContender("ours", why)) for c in cases], args, {}, None, None,
+                                events.append)
+        rows = [e["row"] for e in events if "row" in e]
+        assert status == expected_status and len(rows) == expected_rows
+        assert all(r["status"].startswith("error: RuntimeError: cudaErrorIllegalAddress") for r in rows)
+        assert ({"device_error": why} in events) == bool(why)
+    assert "cudaErrorIllegalAddress" in capsys.readouterr().err  # each failure's traceback
+
+
+def test_peaks_and_gpu_info_failures_do_not_end_the_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuBLAS failed to initialise")
+
+    monkeypatch.setattr(machine, "measure_peaks", broken)
+    case = bench.kernel_cases(["lenet5"])[0]
+    events = []
+    args = bench.parse_args(["--quick", "--repeats", "1", "--warmup", "0"])
+    info = {"cpu_cache_bytes": 1 << 20, "gpu": {"name": "no device"}}
+    assert runner.execute([(case, bench.Gpuconv("cpu"))], args, info, None, "cpu", events.append) == 0
+    assert events[0] == {"peaks_error": "RuntimeError: cuBLAS failed to initialise"}
+    assert events[-1]["row"]["status"] == "ok"
+    collector = runner.Collector({case.name: case}, lambda: None)
+    for event in events:
+        collector.handle(event, "cpu")
+    assert collector.problems == ["cpu: measuring the peaks failed (RuntimeError: cuBLAS failed to initialise); "
+                                  "its rows have no % peak"]
+
+    monkeypatch.setattr(machine, "cuda_status", lambda: (True, "a GPU (test)"))
+    monkeypatch.setattr(machine, "_gpu_info", broken)
+    info = machine.machine_info(use_gpu=True)
+    assert info["gpu"]["reason"] == "GPU info failed: RuntimeError: cuBLAS failed to initialise"
+    assert machine.cache_bytes(info, "cuda") == machine.UNKNOWN_L2_BYTES
+    assert "GPU: GPU (not described) (GPU info failed" in "\n".join(reports.header_lines(info, {}))

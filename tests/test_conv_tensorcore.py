@@ -26,6 +26,7 @@ from gpuconv import emu, kernels, nn, to_device, to_numpy
 from gpuconv.functional import conv_tensorcore
 from gpuconv.functional.conv import _geometry
 from gpuconv.device import cuda_status
+from gpuconv import precision as precision_module
 from gpuconv.precision import UNIT_ROUNDOFF, round_operand
 
 HAVE_GPU = cuda_status()[0]
@@ -43,10 +44,10 @@ OPS = ("forward", "input", "weight")
 
 
 @pytest.fixture(autouse=True)
-def default_precision():
-    previous = gpuconv.get_float32_matmul_precision()
-    yield
-    gpuconv.set_float32_matmul_precision(previous)
+def default_precision(monkeypatch):
+    # Every test starts from the default, whatever the environment or an earlier test set.
+    monkeypatch.delenv(precision_module.ENV, raising=False)
+    monkeypatch.setattr(precision_module, "_global", None)
 
 
 def _problem(index, seed=0):
@@ -137,20 +138,39 @@ def test_weight_gradient_over_several_splits(kernel_device, monkeypatch):
     assert (np.abs(on_device - on_cpu) <= _bounds("weight", x, w, dy, args, "bf16").summation).all()
 
 
+def _forward_with_source(source: str, name: str) -> np.ndarray:
+    """conv2d_forward_tc (TF32) on case 0, compiled for 'emu' from ``source``."""
+    x, w, _, args = _problem(0)
+    g = _geometry(x.shape, w.shape, args["stride"], args["padding"], 1)
+    out = np.zeros(g.output_shape, np.float32)
+    grid = (-(-g.batch * g.out_h * g.out_w // 64), -(-g.c_out // 64))
+    emu.EmuModule(source=source, name=name).get_function("conv2d_forward_tc")(
+        grid, 128, (x, w, np.zeros(g.c_out, np.float32), out, *map(np.int32, g.kernel_sizes()), np.int32(0), np.int32(0)))
+    return out
+
+
 @pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
 def test_reading_the_tile_before_its_cp_async_wait_is_caught():
     # Planted defect in the real kernel: the pipeline's wait_group removed. Copies made when
     # issued would hide it; on 'emu' they land at the wait, so the tiles read are poison (NaN).
     source = kernels.compiler_source(kernels.kernel_path("conv2d_tensorcore"))
     assert source.count("cp_async_wait<1>();") == 1
-    broken = emu.EmuModule(source=source.replace("cp_async_wait<1>();", ""), name="conv2d_tensorcore_no_wait.cu")
-    x, w, _, args = _problem(0)
-    g = _geometry(x.shape, w.shape, args["stride"], args["padding"], 1)
-    out = np.zeros(g.output_shape, np.float32)
-    grid = (-(-g.batch * g.out_h * g.out_w // 64), -(-g.c_out // 64))
-    broken.get_function("conv2d_forward_tc")(
-        grid, 128, (x, w, np.zeros(g.c_out, np.float32), out, *map(np.int32, g.kernel_sizes()), np.int32(0), np.int32(0)))
+    out = _forward_with_source(source.replace("cp_async_wait<1>();", ""), "conv2d_tensorcore_no_wait.cu")
     assert np.isnan(out).mean() > 0.5
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+def test_reading_other_threads_copies_before_the_barrier_is_caught(order):
+    # Planted defect: the barrier after the wait removed, so a thread reads the copies of other
+    # warps' threads that have not reached their wait yet. (The other barrier, which keeps the next
+    # load off a stage still being read, needs the race detector: warps stay in step here.)
+    source = kernels.compiler_source(kernels.kernel_path("conv2d_tensorcore"))
+    anchor = "cp_async_wait<1>();\n        __syncthreads();"
+    assert source.count(anchor) == 1
+    with emu.thread_order(order, seed=1):
+        out = _forward_with_source(source.replace(anchor, "cp_async_wait<1>();"), "conv2d_tensorcore_no_barrier.cu")
+    assert np.isnan(out).any()
 
 
 # --- the precision switch ---
@@ -166,6 +186,19 @@ def test_global_precision_names_follow_torch():
     assert not np.array_equal(F.conv2d(x, w, **args, precision="tf32"), F.conv2d(x, w, **args))
     with pytest.raises(ValueError, match=r"precision must be one of \['high', 'highest', 'medium'\].*'tf32'"):
         gpuconv.set_float32_matmul_precision("tf32")
+
+
+def test_global_precision_from_the_environment(monkeypatch):
+    monkeypatch.setenv(precision_module.ENV, "medium")
+    assert gpuconv.get_float32_matmul_precision() == "medium"
+    x, w, _, args = _problem(0)
+    np.testing.assert_array_equal(F.conv2d(x, w, **args), F.conv2d(x, w, **args, precision="bf16"))
+    gpuconv.set_float32_matmul_precision("highest")  # the call wins over the environment
+    np.testing.assert_array_equal(F.conv2d(x, w, **args), F.conv2d(x, w, **args, precision="fp32"))
+    monkeypatch.setattr(precision_module, "_global", None)
+    monkeypatch.setenv(precision_module.ENV, "tf32")
+    with pytest.raises(ValueError, match=r"\$GPUCONV_FLOAT32_MATMUL_PRECISION must be one of .*got 'tf32'"):
+        F.conv2d(x, w, **args)
 
 
 def test_explicit_precision_overrides_the_global_one():
@@ -245,3 +278,41 @@ def test_kernels_refuse_sizes_past_their_int_indices():
     many = np.broadcast_to(np.zeros(1, np.float32), (channels, 1, 1, 1)).view(gpuconv.EmuArray)
     with pytest.raises(ValueError, match="too many channels for the tensor-core conv2d kernels: at most 4194240"):
         F.conv2d(to_device(np.ones((1, 1, 1, 1), np.float32), "emu"), many, precision="bf16")
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
+def test_random_thread_order():
+    x, w, dy, args = _problem(2)
+    on_cpu = _run("input", x, w, dy, args, "cpu", precision="tf32")
+    with emu.thread_order("random", seed=11):
+        on_emu = _run("input", x, w, dy, args, "emu", precision="tf32")
+    assert (np.abs(on_emu - on_cpu) <= _bounds("input", x, w, dy, args, "tf32").summation).all()
+
+
+def _lenet5_step(device):
+    """Loss and parameter gradients of one LeNet-5 step on ``device`` from fixed weights and data."""
+    from gpuconv import models
+
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((2, 1, 28, 28)).astype(np.float32), np.array([3, 7])
+    gpuconv.manual_seed(0)
+    model, loss_fn = models.lenet5().to(device), nn.CrossEntropyLoss()
+    loss = loss_fn(model(to_device(x, device)), to_device(labels, device))
+    model.backward(loss_fn.backward())
+    return float(to_numpy(loss)), [to_numpy(p.grad) for p in model.parameters()]
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
+def test_global_switch_reaches_a_whole_model():
+    gpuconv.set_float32_matmul_precision("high")
+    loss_cpu, grads_cpu = _lenet5_step("cpu")
+    loss_emu, grads_emu = _lenet5_step("emu")
+    gpuconv.set_float32_matmul_precision("highest")
+    _, grads_fp32 = _lenet5_step("cpu")
+    assert loss_emu == pytest.approx(loss_cpu, rel=1e-6)
+    # The devices differ in FP32 summation order, and a last-bit difference upstream can flip an
+    # operand's TF32 rounding downstream: agreement to a few TF32 ulps of the largest gradient.
+    for emu_grad, cpu_grad in zip(grads_emu, grads_cpu):
+        np.testing.assert_allclose(emu_grad, cpu_grad, rtol=0, atol=4 * 2.0**-11 * np.abs(cpu_grad).max())
+    # TF32 moved the convolution gradients (the first parameters) away from FP32's.
+    assert np.abs(grads_cpu[0] - grads_fp32[0]).max() > 1e-4 * np.abs(grads_fp32[0]).max()

@@ -74,6 +74,11 @@ def test_write_idx_refuses_unknown_dtype(tmp_path):
     (lambda b: b"\x01" + b[1:], r"not an IDX file: magic number starts 0100"),
     (lambda b: b[:2] + b"\x0a" + b[3:], r"unknown IDX type code 0x0a"),
     (lambda b: b[:3] + b"\x00" + b[4:], r"0 dimensions"),
+    # Dimension products past 64 bits: an int64 product would wrap (to a negative count here).
+    (lambda b: b[:4] + b"\xff" * 8 + b[12:],
+     r"corrupt header: dimensions \(4294967295, 4294967295\) of uint8 would need about 2\*\*63 payload bytes, found 12"),
+    (lambda b: b[:3] + b"\x03" + b"\xff" * 12 + b[12:],
+     r"corrupt header: dimensions \(4294967295, 4294967295, 4294967295\) of uint8 would need about 2\*\*95"),
 ])
 @pytest.mark.parametrize("gz", [False, True])
 def test_broken_idx_files_name_file_and_fault(tmp_path, mangle, message, gz):
@@ -127,12 +132,38 @@ def test_search_order(tmp_path, monkeypatch):
         return data.load_dataset("fashion-mnist", "train", **kwargs)[0]
 
     np.testing.assert_array_equal(loaded(root=tmp_path / "explicit"), explicit[0])
-    np.testing.assert_array_equal(loaded(root=tmp_path / "nothing-here"), env[0])
+    np.testing.assert_array_equal(loaded(), env[0])
     monkeypatch.delenv(data.DATA_ENV)
     np.testing.assert_array_equal(loaded(), system[0])
     for f in Path(info.system_dir).iterdir():
         f.unlink()
     np.testing.assert_array_equal(loaded(), cached[0])
+
+
+def test_an_explicit_directory_is_used_or_an_error_naming_it(tmp_path, monkeypatch):
+    """As torchvision's ``root``: never replaced by the other places, which here all hold the data."""
+    make_split(data.cache_dir("mnist"), "train", 3, seed=0)
+    make_split(tmp_path / "env", "train", 3, seed=1)
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(data.DatasetNotFoundError, match=rf"^the data directory {missing} \(--data-dir\) does not exist"):
+        data.load_dataset("mnist", "train", root=missing)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(data.DatasetNotFoundError, match="a-file \\(--data-dir\\) is not a directory"):
+        data.load_dataset("mnist", "train", root=tmp_path / "a-file")
+    partial = tmp_path / "partial"
+    make_split(partial, "train", 3, seed=2)
+    (partial / "train-labels-idx1-ubyte.gz").unlink()
+    (partial / "mnist").mkdir()
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.load_dataset("mnist", "train", root=partial)
+    assert str(info.value) == (f"the data directory {partial} (--data-dir) does not hold MNIST (train split): missing "
+                               f"train-labels-idx1-ubyte[.gz] (nor does {partial / 'mnist'})")
+    # The per-dataset subfolder of an explicit directory counts as that directory.
+    sub = make_split(tmp_path / "both" / "mnist", "train", 3, seed=3)
+    np.testing.assert_array_equal(data.load_dataset("mnist", "train", root=tmp_path / "both")[0], sub[0])
+    assert data.locate_dataset("mnist", "train", root=tmp_path / "both") == [
+        tmp_path / "both" / "mnist" / "train-images-idx3-ubyte.gz", tmp_path / "both" / "mnist" / "train-labels-idx1-ubyte.gz"]
 
 
 def test_a_location_with_a_broken_file_is_an_error_not_skipped(tmp_path):
@@ -149,10 +180,9 @@ def test_all_failed_error_lists_every_place_and_the_remedy(tmp_path, monkeypatch
     data.write_idx(tmp_path / "partial" / "t10k-images-idx3-ubyte.gz", np.zeros((1, 28, 28), np.uint8))
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
     with pytest.raises(data.DatasetNotFoundError) as info:
-        data.load_dataset("fashion-mnist", "test", root=tmp_path / "partial", download=False)
+        data.load_dataset("fashion-mnist", "test", download=False)
     message = str(info.value)
     for expected in ["Fashion-MNIST (test split) was not found",
-                     f"root (--data-dir) {tmp_path / 'partial'}: missing t10k-labels-idx1-ubyte[.gz]",
                      f"$GPUCONV_DATA {tmp_path / 'env'}: no such directory",
                      f"Debian package dataset-fashion-mnist {data.DATASETS['fashion-mnist'].system_dir}",
                      f"cache {data.cache_dir('fashion-mnist')}",

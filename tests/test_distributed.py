@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -229,13 +230,27 @@ def test_checkpoints_of_two_ranks_resume_on_one_and_the_reverse(tmp_path, datase
 
 DRIVER = textwrap.dedent("""
     # `gpuconv train` with a planted defect: a broken gradient average on every rank, or a
-    # failure of rank 1 at its forward number `at`.
+    # failure of rank 1 at its forward number `at`; or, for `interrupt`, rank 0 tells the test
+    # (a file) at its forward number `at` to press Ctrl-C, with the metrics synced every 2 steps.
     import os, signal, sys, time
-    from gpuconv import cli, distributed, models
+    from pathlib import Path
+    from gpuconv import cli, distributed, models, train
 
     mode, at = sys.argv[1], int(sys.argv[2])
     average = distributed.ProcessGroup.average_gradients
-    if mode == "apart":
+    if mode == "interrupt":
+        config, forward, calls = train.TrainConfig, models.ConvNet.forward, []
+        train.TrainConfig = lambda **options: config(**{"sync_every": 2, **options})
+
+        def signalling_forward(self, x):
+            calls.append(1)
+            if len(calls) == at and distributed.init_process_group().rank == 0:
+                Path("press-ctrl-c").touch()
+                time.sleep(2)
+            return forward(self, x)
+
+        models.ConvNet.forward = signalling_forward
+    elif mode == "apart":
         distributed.ProcessGroup.average_gradients = lambda self, optimizer, share: None
     elif mode == "mean":
         distributed.ProcessGroup.average_gradients = (
@@ -296,6 +311,33 @@ def test_a_hung_rank_is_named_once_the_deadline_passes(tmp_path, dataset):
     assert re.search(r"rank 0 of 2: the gradient all-reduce did not complete within 6 s; "
                      r"rank\(s\) that never reached it: 1\.", result.stderr), result.stderr
     assert elapsed < 60
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_at_one_step_and_the_checkpoint_resumes(tmp_path, dataset):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    argv = train_args(dataset, tmp_path / "run", 4, 2)  # 12 steps per epoch of 2 x 4 images
+    job = subprocess.Popen([_find_mpiexec(), "-n", "2", sys.executable, str(script), "interrupt", "4", *argv],
+                           env=mpi_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not (tmp_path / "press-ctrl-c").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job.send_signal(signal.SIGINT)  # the launcher passes it to every rank
+        stdout, stderr = job.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        job.kill()
+    assert job.returncode == 130, stdout + stderr
+    saved = train.load_checkpoint(tmp_path / "run" / train.CHECKPOINT)
+    stopped = re.search(r"interrupted at epoch 1, step (\d+) of 12: saved .*; resume with: mpiexec -n 2 ", stderr)
+    assert stopped and stderr.count("interrupted at epoch") == 1, stderr  # rank 0 alone says so
+    assert saved["partial"]["step"] == int(stopped.group(1)) and saved["partial"]["seen"] == 8 * int(stopped.group(1))
+    assert 4 <= saved["partial"]["step"] < 12  # inside the epoch, at a step both ranks agreed on
+    succeeded(run_job(tmp_path, *argv, "--resume"))
+    one_process(dataset, tmp_path / "one", 8, 2)
+    assert_same_training(tmp_path / "run", tmp_path / "one")
 
 
 @needs_mpi

@@ -275,6 +275,6 @@ def test_a_gradient_written_into_its_flat_slot_is_not_copied(rng):
         with gpuconv.profile() as prof:
             optimizer.step()
         optimizer.zero_grad()
-        # (the first step also zeroes the new momentum buffer)
-        assert [x.kernel for x in prof.launches] == ["memset"] * (step == 0) + ["sgd_step_v1"]
+        # (the first step also zeroes the new momentum buffer and copies the learning rate in)
+        assert [x.kernel for x in prof.launches] == ["memset", "copy_to_device"] * (step == 0) + ["sgd_step_v2"]
     assert len({p.data.base.ctypes.data if p.data.base is not None else None for p in model.parameters()}) == 1

@@ -5,12 +5,13 @@ import csv
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gpuconv import data, train
+from gpuconv import data, runs, train
 
 DEBIAN_FASHION = Path(data.DATASETS["fashion-mnist"].system_dir)
 
@@ -204,3 +205,202 @@ def test_training_on_the_emulated_device(tmp_path, monkeypatch):
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     state = train.load_checkpoint(Path(config.out) / train.CHECKPOINT)["model_state"]
     assert all(type(a) is np.ndarray and np.isfinite(a).all() for a in state.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that never lose work
+
+def small_net_with_dropout(name, num_classes):
+    """A model whose steps draw from the random source (dropout), so resuming must restore it."""
+    from gpuconv import models, nn
+
+    return models.ConvNet(nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2)),
+                          nn.Sequential(nn.Dropout(0.5), nn.Linear(4 * 6 * 6, num_classes)), (1, 28, 28))
+
+
+@pytest.fixture
+def short(config, tmp_path, monkeypatch):
+    """Two epochs of 8 steps, an lr that changes after each epoch, a model with dropout; small
+    synthetic data, since each test builds several trainers."""
+    monkeypatch.setattr(train, "get_model", small_net_with_dropout)
+    root = write_synthetic_dataset(tmp_path / "small", n_train=64, n_test=16)
+    return dataclasses.replace(config, data_dir=str(root), limit_train=None, limit_test=None, batch_size=8, epochs=2,
+                               lr_step_size=1, lr_gamma=0.5, optimizer="sgd", lr=0.05)
+
+
+def on_step(trainer, action):
+    """Call ``action(n)`` after the trainer's n-th optimizer step (n counts from 1)."""
+    step, count = trainer.optimizer.step, [0]
+
+    def counted():
+        step()
+        count[0] += 1
+        action(count[0])
+
+    trainer.optimizer.step = counted
+
+
+def without_timings(history):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in history]
+
+
+def assert_same_run(a: train.Trainer, b: train.Trainer):
+    assert without_timings(a.history) == without_timings(b.history)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert list(sa) == list(sb) and all(np.array_equal(sa[k], sb[k]) for k in sa)  # bit for bit
+    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(np.array_equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
+    assert a.optimizer.lr == b.optimizer.lr
+
+
+@pytest.mark.parametrize("stop_at", [3, 8, 13])  # inside epoch 1, at its last step, inside epoch 2
+def test_an_interrupted_run_resumes_bit_for_bit(short, stop_at):
+    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
+    straight.fit()
+    first = train.Trainer(short, log=quiet)
+    on_step(first, lambda n: n == stop_at and first.request_stop())
+    with pytest.raises(train.TrainingInterrupted) as info:
+        first.fit()
+    epoch, step = divmod(stop_at - 1, 8)
+    assert (info.value.epoch, info.value.step, info.value.steps) == (epoch + 1, step + 1, 8)
+    assert str(info.value).startswith(f"interrupted at epoch {epoch + 1}, step {step + 1} of 8: saved "
+                                      f"{first.checkpoint_path}")
+    assert not (Path(short.out) / ".lock").exists()
+    saved = train.load_checkpoint(first.checkpoint_path)
+    assert saved["partial"]["epoch"] == epoch + 1 and saved["partial"]["step"] == step + 1
+    messages = []
+    resumed = train.Trainer(dataclasses.replace(short, resume=str(first.checkpoint_path)), log=messages.append)
+    assert f"resumed from {first.checkpoint_path} at epoch {epoch + 1}, step {step + 1} of 8" in messages[-1]
+    resumed.fit()
+    assert_same_run(resumed, straight)
+
+
+def test_an_interruption_during_evaluation_resumes_with_the_evaluation(short):
+    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
+    straight.fit()
+    first = train.Trainer(short, log=quiet)
+    evaluate = first.evaluate
+
+    def stop_then_evaluate():
+        first.request_stop()
+        return evaluate()
+
+    first.evaluate = stop_then_evaluate
+    with pytest.raises(train.TrainingInterrupted) as info:
+        first.fit()
+    assert (info.value.epoch, info.value.step) == (1, 8)
+    assert train.load_checkpoint(first.checkpoint_path)["history"] == []  # epoch 1 not evaluated yet
+    resumed = train.Trainer(dataclasses.replace(short, resume=str(first.checkpoint_path)), log=quiet)
+    resumed.fit()
+    assert_same_run(resumed, straight)
+
+
+def test_checkpoint_every_n_steps_survives_a_crash(short):
+    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
+    straight.fit()
+    config = dataclasses.replace(short, checkpoint_every=3)
+    first = train.Trainer(config, log=quiet)
+    saved = []
+    save = train.save_checkpoint
+
+    def power_cut(n):
+        if n == 11:
+            raise OSError("power cut")
+
+    on_step(first, power_cut)
+    train.save_checkpoint = lambda path, checkpoint: saved.append(checkpoint["partial"]) or save(path, checkpoint)
+    try:
+        with pytest.raises(OSError, match="power cut"):
+            first.fit()
+    finally:
+        train.save_checkpoint = save
+    # Global steps 3 and 6 inside epoch 1, the end of epoch 1 (step 8), then step 9 (global) = epoch 2, step 1.
+    assert [p and (p["epoch"], p["step"]) for p in saved] == [(1, 3), (1, 6), None, (2, 1)]
+    resumed = train.Trainer(dataclasses.replace(config, resume=str(first.checkpoint_path)), log=quiet)
+    resumed.fit()
+    assert_same_run(resumed, straight)
+
+
+def test_a_mid_epoch_checkpoint_needs_the_same_batches(short):
+    first = train.Trainer(short, log=quiet)
+    on_step(first, lambda n: n == 2 and first.request_stop())
+    with pytest.raises(train.TrainingInterrupted):
+        first.fit()
+    with pytest.raises(train.ResumeError, match="stopped inside epoch 1 with --batch-size 8, but --batch-size is 4"):
+        train.Trainer(dataclasses.replace(short, batch_size=4, resume=str(first.checkpoint_path)), log=quiet)
+
+
+def test_a_directory_holding_a_run_is_refused_and_overwrite_replaces_it(short):
+    train.train(dataclasses.replace(short, epochs=1), log=quiet)
+    out = Path(short.out)
+    before = {name: (out / name).read_bytes() for name in (train.CHECKPOINT, train.METRICS_JSON)}
+    with pytest.raises(train.RunDirectoryError, match=f"^{out} already holds a run \\(a checkpoint\\): pass --resume"):
+        train.Trainer(short, log=quiet)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    (out / "notes.txt").write_text("mine")  # not one of the run's files: kept
+    history = train.train(dataclasses.replace(short, epochs=1, seed=3, overwrite=True), log=quiet)
+    assert json.loads((out / train.METRICS_JSON).read_text())["epochs"] == history
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        dataclasses.replace(short, resume="x", overwrite=True)
+
+
+def test_a_run_that_slipped_in_after_the_check_is_not_overwritten(short):
+    late = train.Trainer(short, log=quiet)  # checked: the directory was empty
+    train.train(dataclasses.replace(short, epochs=1), log=quiet)  # another run finishes there meanwhile
+    before = (Path(short.out) / train.CHECKPOINT).read_bytes()
+    with pytest.raises(train.RunDirectoryError, match="already holds a run"):
+        late.fit()
+    assert (Path(short.out) / train.CHECKPOINT).read_bytes() == before
+
+
+def test_the_lock_refuses_a_second_run_and_names_the_first(short, tmp_path):
+    out = Path(short.out)
+    out.mkdir()
+    trainer = train.Trainer(short, log=quiet)
+    with runs.RunLock(out):
+        assert "pid " in (out / runs.LOCK).read_text()
+        with pytest.raises(train.RunDirectoryError, match=f"{out} is in use by another run \\(pid {os.getpid()} on "):
+            trainer.fit()
+        with pytest.raises(train.RunDirectoryError, match="in use by another run"):
+            runs.RunLock(out).acquire()
+    assert not (out / runs.LOCK).exists()
+    trainer.fit()  # free again
+
+
+def test_checkpoints_without_training_state_or_unreadable_are_resume_errors(short, tmp_path):
+    stateless = tmp_path / "stateless.npz"
+    train.save_checkpoint(stateless, {"model_state": {}})
+    with pytest.raises(train.ResumeError, match="holds no training state \\(it lacks config, epoch, "):
+        train.Trainer(dataclasses.replace(short, resume=str(stateless)), log=quiet)
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([object()]), allow_pickle=True)
+    with pytest.raises(train.ResumeError) as info:
+        train.Trainer(dataclasses.replace(short, resume=str(pickled)), log=quiet)
+    assert "allow_pickle" not in str(info.value) and "not a gpuconv checkpoint" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's, about the NaNs put in on purpose
+def test_metrics_from_the_first_step(short):
+    """The loss is read back at step 1 already (not only every sync_every steps): a NaN stops there."""
+    trainer = train.Trainer(dataclasses.replace(short, sync_every=50), log=quiet)
+    next(iter(trainer.model.parameters())).data[...] = np.nan
+    steps = []
+    on_step(trainer, steps.append)
+    with pytest.raises(train.TrainingDiverged, match="training loss became nan"):
+        trainer.fit()
+    assert steps == [1]
+
+
+def test_a_long_epoch_is_announced_with_hints(short, monkeypatch, capsys):
+    monkeypatch.setattr(train, "LONG_EPOCH_S", 0.0)
+    messages = []
+    train.train(dataclasses.replace(short, epochs=1, batch_size=1, limit_train=24, progress=True), log=messages.append)
+    notes = [m for m in messages if m.startswith("note: one epoch will take about")]
+    assert len(notes) == 1, messages
+    assert "s per step, 24 steps); --limit-train N trains on fewer images; a GPU (--device cuda) is far faster" in notes[0]
+    assert "test: " in capsys.readouterr().err  # the evaluation has a progress bar too
+
+
+def test_format_duration():
+    assert [train.format_duration(s) for s in (5, 89, 600, 5399, 8280)] == ["5 s", "89 s", "10 min", "1 h 30 min", "2 h 18 min"]

@@ -45,7 +45,12 @@ def _check_p(p) -> float:
     return float(p)
 
 
-def _check_seed(seed) -> int:
+def _check_seed(seed, x=None):
+    if x is not None and hasattr(seed, "shape") and device_of(x) != "cpu":
+        if seed.shape != (1,) or seed.dtype != np.uint64 or device_of(seed) != device_of(x):
+            raise ValueError(f"a seed in device memory must be a (1,) uint64 array on {device_of(x)}, "
+                             f"got {seed.dtype} {tuple(seed.shape)} on {device_of(seed)}")
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**64:
@@ -79,7 +84,9 @@ def _apply(x, p: float, seed: int):
         scale = x.dtype.type(1.0 / (1.0 - p))
         return select(dropout_mask(x.shape, p, seed), x * scale)
     out = empty(x.shape, np.float32, device_of(x))
-    kernels.launch("dropout", "dropout_v1", kernels.grid_stride_blocks(out.size), kernels.BLOCK,
+    # A seed in device memory (see dropout()) is read by the kernel at each launch.
+    kernel = "dropout_v1" if isinstance(seed, (int, np.integer)) else "dropout_device_seed_v1"
+    kernels.launch("dropout", kernel, kernels.grid_stride_blocks(out.size), kernels.BLOCK,
                    (contiguous(x), out, out.size, seed, _threshold(p), 1.0 / (1.0 - p)))
     return out
 
@@ -89,12 +96,13 @@ def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = 
 
     ``training=False`` or ``p == 0`` returns ``input`` itself; ``p == 1`` returns zeros. ``seed``
     (default: :func:`gpuconv.random.next_seed`) fixes the mask; pass the same seed to
-    :func:`dropout_backward`.
+    :func:`dropout_backward`. On 'cuda' and 'emu' the seed may be a (1,) uint64 array in device
+    memory, which the kernel reads when it runs (what a captured CUDA graph needs).
     """
     check_array(input, "input")
     p = _check_p(p)
     if seed is not None:
-        _check_seed(seed)
+        _check_seed(seed, input)
     if not training or p == 0.0:
         return input
     if p == 1.0:
@@ -105,7 +113,7 @@ def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = 
 def dropout_backward(grad_output, p: float, seed: int):
     """Gradient of :func:`dropout` (in training) w.r.t. its input, for the same ``p`` and ``seed``."""
     check_array(grad_output, "grad_output")
-    p, seed = _check_p(p), _check_seed(seed)
+    p, seed = _check_p(p), _check_seed(seed, grad_output)
     if p == 0.0:
         return grad_output
     if p == 1.0:
