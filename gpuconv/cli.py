@@ -320,8 +320,7 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in _FORWARDED:
         if argv[0] == "check-kernels" and not {"-h", "--help"} & set(argv) and (missing := _nvrtc_missing()):
             return _fail("check-kernels", missing)
@@ -330,3 +329,12 @@ def main(argv=None) -> int:
     if args.command == "train":
         return _train(args, argv)
     return {"summary": _summary, "info": _info}[args.command](args)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training run (which handles its own): no traceback
+        print(" ".join(["gpuconv", *argv[:1]]) + ": interrupted", file=sys.stderr)
+        return 130

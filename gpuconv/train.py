@@ -212,8 +212,9 @@ class Trainer:
         checkpoint = self._read_checkpoint(resume) if resume is not None and main else None  # fail before loading data
         if main:
             make_run_directory(self.out)
-            # Checked again under the run's lock in fit(); here so a refused run fails before loading anything.
-            self._signature = prepare_run_directory(self.out, resume, config.overwrite, remove=False)
+            # Checked again under the lock in fit(); here too, so that a refused run fails before loading anything.
+            with RunLock(self.out):
+                self._signature = prepare_run_directory(self.out, resume, config.overwrite, remove=False)
         if resume is not None:  # rank 0 sends it: the other ranks need no copy of the file
             checkpoint = self.group.broadcast_object(checkpoint, what=f"the checkpoint {resume}")
         self.device, reason = resolve_device(config.device)
@@ -244,6 +245,7 @@ class Trainer:
         self._stop = False
         self._stop_pending = False  # a stop asked for on this rank, not yet agreed by all (MPI jobs)
         self._estimated = False
+        self._saved_at: str | None = None  # where the last checkpoint written or resumed stands
         with self.group.main_first():  # rank 0 alone downloads a missing dataset
             self.train_set, self.test_set = self._load_data()
         rank, world = self.group.rank, self.group.world_size
@@ -308,6 +310,7 @@ class Trainer:
         partial = checkpoint.get("partial")
         if partial is not None:
             self._progress = _EpochProgress(**partial)
+        self._saved_at = self._position(self._progress, checkpoint["epoch"])
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.scheduler is not None:
@@ -323,7 +326,13 @@ class Trainer:
         self.log(f"resumed from {path} {where} (the optimizer's hyper-parameters are the checkpoint's: "
                  f"lr {self.optimizer.lr:g})")
 
+    @staticmethod
+    def _position(progress: _EpochProgress | None, epochs_done: int) -> str:
+        return f"epoch {progress.epoch}, step {progress.step}" if progress is not None else f"end of epoch {epochs_done}"
+
     def _save_checkpoint(self, progress: _EpochProgress | None) -> None:
+        if progress is not None and not math.isfinite(progress.loss_sum):
+            raise self._diverged("training loss", progress.loss_sum, progress.epoch)
         if not self.group.is_main:
             return
         save_checkpoint(self.checkpoint_path, {
@@ -340,6 +349,7 @@ class Trainer:
             "history": self.history,
         })
         self._signature = run_signature(self.out)
+        self._saved_at = self._position(progress, self.epochs_done)
 
     def request_stop(self) -> None:
         """End :meth:`fit` after the step in progress, saving a checkpoint to resume from.
@@ -356,6 +366,7 @@ class Trainer:
             return
         self._stop = False
         self._save_checkpoint(progress)
+        self._progress = progress  # so that fit() again continues from here too
         steps = self.train_sampler.num_steps(self.config.batch_size)
         raise TrainingInterrupted(
             f"interrupted at epoch {progress.epoch}, step {progress.step} of {steps}: saved {self.checkpoint_path}; "
@@ -381,8 +392,8 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     def _diverged(self, what: str, value: float, epoch: int) -> TrainingDiverged:
-        kept = (f"the last good checkpoint (epoch {self.epochs_done}) is kept at {self.checkpoint_path}"
-                if self.epochs_done and self.checkpoint_path.is_file() else "no checkpoint had been written yet")
+        kept = (f"the last good checkpoint ({self._saved_at}) is kept at {self.checkpoint_path}"
+                if self._saved_at and self.checkpoint_path.is_file() else "no checkpoint had been written yet")
         return TrainingDiverged(f"training diverged: the {what} became {value} in epoch {epoch}; "
                                 f"training stopped and {kept}. Try a smaller --lr.")
 

@@ -159,6 +159,15 @@ def test_emu_without_a_compiler_is_one_line(synthetic, tmp_path, capsys, monkeyp
                                             f"and '{tmp_path / 'no-such-g++'}' was not found")
 
 
+def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_summary", interrupted)
+    assert cli.main(["summary", "lenet5"]) == 130
+    one_line_error(capsys.readouterr().err, "gpuconv summary: interrupted")
+
+
 def test_check_kernels_without_nvrtc_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_nvrtc_bindings", lambda: (None, "cuda-bindings are not installed"))
     assert cli.main(["check-kernels"]) == 2

@@ -167,7 +167,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(config):
         trainer.fit()
     message = str(info.value)
     assert "the training loss became nan in epoch 2" in message
-    assert f"the last good checkpoint (epoch 1) is kept at {path}" in message
+    assert f"the last good checkpoint (end of epoch 1) is kept at {path}" in message
     assert path.read_bytes() == good
     assert json.loads((path.parent / train.METRICS_JSON).read_text())["epochs"][-1]["epoch"] == 1
 
@@ -273,6 +273,17 @@ def test_an_interrupted_run_resumes_bit_for_bit(short, stop_at):
     assert f"resumed from {first.checkpoint_path} at epoch {epoch + 1}, step {step + 1} of 8" in messages[-1]
     resumed.fit()
     assert_same_run(resumed, straight)
+
+
+def test_fit_again_after_an_interruption_continues_in_memory(short):
+    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
+    straight.fit()
+    trainer = train.Trainer(short, log=quiet)
+    on_step(trainer, lambda n: n == 5 and trainer.request_stop())
+    with pytest.raises(train.TrainingInterrupted):
+        trainer.fit()
+    trainer.fit()
+    assert_same_run(trainer, straight)
 
 
 def test_an_interruption_during_evaluation_resumes_with_the_evaluation(short):
