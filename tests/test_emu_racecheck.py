@@ -102,6 +102,7 @@ def pooling_and_norm(rng, monkeypatch):
     return [
         (ey, y),
         (F.max_pool2d_backward(eg, eindices, x.shape, 2), F.max_pool2d_backward(g, indices, x.shape, 2)),
+        (F.max_pool2d_relu_backward(eg, eindices, ey, x.shape, 2), F.max_pool2d_relu_backward(g, indices, y, x.shape, 2)),
         (F.avg_pool2d(ex, 2), F.avg_pool2d(x, 2)),
         (F.avg_pool2d_backward(eg, x.shape, 2), F.avg_pool2d_backward(g, x.shape, 2)),
         (elrn, lrn),
