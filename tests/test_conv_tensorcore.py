@@ -395,3 +395,12 @@ def test_shared_tiles_are_aligned_for_ldmatrix():
     assert "ldmatrix" in ptx
     alignments = [int(a) for a in re.findall(r"\.shared \.align (\d+)", ptx)]
     assert alignments and min(alignments) >= 16, alignments
+
+
+def test_empty_batch_at_reduced_precision(device):
+    # As at FP32 (and PyTorch): no kernel launched on an empty grid, an empty output, a zero gradient.
+    x, w = np.zeros((0, 5, 9, 11), np.float32), np.ones((7, 5, 3, 3), np.float32)
+    dy = np.zeros((0, 7, 9, 11), np.float32)
+    for op, shape in [("forward", (0, 7, 9, 11)), ("input", (0, 5, 9, 11)), ("weight", (7, 5, 3, 3))]:
+        result = _run(op, x, w, dy, dict(padding=1), device, precision="tf32")
+        assert result.shape == shape and not result.any()
