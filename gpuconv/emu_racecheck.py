@@ -55,6 +55,15 @@ def tsan_runtime() -> str:
     return str(library)
 
 
+def available() -> bool:
+    """Whether this machine can run the race detector (a host compiler with libtsan)."""
+    try:
+        tsan_runtime()
+    except EmuError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Talking to the worker: length-prefixed pickles over its stdin and a dedicated pipe.
 

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 import gpuconv.functional as F
-from gpuconv import emu, kernels
+from gpuconv import emu, emu_racecheck, kernels
 from gpuconv.device import to_device, to_numpy
 from gpuconv.functional import conv_gemm
 from gpuconv.optim import SGD, Adam
 
 pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no host C++ compiler for the emulated device"
+    shutil.which(os.environ.get("CXX", "g++")) is None or not emu_racecheck.available(),
+    reason="no host C++ compiler with ThreadSanitizer (libtsan) for the race detector",
 )
 
 
