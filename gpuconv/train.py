@@ -237,6 +237,8 @@ class Trainer:
         self.epochs_done = 0
         # CUDA graphs of the training step: default on 'cuda'; on 'emu' when asked (tests).
         self.use_graph = self.device == "cuda" if config.graph is None else bool(config.graph) and self.device != "cpu"
+        if config.graph and self.device == "cpu":
+            self.log("note: --graph has no effect on the cpu device (CUDA graphs replay 'cuda' or 'emu' work)")
         # Not in an MPI job yet: the gradient all-reduce sits inside the step, and NCCL inside a
         # captured graph awaits a test on several GPUs.
         self.use_graph = self.use_graph and not self.group.is_distributed
