@@ -9,7 +9,15 @@ frame per kernel. ::
     python -m gpuconv.compile_check [--arch sm_80 sm_90] [files...]
 
 prints one row per kernel and architecture and exits with status 1, naming ``file:line`` of each
-error, when a source does not compile. Needs ``pip install 'gpuconv[nvrtc]'``.
+error, when a source does not compile, and when a convolution kernel (``conv2d_*.cu``) spills
+registers: those are the kernels held to FP32 peak, and a spill there is a performance bug.
+Needs ``pip install 'gpuconv[nvrtc]'``.
+
+``--sass`` adds, from the sm_90 machine code NVRTC produced (the cubin CuPy would load), a second
+table per kernel: the hot loop's instruction count and FFMA/HMMA share, threads per block,
+resident blocks per SM and what limits them (see :mod:`gpuconv.sass`). It needs nvdisasm
+(``pip install 'gpuconv[sass]'``). NVRTC runs the same ptxas back end as ``nvcc -cubin``, and its
+cubin is the one that runs, so the figures are those of the deployed code.
 """
 from __future__ import annotations
 
@@ -19,9 +27,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import sass
 from .kernels import NVRTC_OPTIONS, compiler_source, display_name, kernel_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
+SASS_ARCH = "sm_90"
+# Kernels that must not spill: the implicit-GEMM convolutions.
+SPILL_FREE_FILES = "conv2d_*.cu"
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class CompileResult:
     errors: list[str] = field(default_factory=list)  # 'file:line: error: message'
     kernels: list[KernelUsage] = field(default_factory=list)
     log: str = ""
+    cubin: bytes = b""  # the machine code, for check-kernels --sass
+    ptx: str = ""
 
 
 def _nvrtc():
@@ -101,11 +115,20 @@ def compile_source(path: Path, arch: str, options: tuple[str, ...] = NVRTC_OPTIO
         buffer = b" " * size
         nvrtc.nvrtcGetProgramLog(program, buffer)
         log = buffer.rstrip(b"\0 ").decode(errors="replace")
+        ok = status == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        cubin, ptx = (_program_output(nvrtc, program, "CUBIN"), _program_output(nvrtc, program, "PTX").decode()) if ok else (b"", "")
     finally:
         nvrtc.nvrtcDestroyProgram(program)
-    ok = status == nvrtc.nvrtcResult.NVRTC_SUCCESS
     errors = [] if ok else parse_errors(log) or [f"{name}: error: NVRTC failed ({status.name})"]
-    return CompileResult(path, arch, ok, errors, parse_ptxas_log(log) if ok else [], log)
+    return CompileResult(path, arch, ok, errors, parse_ptxas_log(log) if ok else [], log, cubin, ptx.rstrip("\0"))
+
+
+def _program_output(nvrtc, program, kind: str) -> bytes:
+    """The compiled program's CUBIN or PTX (nvrtcGetCUBIN / nvrtcGetPTX)."""
+    _, size = getattr(nvrtc, f"nvrtcGet{kind}Size")(program)
+    buffer = b" " * size
+    getattr(nvrtc, f"nvrtcGet{kind}")(program, buffer)
+    return buffer
 
 
 def default_paths() -> list[Path]:
@@ -135,9 +158,57 @@ def format_table(results: list[CompileResult]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
+@dataclass(frozen=True)
+class SassReport:
+    """One kernel's machine code read statically (see :mod:`gpuconv.sass`)."""
+
+    file: str
+    usage: KernelUsage
+    threads: int | None  # from __launch_bounds__; None when the kernel declares none
+    blocks_per_sm: int | None
+    limiter: str
+    loop: sass.HotLoop | None
+
+
+def sass_reports(results: list[CompileResult]) -> list[SassReport]:
+    """A :class:`SassReport` for every kernel of the sm_90 results."""
+    reports = []
+    for result in results:
+        if result.arch != SASS_ARCH or not result.ok:
+            continue
+        functions, labels = sass.disassemble(result.cubin)
+        threads = sass.launch_threads(result.ptx)
+        for usage in result.kernels:
+            block = threads.get(usage.name)
+            blocks, limiter = sass.resident_blocks(block, usage.registers, usage.shared_bytes) if block else (None, "")
+            reports.append(SassReport(display_name(result.path), usage, block, blocks, limiter,
+                                      sass.hot_loop(functions.get(usage.name, []), labels)))
+    return sorted(reports, key=lambda r: (r.file, r.usage.name))
+
+
+def format_sass_table(reports: list[SassReport]) -> str:
+    header = ("file", "kernel", "registers", "spills (B)", "smem (B)", "threads", "blocks/SM", "loop instr", "FFMA/HMMA")
+    rows = [header]
+    for r in reports:
+        u, loop = r.usage, r.loop
+        rows.append((r.file, u.name, str(u.registers), str(u.spill_stores + u.spill_loads), str(u.shared_bytes),
+                     str(r.threads or "-"), f"{r.blocks_per_sm} ({r.limiter})" if r.blocks_per_sm else "-",
+                     str(loop.instructions) if loop else "-", f"{loop.math_share:.0%}" if loop and loop.math else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def spilling_conv_kernels(results: list[CompileResult]) -> list[str]:
+    """'file kernel arch: N bytes' for each convolution kernel that spills registers."""
+    return [f"{display_name(r.path)} {k.name} {r.arch}: {k.spill_stores} bytes spill stores, {k.spill_loads} loads"
+            for r in results if r.path.match(SPILL_FREE_FILES) for k in r.kernels if k.spill_stores or k.spill_loads]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpuconv.compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), help="target architectures (default: %(default)s)")
+    parser.add_argument("--sass", action="store_true",
+                        help=f"also read the {SASS_ARCH} machine code: hot-loop FFMA share, blocks per SM (needs nvdisasm)")
     parser.add_argument("files", nargs="*", type=Path, help="kernel sources (default: every kernels_cu/*.cu)")
     args = parser.parse_args(argv)
     # `--arch sm_80 sm_90 a.cu` : argparse gives all three words to --arch; the files are the
@@ -146,9 +217,21 @@ def main(argv=None) -> int:
     files = [Path(a) for a in args.arch if not _ARCH_RE.fullmatch(a)] + args.files
     if not archs:
         parser.error("--arch needs at least one architecture such as sm_80")
+    if args.sass and SASS_ARCH not in archs:
+        archs.append(SASS_ARCH)
+    if args.sass:
+        try:
+            sass.find_nvdisasm()
+        except sass.DisassemblerMissing as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     results = check(files or None, archs)
     print(format_table(results))
+    if args.sass:
+        print()
+        print(format_sass_table(sass_reports(results)))
     failures = [error for r in results for error in r.errors]
+    failures += [f"error: {spill} (convolution kernels must not spill)" for spill in spilling_conv_kernels(results)]
     for error in dict.fromkeys(failures):  # once per error, not once per architecture
         print(error, file=sys.stderr)
     return 1 if failures else 0

@@ -1,6 +1,7 @@
-"""Kernel sources, compilation and launching, for the 'cuda' and 'emu' devices alike.
+"""Kernel compilation and launching, for the 'cuda' and 'emu' devices alike.
 
-Knows nothing about layers. ``launch(topic, kernel, grid, block, args)`` finds
+Knows nothing about layers; the sources themselves (where they live, their text, their
+signatures) are :mod:`gpuconv.kernel_source`'s. ``launch(topic, kernel, grid, block, args)`` finds
 ``kernels_cu/<topic>.cu``, compiles it once per process for the device of the array arguments
 (NVRTC through ``cupy.RawModule`` on 'cuda', the host compiler through :mod:`gpuconv.emu` on
 'emu'), casts every scalar to the exact C type of the kernel's parameter, checks every array
@@ -14,107 +15,30 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, emu
 from .device import array_module, device_of
+from .kernel_source import (  # noqa: F401  (re-exported: kernels.Param, kernels.kernel_path...)
+    KernelArgumentError,
+    Param,
+    compiler_source,
+    dim3,
+    display_name,
+    kernel_dir,
+    kernel_path,
+    kernel_topics,
+    parse_signatures,
+)
 
 # Options CuPy itself passes to NVRTC, plus fast-math behaviour the kernels are written for.
 NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
 
-_C_TYPES = {
-    "float": np.float32,
-    "double": np.float64,
-    "int": np.int32,
-    "unsigned int": np.uint32,
-    "unsigned": np.uint32,
-    "long long": np.int64,
-    "long long int": np.int64,
-    "unsigned long long": np.uint64,
-    "unsigned long long int": np.uint64,
-    "char": np.int8,
-    "signed char": np.int8,
-    "unsigned char": np.uint8,
-    "bool": np.bool_,
-}
-
 
 class KernelCompileError(RuntimeError):
     """A kernel source failed to compile; the message names the file and line."""
-
-
-class KernelArgumentError(TypeError):
-    """An argument does not match the kernel's parameter type."""
-
-
-def kernel_dir() -> Path:
-    """``kernels_cu/``: package data in an installed wheel, the repository's folder in a checkout."""
-    packaged = Path(__file__).with_name("kernels_cu")
-    if packaged.is_dir():
-        return packaged
-    checkout = Path(__file__).resolve().parent.parent / "kernels_cu"
-    if checkout.is_dir():
-        return checkout
-    raise FileNotFoundError(f"kernels_cu/ not found beside the package ({packaged}) or in the checkout ({checkout})")
-
-
-def kernel_path(topic: str) -> Path:
-    path = kernel_dir() / f"{topic}.cu"
-    if not path.is_file():
-        raise FileNotFoundError(f"no kernel source {path.name} in {path.parent}")
-    return path
-
-
-def kernel_topics() -> list[str]:
-    """Every kernel source file's topic, sorted."""
-    return sorted(p.stem for p in kernel_dir().glob("*.cu"))
-
-
-@dataclass(frozen=True)
-class Param:
-    """One kernel parameter as written in the source."""
-
-    ctype: str  # base C type, e.g. 'float', 'long long'
-    name: str
-    pointer: bool
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(_C_TYPES[self.ctype])
-
-
-_KERNEL_RE = re.compile(
-    r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?void\s+'
-    r"(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)",
-    re.S,
-)
-_QUALIFIERS = {"const", "__restrict__", "__restrict", "volatile"}
-
-
-def _parse_param(text: str, kernel: str) -> Param:
-    pointer = "*" in text
-    words = [w for w in re.split(r"[\s*]+", text.strip()) if w and w not in _QUALIFIERS]
-    if len(words) < 2:
-        raise KernelArgumentError(f"kernel {kernel}: cannot parse parameter {text.strip()!r}")
-    ctype, name = " ".join(words[:-1]), words[-1]
-    if ctype not in _C_TYPES:
-        raise KernelArgumentError(f"kernel {kernel}: parameter {name} has unsupported type {ctype!r}")
-    return Param(ctype, name, pointer)
-
-
-def parse_signatures(source: str) -> dict[str, tuple[Param, ...]]:
-    """``{kernel name: parameters}`` for every ``extern "C" __global__`` kernel in ``source``."""
-    source = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S)
-    signatures = {}
-    for match in _KERNEL_RE.finditer(source):
-        name, params = match.group(1), match.group(2).strip()
-        parts = [p for p in params.split(",") if p.strip()] if params and params != "void" else []
-        signatures[name] = tuple(_parse_param(p, name) for p in parts)
-    return signatures
 
 
 def _scalar_caster(kernel: str, param: Param):
@@ -146,40 +70,57 @@ def _scalar_caster(kernel: str, param: Param):
     return cast_int
 
 
-@dataclass(frozen=True)
 class _ArgumentCheck:
-    """What checking and casting one kernel's arguments needs, derived from its signature once."""
+    """What checking and casting one kernel's arguments needs, derived from its signature once.
 
-    kernel: str
-    params: tuple[Param, ...]
-    # Per parameter: None for a pointer (its dtype is checked), else the scalar's caster.
-    casters: tuple
+    The scalars of a launch are the shapes of its arrays, so the same few tuples recur every
+    step: scalars that are all Python ints (the sizes) are cast once and looked up after that.
+    """
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, kernel: str, params: tuple[Param, ...]):
+        self.kernel, self.params = kernel, params
+        # Per parameter: None for a pointer (its dtype is checked), else the scalar's caster.
+        self.casters = tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params)
+        self.pointers = tuple(i for i, p in enumerate(params) if p.pointer)
+        self.scalars = tuple(i for i, p in enumerate(params) if not p.pointer)
+        self._cast: dict[tuple, tuple] = {}
 
     def __call__(self, args) -> tuple:
         params = self.params
         if len(args) != len(params):
             raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
-        out = []
-        for param, caster, arg in zip(params, self.casters, args):
-            if caster is not None:
-                out.append(caster(arg))
-                continue
-            dtype = getattr(arg, "dtype", None)
-            if dtype is None or not hasattr(arg, "flags"):
-                raise KernelArgumentError(f"kernel {self.kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
-            if dtype != param.dtype:
-                raise KernelArgumentError(
-                    f"kernel {self.kernel}: parameter {param.name} is {param.ctype}*, got an array of {dtype} {tuple(arg.shape)}"
-                )
-            if not arg.flags.c_contiguous:
-                raise KernelArgumentError(f"kernel {self.kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
-            out.append(arg)
+        for i in self.pointers:
+            self._check_array(params[i], args[i])
+        scalars = tuple([args[i] for i in self.scalars])
+        # The types are part of the key: -0.0 equals 0 but casts differently.
+        key = (scalars, tuple(map(type, scalars)))
+        cast = self._cast.get(key)
+        if cast is None:
+            cast = tuple(self.casters[i](args[i]) for i in self.scalars)
+            if len(self._cast) < self._CACHE_LIMIT and set(key[1]) <= {int}:
+                self._cast[key] = cast
+        out = list(args)
+        for i, value in zip(self.scalars, cast):
+            out[i] = value
         return tuple(out)
+
+    def _check_array(self, param: Param, arg) -> None:
+        dtype = getattr(arg, "dtype", None)
+        if dtype is None or not hasattr(arg, "flags"):
+            raise KernelArgumentError(f"kernel {self.kernel}: parameter {param.name} needs an array, got {type(arg).__name__}")
+        if dtype != param.dtype:
+            raise KernelArgumentError(
+                f"kernel {self.kernel}: parameter {param.name} is {param.ctype}*, got an array of {dtype} {tuple(arg.shape)}"
+            )
+        if not arg.flags.c_contiguous:
+            raise KernelArgumentError(f"kernel {self.kernel}: array for {param.name} {tuple(arg.shape)} is not C-contiguous")
 
 
 @functools.lru_cache(maxsize=None)
 def _argument_check(kernel: str, params: tuple[Param, ...]) -> _ArgumentCheck:
-    return _ArgumentCheck(kernel, params, tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params))
+    return _ArgumentCheck(kernel, params)
 
 
 def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
@@ -190,53 +131,6 @@ def cast_args(kernel: str, params: tuple[Param, ...], args) -> tuple:
     and an array of the wrong dtype or layout is refused before any kernel runs.
     """
     return _argument_check(kernel, tuple(params))(tuple(args))
-
-
-def dim3(value, what: str, error: type[Exception] = ValueError) -> tuple[int, int, int]:
-    """A grid or block given as an int or 1 to 3 ints, as the (x, y, z) triple; ``error`` otherwise."""
-    dims = (value,) if np.isscalar(value) else tuple(value)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
-        raise error(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
-
-
-_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
-
-
-def display_name(path: Path) -> str:
-    """``kernels_cu/foo.cu``: the name compiler messages use, the same on every machine."""
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
-def compiler_source(path: str | os.PathLike) -> str:
-    """The text every compiler gets for a kernel file: NVRTC on 'cuda', g++ on 'emu', the gate.
-
-    ``#include "x.cuh"`` of the kernels' own headers is expanded here, once per header, rather
-    than left to each compiler's include path: the three compilers then see the same text, and
-    a cache keyed on that text (the emulator's) notices a changed header. ``#line`` directives
-    keep every message pointing at the real file and line.
-    """
-    path = Path(path)
-    included: set[Path] = set()
-
-    def expand(file: Path) -> str:
-        name = display_name(file)
-        lines = [f'#line 1 "{name}"']
-        for number, line in enumerate(file.read_text().splitlines(), start=1):
-            match = _INCLUDE_RE.match(line)
-            if not match:
-                lines.append(line)
-                continue
-            header = (file.parent / match.group(1)).resolve()
-            if not header.is_file():
-                raise FileNotFoundError(f"{name}:{number}: included file {match.group(1)!r} not found beside it")
-            if header not in included:
-                included.add(header)
-                lines.append(expand(header))
-            lines.append(f'#line {number + 1} "{name}"')
-        return "\n".join(lines)
-
-    return expand(path) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,8 +156,6 @@ def _cupy_function(topic: str, kernel: str, options: tuple[str, ...]):
 
 @functools.lru_cache(maxsize=None)
 def _emu_function(topic: str, kernel: str):
-    from . import emu
-
     return emu.module_for(kernel_path(topic)).get_function(kernel)
 
 
@@ -306,7 +198,7 @@ def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, opti
     """
     check = _kernel_check(topic, kernel)
     args = check(tuple(args))
-    devices = {device_of(a) for a, c in zip(args, check.casters) if c is None}
+    devices = {device_of(args[i]) for i in check.pointers}
     if len(devices) != 1 or "cpu" in devices:
         raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
     (device,) = devices

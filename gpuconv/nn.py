@@ -21,7 +21,9 @@ from . import functional as F
 from . import graphs
 from .device import copy_to_device, device_of, empty, to_device, to_numpy
 from .dispatch import device_call
-from .functional._checks import pair
+from .functional._checks import pair, positive_int, probability
+from .functional.conv import check_padding
+from .functional.pool import check_window
 from .precision import check as check_precision
 from .random import generator, next_seed
 
@@ -166,12 +168,15 @@ class Module:
         with graphs.static_buffers(self, ("forward", self.training, *(getattr(a, "shape", None) for a in inputs))):
             return self.forward(*inputs)
 
-    def _backward_captured(self, grad_output):
-        """``backward``, with the static buffers of this layer inside a graph capture."""
+    def _backward_captured(self, grad_output, backward=None):
+        """``backward`` (or another backward method of this layer), with the static buffers of
+        this layer inside a graph capture."""
+        backward = backward or self.backward
         if graphs.capturing() is None:
-            return self.backward(grad_output)
-        with graphs.static_buffers(self, ("backward", self.training, getattr(grad_output, "shape", None))):
-            return self.backward(grad_output)
+            return backward(grad_output)
+        key = (backward.__name__, self.training, getattr(grad_output, "shape", None))
+        with graphs.static_buffers(self, key):
+            return backward(grad_output)
 
     def _save(self, **tensors) -> None:
         """Keep what backward needs from this forward (and drop what the last one kept)."""
@@ -225,6 +230,8 @@ class Module:
     @property
     def device(self) -> str | None:
         """The device of the parameters; None for a module without any."""
+        for param in self._parameters.values():  # a layer's own first: every forward asks
+            return param.device
         for param in self.parameters():
             return param.device
         return None
@@ -259,7 +266,9 @@ class Module:
         return self
 
     def _trains_any_parameter(self) -> bool:
-        return any(param.requires_grad for param in self.parameters())
+        # Asked of every module at every backward: walked directly, not through parameters().
+        return (any(param.requires_grad for param in self._parameters.values())
+                or any(module._trains_any_parameter() for module in self._modules.values()))
 
     def _convert(self, convert) -> None:
         """Apply ``convert`` to every parameter and gradient; saved activations become stale."""
@@ -375,13 +384,22 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
     for module in modules:
         needed.append(needs)
         needs = needs or module._trains_any_parameter()
-    for module, needs_input_grad in zip(reversed(modules), reversed(needed)):
+    index = len(modules) - 1
+    while index >= 0:
+        module, needs_input_grad = modules[index], needed[index]
         if not needs_input_grad and not module._trains_any_parameter():
             return None
-        module.requires_input_grad = needs_input_grad
+        if module.requires_input_grad != needs_input_grad:
+            module.requires_input_grad = needs_input_grad
+        if index and needed[index - 1] and type(module) is MaxPool2d and type(modules[index - 1]) is ReLU:
+            # ReLU then max-pool: one backward kernel for both (the pool masks by its own output).
+            grad_output = module._backward_captured(grad_output, module.backward_through_relu)
+            index -= 2
+            continue
         grad_output = module._backward_captured(grad_output)
         if not needs_input_grad:
             return None
+        index -= 1
     return grad_output
 
 
@@ -412,15 +430,16 @@ class Conv2d(Module):
         super().__init__()
         check_precision(precision)
         self.precision = precision
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        if min(self.in_channels, self.out_channels) < 1:
-            raise ValueError(
-                f"Conv2d: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
-            )
+        # Refused here, not at the first forward: what torch.nn.Conv2d refuses at construction
+        # (a float size, padding='same' with a stride, an unknown padding string), and sizes
+        # torch accepts only to fail later (0 channels or kernel, a zero stride, negative padding).
+        self.in_channels = positive_int(in_channels, "Conv2d: in_channels")
+        self.out_channels = positive_int(out_channels, "Conv2d: out_channels")
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
         self.stride = pair(stride, "stride", 1)
-        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", 0)
         self.dilation = pair(dilation, "dilation", 1)
+        check_padding(self.kernel_size, self.stride, padding, self.dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", 0)
         # kaiming_uniform_(a=sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as does the bias.
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)
@@ -481,9 +500,7 @@ class _Pool2d(Module):
         self.padding = padding
         self.ceil_mode = bool(ceil_mode)
         # Checked now, but kept as the caller wrote them (2, not (2, 2)), as torch prints them.
-        pair(kernel_size, "kernel_size", 1)
-        pair(self.stride, "stride", 1)
-        pair(padding, "padding", 0)
+        check_window(kernel_size, self.stride, padding)
 
     def output_shape(self, input_shape):
         n, c, h, w = _shape_check(type(self).__name__, input_shape, 4, "NCHW")
@@ -504,13 +521,20 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x):
         out, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, return_indices=True)
-        self._save(indices=indices, input_shape=tuple(x.shape))
+        self._save(indices=indices, input_shape=tuple(x.shape), output=out)
         return out
 
     def backward(self, grad_output):
         saved = self._saved()
         return F.max_pool2d_backward(grad_output, saved["indices"], saved["input_shape"], self.kernel_size,
                                      self.stride, self.padding, self.ceil_mode)
+
+    def backward_through_relu(self, grad_output):
+        """The gradient w.r.t. the input of the ReLU whose output this pool's forward took: that
+        ReLU's backward folded into this one (one kernel); see :func:`backward_chain`."""
+        saved = self._saved()
+        return F.max_pool2d_relu_backward(grad_output, saved["indices"], saved["output"], saved["input_shape"],
+                                          self.kernel_size, self.stride, self.padding, self.ceil_mode)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ceil_mode={self.ceil_mode}"
@@ -578,6 +602,9 @@ class Flatten(Module):
 
     def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
+        for name, value in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"Flatten: {name} must be an int, got {value!r}")
         self.start_dim, self.end_dim = int(start_dim), int(end_dim)
 
     def output_shape(self, input_shape):
@@ -605,11 +632,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        if min(self.in_features, self.out_features) < 1:
-            raise ValueError(
-                f"Linear: in_features and out_features must be positive, got {in_features}, {out_features}"
-            )
+        self.in_features = positive_int(in_features, "Linear: in_features")
+        self.out_features = positive_int(out_features, "Linear: out_features")
         bound = 1.0 / math.sqrt(self.in_features)
         self.weight = Parameter(_uniform((self.out_features, self.in_features), bound))
         self.bias = Parameter(_uniform((self.out_features,), bound)) if bias else None
@@ -654,9 +678,7 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
-        self.p = float(p)
+        self.p = probability(p, "Dropout: p")  # p = 1 zeros everything (and every gradient), as in torch
         self._seed_buffer = None
 
     def forward(self, x):
@@ -692,9 +714,8 @@ class LocalResponseNorm(Module):
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
         super().__init__()
-        if int(size) < 1:
-            raise ValueError(f"LocalResponseNorm: size must be positive, got {size}")
-        self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
+        self.size = positive_int(size, "LocalResponseNorm: size")
+        self.alpha, self.beta, self.k = float(alpha), float(beta), float(k)
 
     def _args(self):
         return self.size, self.alpha, self.beta, self.k

@@ -220,7 +220,8 @@ class Optimizer(abc.ABC):
                     entry[name] = group.views(group.state_buffer(name))[position]
         state = {name: group.state_buffer(name)[span] for name in self._state_names}
         if group.device == "cpu":
-            self._update_numpy(group.data[span], group.grad[span], state, self._advance(indices))
+            with np.errstate(all="ignore"):  # a diverging run gives inf and NaN, as torch's, not warnings
+                self._update_numpy(group.data[span], group.grad[span], state, self._advance(indices))
         elif stop > start:
             scalars = group.scalars(run[0], len(self._scalar_names))
             graphs.host_update(lambda: scalars.write(self._advance(indices)))

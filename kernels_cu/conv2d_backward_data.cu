@@ -4,6 +4,9 @@
 //   v1  conv2d_backward_data_v1: implicit GEMM, 64x64 block tile, K step 16, 4x4 outputs per
 //       thread fed by 128-bit shared loads, next K tile prefetched into registers while the
 //       current one is multiplied (the tiling of implicit_gemm.cuh).
+//   v2  conv2d_gemm_v2_<BM>x<BN> in conv2d_gemm.cu, shared with the forward pass: one launch per
+//       output phase of the stride (the input pixels with one (y + pad) mod stride), each meeting
+//       only the kernel taps that land on it; planned in gpuconv/functional/conv_gemm.py.
 //
 // conv2d_backward_data_v1
 //   grad_x[n][ci][y][x] = sum over co, i, j of w[co][ci][i][j] * grad_out[n][co][oh][ow]
@@ -62,7 +65,9 @@ __device__ __forceinline__ void gather_grad_rows(float (&rows)[ALONG_N_LOADS], c
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+// At least 3 blocks per SM (<= 80 registers): with the plain bound ptxas gave sm_80 64 registers
+// and spilled 8 bytes, which check-kernels refuses in a convolution kernel.
+extern "C" __global__ void __launch_bounds__(256, 3)
 conv2d_backward_data_v1(const float* __restrict__ w, const float* __restrict__ grad_out,
                         float* __restrict__ grad_x, int batch, int c_in, int height, int width, int c_out,
                         int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_top, int pad_left,

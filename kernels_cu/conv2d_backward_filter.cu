@@ -6,6 +6,10 @@
 //       thread fed by 128-bit shared loads, next K tile prefetched into registers (the tiling of
 //       implicit_gemm.cuh); split-K across gridDim.z with atomicAdd.
 //   v1  conv2d_bias_grad_v1: one block per output channel, shuffle + shared-memory tree reduction.
+//   v2  conv2d_backward_filter_v2_<BM>x<BN> (128x128, 128x64, 64x128): the block-tile GEMM core
+//       of gemm_core.cuh with the backward-filter loaders of conv_tiles.cuh; split-K partial
+//       sums into a workspace, added by conv2d_split_k_reduce_v2 in a fixed order, so the
+//       result is the same to the bit whatever order the blocks run in.
 //
 // conv2d_backward_filter_v1
 //   grad_w[co][ci][i][j] += sum over n, oh, ow (within this block's K range) of
@@ -32,7 +36,23 @@
 //   Limits: offsets 64-bit; each thread sums its pixels sequentially in float32, the block sums
 //   the 256 partials as a tree, so the result is deterministic.
 
+// conv2d_backward_filter_v2_<BM>x<BN>
+//   partials[z][co][ci][i][j] = sum over the output pixels k = (n, oh, ow) of split z, k in
+//   [z*k_per_split, min(K, (z+1)*k_per_split)) with K = batch*out_h*out_w, of
+//       grad_out[n][co][oh][ow] * x[n][ci][oh*stride_h - pad_top + i*dil_h][ow*stride_w - pad_left + j*dil_w]
+//   (zeros outside x). Every element of partials[z] is written (no zero-fill needed).
+//   Layout: x NCHW, grad_out NCHW, partials (splits, c_out, c_in*kernel_h*kernel_w); float32,
+//   C-contiguous. GEMM view: M = c_out, N = c_in*kernel_h*kernel_w, K = the output pixels.
+//   Launch: grid (ceil(N / BN), ceil(c_out / BM), splits), block BM*BN/64, no dynamic shared
+//   memory; k_per_split a positive multiple of 8. Limits: kernel_h*kernel_w <= 256; x, grad_out
+//   and c_out*N elements, and K, below 2^31 - 128; gridDim.y, z <= 65535.
+//
+// conv2d_split_k_reduce_v2
+//   out[i] = sum over z < splits, in order, of partials[z*size + i], i < size. Launch: 1-D,
+//   ceil(size / 256) blocks of 256.
+
 #include "implicit_gemm.cuh"
+#include "conv_tiles.cuh"
 
 constexpr int WARP = 32;
 
@@ -129,4 +149,50 @@ conv2d_bias_grad_v1(const float* __restrict__ grad_out, float* __restrict__ grad
         for (int offset = WARP / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
         if (threadIdx.x == 0) grad_b[co] = sum;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+                                   int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+                                   int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w,
+                                   int out_h, int out_w, int k_per_split)
+{
+    __shared__ __align__(16) conv::Shared<128, 128> shared;
+    conv::weight_gradient_gemm<128, 128>(shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, batch, c_in,
+                                           height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top,
+                                           pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+                                   int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+                                   int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w,
+                                   int out_h, int out_w, int k_per_split)
+{
+    __shared__ __align__(16) conv::Shared<128, 64> shared;
+    conv::weight_gradient_gemm<128, 64>(shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, batch, c_in,
+                                           height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top,
+                                           pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+                                   int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+                                   int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w,
+                                   int out_h, int out_w, int k_per_split)
+{
+    __shared__ __align__(16) conv::Shared<64, 128> shared;
+    conv::weight_gradient_gemm<64, 128>(shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, batch, c_in,
+                                           height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top,
+                                           pad_left, out_h, out_w, k_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_split_k_reduce_v2(const float* __restrict__ partials, float* __restrict__ out, int splits, long long size)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= size) return;
+    float sum = 0.0f;
+    for (int z = 0; z < splits; ++z) sum += __ldg(partials + z * size + i);
+    out[i] = sum;
 }

@@ -4,6 +4,8 @@
 //   v1  conv2d_forward_v1: implicit GEMM, 64x64 block tile, K step 16, 4x4 outputs per thread
 //       fed by 128-bit shared loads, next K tile prefetched into registers while the current one
 //       is multiplied (the tiling of implicit_gemm.cuh).
+//   v2  conv2d_gemm_v2_<BM>x<BN> in conv2d_gemm.cu: the block-tile GEMM core of gemm_core.cuh,
+//       shared with the backward-data pass; planned per shape in gpuconv/functional/conv_gemm.py.
 //
 // conv2d_forward_v1
 //   out[n][co][oh][ow] = act(bias[co] + sum over ci, i, j of

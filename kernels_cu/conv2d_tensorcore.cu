@@ -185,7 +185,7 @@ conv2d_backward_filter_tc(const float* __restrict__ x, const float* __restrict__
         rows_ok |= (unsigned int)(n < patch) << r;
         tap_h[r] = i * dil_h - pad_top;
         tap_w[r] = (tap - i * kernel_w) * dil_w - pad_left;
-        tap_offset[r] = (channel * height + tap_h[r]) * width + tap_w[r];
+        tap_offset[r] = n < patch ? (channel * height + tap_h[r]) * width + tap_w[r] : 0;  // no int overflow past the end
     }
 
     const auto load = [&](tc::Stage& s, int k0) {

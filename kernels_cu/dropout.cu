@@ -9,8 +9,9 @@
 // where mix64 is the SplitMix64 finaliser (all arithmetic modulo 2^64); element i is kept iff
 // bits(seed, i) >= threshold, threshold = floor(p * 2^32), so P(keep) = 1 - threshold / 2^32.
 //
-// dropout_v1(x, y, n, seed, threshold, scale): y[i] = keep(i) ? x[i] * scale : 0, with
-//   scale = 1 / (1 - p) rounded to float32 by the caller. The same kernel is dropout's backward
+// dropout_v1(x, y, n, seed, threshold, scale): y[i] = x[i] * (keep(i) ? scale : 0), with
+//   scale = 1 / (1 - p) rounded to float32 by the caller: a multiplication, as PyTorch's, so a
+//   dropped NaN or infinity becomes NaN rather than 0. The same kernel is dropout's backward
 //   (grad_x = mask * scale * grad_y): the mask is re-derived from the seed.
 // Layout: any, as a flat array of n float32 elements (the index is the C-order flat index).
 // Launch shape: 1-D grid-stride loop; block (256), grid (any, e.g. ceil(n / 256) capped); no
@@ -32,7 +33,7 @@ __device__ __forceinline__ void dropout_apply(const float* __restrict__ x, float
     const unsigned long long key = mix64(seed);
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        y[i] = dropout_bits(key, (unsigned long long)i) >= threshold ? x[i] * scale : 0.f;
+        y[i] = x[i] * (dropout_bits(key, (unsigned long long)i) >= threshold ? scale : 0.f);
     }
 }
 

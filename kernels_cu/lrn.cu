@@ -28,8 +28,9 @@
 __device__ __forceinline__ float lrn_scale(const float* __restrict__ column, long long plane, int c,
                                            int channels, int size, float k, float alpha_over_size)
 {
+    // c + size / 2 may pass 2^31 for a huge size: the window is clipped to the channels in 64 bits.
     const int lo = max(c - size / 2, 0);
-    const int hi = min(c + (size - 1) / 2, channels - 1);
+    const int hi = (int)min((long long)c + (size - 1) / 2, (long long)channels - 1);
     float sum = 0.0f;
     for (int j = lo; j <= hi; ++j) {
         const float v = column[j * plane];
@@ -64,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(256) lrn_backward_v1(
     const float* g = grad_output + column;
 
     const int lo = max(c - (size - 1) / 2, 0);
-    const int hi = min(c + size / 2, channels - 1);
+    const int hi = (int)min((long long)c + size / 2, (long long)channels - 1);
     float through_scales = 0.0f;
     for (int j = lo; j <= hi; ++j) {
         const long long at = j * plane;

@@ -1,7 +1,7 @@
 // pool.cu -- 2-D max and average pooling, forward and backward.
 //
 // Versions: max_pool2d_forward_v1, max_pool2d_backward_v1, avg_pool2d_forward_v1,
-// avg_pool2d_backward_v1.
+// avg_pool2d_backward_v1; max_pool2d_relu_backward_v1 (max-pool backward with the ReLU before it).
 //
 // Common to every kernel: float32, NCHW, C-contiguous; `planes` = N * C. Window (oh, ow) covers
 // rows oh * sh - ph ... oh * sh - ph + kh - 1 (columns likewise) of the input plane; the caller
@@ -9,7 +9,9 @@
 // input) and guarantees ph <= kh / 2, pw <= kw / 2, so every window overlaps the input.
 // Launch shape: 1-D grid-stride loops, one thread per output element (forward) or per input
 // element (backward); block (256), grid (any, e.g. min(ceil(total / 256), 65535)); no shared
-// memory. Offsets are 64-bit (planes * H * W may pass 2^31); in-plane positions are 32-bit.
+// memory. Offsets are 64-bit (planes * H * W may pass 2^31); in-plane positions are 32-bit, window
+// coordinates before clipping to the input and window areas 64-bit (a window and its padding may
+// cover more than 2^31 positions).
 //
 // max_pool2d_forward_v1(x, y, indices, ...): y = the window's maximum over input positions only
 //   (padding never wins), indices = its flat in-plane position h * W + w (int32). Ties keep the
@@ -22,6 +24,10 @@
 //   divisor: the window clipped to the padded input (count_include_pad) or to the input.
 // avg_pool2d_backward_v1(grad_y, grad_x, ..., count_include_pad): grad_x[h, w] = sum over the
 //   windows containing (h, w) of grad_y / divisor; a gather, as for max.
+// max_pool2d_relu_backward_v1(grad_y, indices, y, grad_x, ...): the gradient w.r.t. x of
+//   max_pool(relu(x)), in one pass: as max_pool2d_backward_v1, counting only windows with y > 0.
+//   Exact: a window picks relu(x) at its argmax, so y > 0 there is relu(x) > 0 (NaN: neither),
+//   and every window that routes a gradient to (h, w) picked (h, w).
 // Limits: H * W < 2^31 per plane; grid and block any 1-D shape.
 
 struct PoolShape {
@@ -34,23 +40,30 @@ struct Rect {
     __device__ __forceinline__ int area() const { return (h1 - h0) * (w1 - w0); }
 };
 
+// A window before clipping, in 64 bits: with its padding it may reach past 2^31 (a 46342 x 46342
+// window has more than 2^31 positions), though its part inside the input never does.
+struct Span {
+    long long h0, h1, w0, w1;
+    __device__ __forceinline__ long long area() const { return (h1 - h0) * (w1 - w0); }
+};
+
 // Window (oh, ow) in input coordinates, before any clipping.
-__device__ __forceinline__ Rect window_at(const PoolShape& q, int oh, int ow) {
-    const int h0 = oh * q.sh - q.ph, w0 = ow * q.sw - q.pw;
+__device__ __forceinline__ Span window_at(const PoolShape& q, int oh, int ow) {
+    const long long h0 = (long long)oh * q.sh - q.ph, w0 = (long long)ow * q.sw - q.pw;
     return {h0, h0 + q.kh, w0, w0 + q.kw};
 }
 
 // The part of r inside the input: padding holds no pixels.
-__device__ __forceinline__ Rect inside_input(const Rect& r, const PoolShape& q) {
-    return {max(r.h0, 0), min(r.h1, q.H), max(r.w0, 0), min(r.w1, q.W)};
+__device__ __forceinline__ Rect inside_input(const Span& r, const PoolShape& q) {
+    return {(int)max(r.h0, 0ll), (int)min(r.h1, (long long)q.H), (int)max(r.w0, 0ll), (int)min(r.w1, (long long)q.W)};
 }
 
 // The output rows (or columns) whose windows contain input row `h`: [*first, *last).
 __device__ __forceinline__ void windows_containing(int h, int k, int s, int p, int out_size,
                                                    int* first, int* last) {
-    const int hp = h + p;  // row in padded coordinates
-    *first = hp < k ? 0 : (hp - k) / s + 1;
-    *last = min(hp / s + 1, out_size);
+    const long long hp = (long long)h + p;  // row in padded coordinates
+    *first = hp < k ? 0 : (int)((hp - k) / s + 1);
+    *last = (int)min(hp / s + 1, (long long)out_size);
 }
 
 // The windows containing input pixel (h, w): output rows [h0, h1), columns [w0, w1).
@@ -63,11 +76,12 @@ __device__ __forceinline__ Rect windows_containing(const PoolShape& q, int h, in
 
 // PyTorch's average-pooling divisor for window (oh, ow): the window clipped to the padded input
 // (only a ceil_mode window reaches past it), and further to the input unless count_include_pad.
-__device__ __forceinline__ int avg_divisor(const PoolShape& q, int oh, int ow, bool count_include_pad) {
-    Rect r = window_at(q, oh, ow);
-    r.h1 = min(r.h1, q.H + q.ph);
-    r.w1 = min(r.w1, q.W + q.pw);
-    return count_include_pad ? r.area() : inside_input(r, q).area();
+// Counted in 64 bits and only then rounded to float, as PyTorch's int64 divide_factor is.
+__device__ __forceinline__ float avg_divisor(const PoolShape& q, int oh, int ow, bool count_include_pad) {
+    Span r = window_at(q, oh, ow);
+    r.h1 = min(r.h1, (long long)q.H + q.ph);
+    r.w1 = min(r.w1, (long long)q.W + q.pw);
+    return count_include_pad ? (float)r.area() : (float)inside_input(r, q).area();
 }
 
 // body(h, w) for every position of r in row-major order (max pooling's ties depend on it).
@@ -147,7 +161,7 @@ extern "C" __global__ void avg_pool2d_forward_v1(const float* __restrict__ x, fl
         const float* plane = x + plane_index * H * W;
         float sum = 0.f;
         for_each_in(inside_input(window_at(q, oh, ow), q), [&](int h, int w) { sum += plane[h * W + w]; });
-        y[o] = sum / (float)avg_divisor(q, oh, ow, count_include_pad);
+        y[o] = sum / avg_divisor(q, oh, ow, count_include_pad);
     });
 }
 
@@ -156,6 +170,16 @@ extern "C" __global__ void avg_pool2d_backward_v1(const float* __restrict__ grad
                                                   int sh, int sw, int ph, int pw, bool count_include_pad) {
     const PoolShape q = {H, W, OH, OW, kh, kw, sh, sw, ph, pw};
     sum_over_windows(grad_x, planes, q, [&](long long o, int oh, int ow, int, int) {
-        return grad_y[o] / (float)avg_divisor(q, oh, ow, count_include_pad);
+        return grad_y[o] / avg_divisor(q, oh, ow, count_include_pad);
+    });
+}
+
+extern "C" __global__ void max_pool2d_relu_backward_v1(const float* __restrict__ grad_y,
+                                                       const int* __restrict__ indices, const float* __restrict__ y,
+                                                       float* __restrict__ grad_x, long long planes, int H, int W,
+                                                       int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const PoolShape q = {H, W, OH, OW, kh, kw, sh, sw, ph, pw};
+    sum_over_windows(grad_x, planes, q, [&](long long o, int, int, int h, int w) {
+        return indices[o] == h * W + w && y[o] > 0.f ? grad_y[o] : 0.f;
     });
 }

@@ -34,11 +34,12 @@ constexpr int LOADS = BM * BK / THREADS;
 static_assert(BM == BN, "one load mapping serves both tiles");
 static_assert(PITCH % 4 == 0 && MMA_N % 2 == 0, "ldmatrix rows 16-byte aligned; B fragments loaded in pairs");
 static_assert((BM / WARP_M) * (BN / WARP_N) * 32 == THREADS, "one warp tile per warp covers the block tile");
+static_assert((THREADS / BM) * LOADS == BK, "a loader along the rows steps its k by BK per tile (TapCursor)");
 
 enum Precision { TF32 = 0, BF16 = 1 };
 enum Mapping { ALONG_K, ALONG_ROWS };
 
-struct Stage {
+struct __align__(16) Stage {  // 16: ldmatrix row addresses
     float a[BM][PITCH];
     float b[BN][PITCH];
 };

@@ -183,7 +183,8 @@ def test_cases_run_most_important_first():
     names = [c.name for c in bench.select_cases(bench.parse_args([]))]
     first_model_kernel = names.index("lenet5/conv1/conv2d_forward")
     assert names[:15] == [c.name for c in bench.kernel_cases(["convnet-benchmarks"])]
-    assert names[15:17] == ["lenet5/train/step", "alexnet/train/step"] and first_model_kernel == 17
+    assert names[15:18] == ["lenet5/train/step", "alexnet/train/step", "lenet5/train/host_step"]
+    assert first_model_kernel == 18
     assert names[-1] == "lenet5/train/epoch" and "alexnet/lrn2/lrn_backward" in names
     quick = [c.name for c in bench.select_cases(bench.parse_args(["--quick", "--no-epoch"]))]
     assert quick[0] == "convnet-benchmarks/L3/conv2d_forward" and "lenet5/train/step" in quick
@@ -235,6 +236,16 @@ def test_kernel_versions_come_from_the_sources():
     with contenders.environ("GPUCONV_KERNEL_TEST_ONLY", 3):
         assert os.environ["GPUCONV_KERNEL_TEST_ONLY"] == "3"
     assert "GPUCONV_KERNEL_TEST_ONLY" not in os.environ
+
+
+def test_gpu_conv_rows_carry_the_chosen_kernel_and_useful_share():
+    # Planned without a GPU: the row's extra names the kernel each AlexNet conv op runs.
+    alexnet = [c for c in bench.kernel_cases(["alexnet"]) if c.op.startswith("conv2d") and c.layer == "conv1"]
+    gpu = contenders.Gpuconv("cuda", "gpuconv cuda")
+    extras = {case.op: gpu._plan(case) for case in alexnet}
+    assert extras["conv2d_backward_data"]["kernel"].endswith("16 phases")
+    assert all(0 < e["useful_macs"] <= 1 for e in extras.values())
+    assert contenders.Gpuconv("cpu")._plan(alexnet[0]) is None
 
 
 @pytest.fixture
@@ -300,11 +311,21 @@ def test_cpu_epoch_is_extrapolated_and_says_so(no_gpu):
     assert row.case.spec.images == 60000 and row.per_image == pytest.approx(row.stats.median / 60000)
 
 
-def test_bad_arguments_are_refused(capsys):
+def test_bad_arguments_are_refused(capsys, tmp_path, no_gpu):
     with pytest.raises(SystemExit):
         bench.parse_args(["--repeats", "0"])
     assert "--repeats must be at least 1" in capsys.readouterr().err
     assert bench.main(["--only", "no-such-case"]) == 2
+    assert bench.main(["--device", "cuda"]) == 2
+    assert "nothing to run: not measured (no GPU: CuPy is not installed)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert bench.main(["--quick", "--only", "relu1/relu_forward", "--out", str(tmp_path / "file")]) == 2
+    assert f"cannot write to --out {tmp_path / 'file'}" in capsys.readouterr().err
+    from gpuconv.runs import RunLock
+
+    with RunLock(tmp_path):  # another bench writing there
+        assert bench.main(["--quick", "--only", "relu1/relu_forward", "--out", str(tmp_path)]) == 2
+    assert "is in use by another run (pid" in capsys.readouterr().err
 
 
 def test_annotate_ratios_use_time_per_image():
@@ -587,20 +608,31 @@ def test_the_summary_lists_what_failed_and_sets_the_exit_status(capsys, tmp_path
     assert f"  - {case.name} [ours]: error: the worker was killed by SIGSEGV" in out
 
 
-def test_reports_are_written_atomically(tmp_path):
-    path = tmp_path / "results.json"
-    reports.atomic_write(path, "old\n")
+def test_reports_are_written_atomically(tmp_path, monkeypatch):
+    """A report is replaced whole or not at all: a chart that fails midway leaves the previous
+    results.png, and no temporary file behind."""
+    case = bench.kernel_cases(["lenet5"])[0]
+    rows = [bench.Row(case, "numpy", "cpu", "gpuconv", stats=bench.summarize([1e-3]))]
+    info = {"date": "2026-12-01 00:00 UTC", "cpu": "x", "cpu_count": 1, "cpu_cache_bytes": 1 << 20,
+            "gpuconv": "0", "numpy": "0", "torch": "0", "cudnn": "n/a", "python": "3",
+            "gpu": {"name": "no device", "reason": "test"}}
+    bench.write_reports(tmp_path, info, {}, rows)
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(first) == ["results.json", "results.md", "results.png"]
 
-    def dies_midway(f):
-        f.write(b"half of a new rep")
-        raise KeyboardInterrupt
+    class HalfAChart:
+        def savefig(self, f, **kwargs):
+            f.write(b"\x89PNG half of a chart")
+            raise KeyboardInterrupt
 
+    monkeypatch.setattr(reports, "bar_chart", lambda rows, title: HalfAChart())
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
+    rows.append(bench.Row(case, "torch cpu (oneDNN)", "cpu", "torch", stats=bench.summarize([2e-3])))
     with pytest.raises(KeyboardInterrupt):
-        reports.atomic_write(path, dies_midway)
-    assert path.read_text() == "old\n"  # a reader never sees a half-written report
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # and no temporary is left
-    reports.atomic_write(path, b"new\n")
-    assert path.read_text() == "new\n"
+        bench.write_reports(tmp_path, info, {}, rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(first)  # no temporary left
+    assert (tmp_path / "results.png").read_bytes() == first["results.png"]
+    assert "torch cpu (oneDNN)" in (tmp_path / "results.md").read_text()  # the tables were complete
 
 
 class _FailingGpuContender(_FakeGpuContender):
@@ -660,3 +692,21 @@ def test_peaks_and_gpu_info_failures_do_not_end_the_run(monkeypatch):
     assert info["gpu"]["reason"] == "GPU info failed: RuntimeError: cuBLAS failed to initialise"
     assert machine.cache_bytes(info, "cuda") == machine.UNKNOWN_L2_BYTES
     assert "GPU: GPU (not described) (GPU info failed" in "\n".join(reports.header_lines(info, {}))
+
+
+def test_host_path_rows_time_the_dry_run_and_the_replay_and_count_device_operations():
+    from gpuconv.bench import host
+
+    (case,) = host.host_cases(["lenet5"])
+    small = dataclasses.replace(case, spec=dataclasses.replace(case.spec, batch=2))
+    rng = np.random.default_rng(0)
+    eager, replay = host.EmuHost(graph=False), host.EmuHost(graph=True)
+    assert eager.applies(case) and not bench.Gpuconv("cpu").applies(case) and not bench.Torch("cpu").applies(case)
+    work = eager.workload(small, rng)
+    # LeNet-5's steady-state step: one optimizer launch, and a replay issues exactly its operations
+    tally = dict(item.rsplit(" x", 1) if " x" in item else (item, "1") for item in work.extra["ops"].split(", "))
+    assert tally["sgd_step_v2"] == "1" and sum(map(int, tally.values())) == work.extra["device_ops"]
+    work.run(*work.make())
+    graphed = replay.workload(small, rng)
+    assert graphed.extra["replay_ops"] == work.extra["device_ops"]
+    graphed.run(*graphed.make())

@@ -14,12 +14,14 @@ import pytest
 from gpuconv import functional as F
 from gpuconv.device import EmuArray, to_device, to_numpy
 from gpuconv.functional import conv as conv_module
+from gpuconv.functional import conv_gemm
 from gradcheck import numerical_gradient
 
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, dilation): chosen so that together they cover
-# odd and rectangular sizes, stride above the kernel size, padding, PyTorch's asymmetric 'same',
-# dilation, batch 1, 1x1 kernels, and sizes that do not divide the 64x64x16 kernel tiles,
-# including more than one tile along M (C_out 67), N (N*H_out*W_out 99) and K (K 45 and 180).
+# odd and rectangular sizes, strides 1 to 4 and above the kernel size, padding, PyTorch's
+# asymmetric 'same', dilation, batch 1, 1x1 kernels, C_in and C_out of 1, 3, 6, 16 and 96, and
+# sizes that divide none of the kernel tiles (v1 64x64x16, v2 128/64/32 x 128/64 x 8), including
+# more than one tile along M (C_out 67, 96), N (N*H_out*W_out 99) and K (K 45, 180, 864).
 CASES = [
     (2, 3, 7, 9, 5, 3, 2, (2, 1), 1, 1),
     (1, 4, 10, 8, 6, 1, 1, 3, 0, 1),
@@ -29,6 +31,17 @@ CASES = [
     (1, 5, 9, 11, 67, 3, 3, 1, 1, 1),
     (1, 20, 5, 5, 3, 3, 3, 2, (1, 2), (1, 2)),
     (3, 2, 4, 5, 3, 4, 5, 1, "valid", 1),
+    # For the v2 kernels and their per-shape plans: LeNet's skinny 1->6 at batch 1 and 6->16 with
+    # an asymmetric 'same'; AlexNet conv1's 11x11 stride 4 into 96 channels; 96 channels into 3
+    # with stride 3 and dilation 2; one output channel; stride 4 over a 2x2 kernel (phases of the
+    # input gradient that no tap reaches); 17x16 = 272 taps, past the v2 tap table (version 1 runs).
+    (1, 1, 9, 8, 6, 5, 5, 1, 2, 1),
+    (2, 6, 7, 9, 16, 4, 2, 1, "same", 1),
+    (2, 3, 15, 13, 96, 11, 11, 4, 2, 1),
+    (1, 96, 5, 6, 3, 3, 3, 3, 1, 2),
+    (2, 16, 7, 7, 1, 2, 4, 2, (1, 0), (2, 1)),
+    (1, 2, 9, 9, 3, 2, 2, 4, 0, 1),
+    (1, 3, 20, 19, 5, 17, 16, 1, 1, 1),
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 
@@ -329,3 +342,186 @@ def _bad_calls():
 def test_bad_arguments_are_refused_with_the_shapes_involved(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# ------------------------------------------------------------------------------------------
+# Version 2: every tile, the stride phases of backward-data, the deterministic split-K of
+# backward-filter, and the per-shape plans.
+
+V2_CASES = [0, 5, 10, 13]  # small, C_out 67 (several M tiles), 96 channels at stride 4, empty phases
+LATTICE_TILES = sorted(conv_gemm.TILES)
+
+
+def _force_tile(monkeypatch, tile):
+    monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "forced"))
+    monkeypatch.setattr(conv_gemm, "FILTER_TILES", (tile,))
+
+
+@pytest.mark.parametrize("tile", LATTICE_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("index", V2_CASES, ids=[CASE_IDS[i] for i in V2_CASES])
+def test_v2_lattice_kernel_on_every_tile(kernel_device, index, tile, monkeypatch):
+    # conv2d_gemm_v2 serves the forward pass and each stride phase of backward-data.
+    _force_tile(monkeypatch, tile)
+    x, weight, bias, grad_output, args, (y, dx, _, _) = _problem(index)
+    xd, wd, bd, god = _on(kernel_device, x, weight, bias, grad_output)
+    g = conv_module._geometry(x.shape, weight.shape, **args)
+    assert conv_gemm.plan_forward(g).tile == tile and conv_gemm.plan_backward_data(g).tile == tile
+    _assert_close(F.conv2d(xd, wd, bd, **args), y, weight[0].size, kernel_device)
+    _assert_close(F.conv2d(xd, wd, **args, activation="relu"), np.maximum(y - bias.reshape(1, -1, 1, 1), 0),
+                  weight[0].size, kernel_device)
+    _assert_close(F.conv2d_input(x.shape, wd, god, **args), dx, weight.shape[0] * weight[0, 0].size, kernel_device)
+
+
+@pytest.mark.parametrize("tile", conv_gemm.FILTER_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("index", V2_CASES, ids=[CASE_IDS[i] for i in V2_CASES])
+def test_v2_weight_gradient_on_every_tile(kernel_device, index, tile, monkeypatch):
+    _force_tile(monkeypatch, tile)
+    x, weight, _, grad_output, args, (_, _, dw, _) = _problem(index)
+    xd, god = _on(kernel_device, x, grad_output)
+    g = conv_module._geometry(x.shape, weight.shape, **args)
+    assert conv_gemm.plan_backward_filter(g).tile == tile
+    _assert_close(F.conv2d_weight(xd, weight.shape, god, **args), dw, grad_output[:, 0].size, kernel_device)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 10])
+def test_v2_weight_gradient_split_k(splits, monkeypatch):
+    # Case 0 has K = 80, ten K tiles: one split (the kernel writes the result, no reduce), three
+    # of 4, 4 and 2 tiles (the last one short), and one tile per split.
+    monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: splits)
+    x, weight, _, grad_output, args, (_, _, dw, _) = _problem(0)
+    assert conv_gemm.plan_backward_filter(conv_module._geometry(x.shape, weight.shape, **args)).splits == splits
+    xd, god = _on("emu", x, grad_output)
+    _assert_close(F.conv2d_weight(xd, weight.shape, god, **args), dw, grad_output[:, 0].size, "emu")
+
+
+def test_v2_weight_gradient_is_bit_identical_across_runs_and_thread_orders():
+    # Partial sums land in a workspace and are added in split order: no float atomics, so the
+    # bits cannot depend on which block or thread finishes first.
+    from gpuconv import emu
+
+    x, weight, _, grad_output, args, _ = _problem(10)
+    xd, god = _on("emu", x, grad_output)
+    g = conv_module._geometry(x.shape, weight.shape, **args)
+    assert conv_gemm.plan_backward_filter(g).splits > 1
+    results = []
+    for order in ("forward", "reverse", "forward"):
+        with emu.thread_order(order):
+            results.append(to_numpy(F.conv2d_weight(xd, weight.shape, god, **args)))
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0].view(np.uint32), other.view(np.uint32))
+
+
+@pytest.mark.parametrize("index", [0, 4, 6, 10, 11, 12, 13], ids=[CASE_IDS[i] for i in (0, 4, 6, 10, 11, 12, 13)])
+def test_v2_split_backward_data_matches_the_plain_kernel(index, monkeypatch):
+    # Strided cases: the stride phases of v2 against v1, which multiplies every tap, zeros included.
+    x, weight, _, grad_output, args, _ = _problem(index)
+    wd, god = _on("emu", weight, grad_output)
+    monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_DATA", "1")
+    plain = to_numpy(F.conv2d_input(x.shape, wd, god, **args))
+    monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_DATA", "2")
+    split = to_numpy(F.conv2d_input(x.shape, wd, god, **args))
+    np.testing.assert_allclose(split, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, kernel, stride, pad, dilation", [
+    (224, 11, 4, 2, 1), (9, 2, 4, 0, 1), (7, 4, 2, 1, 2), (13, 3, 1, 1, 1), (10, 3, 3, 2, 3)])
+def test_backward_data_phases_meet_only_their_taps(size, kernel, stride, pad, dilation):
+    # Brute force over one axis: each phase's pixels are exactly those y with (y + pad) % stride
+    # = r, every kernel tap belongs to exactly one phase, and each (pixel, tap) of a phase lands on
+    # a real output row: no zero-tap work is left in the split GEMMs.
+    out_size = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    phases = conv_gemm._phases(size, out_size, kernel, stride, pad, dilation)
+    assert sorted(y for p in phases for y in range(p.first, size, stride)) == list(range(size))
+    assert sorted(i for p in phases for i, _ in p.taps) == list(range(kernel))
+    for p in phases:
+        assert p.count == len(range(p.first, size, stride))
+        for q in range(p.count):
+            y = p.first + stride * q
+            for i, shift in p.taps:
+                assert (y + pad - i * dilation) % stride == 0
+                assert q + p.origin - shift == (y + pad - i * dilation) // stride
+
+
+def test_alexnet_conv1_backward_data_does_no_zero_tap_work():
+    g = conv_module._geometry((128, 3, 224, 224), (96, 3, 11, 11), 4, 2, 1)
+    plan = conv_gemm.plan_backward_data(g)
+    assert plan.version == 2 and plan.launches == 16
+    # The (pixel, tap) pairs the phases multiply are exactly those whose tap lands on the output
+    # lattice, (y + pad - i) % 4 == 0 along each axis: 1/16 of the plain kernel's 224^2 x 121.
+    along_axis = sum(1 for y in range(224) for i in range(11) if (y + 2 - i) % 4 == 0)
+    executed = sum(ph.count * pw.count * len(ph.taps) * len(pw.taps) for ph, pw in conv_gemm._data_phases(g))
+    assert executed == along_axis ** 2
+    assert executed * 16 == pytest.approx(224 * 224 * 121, rel=0.01)
+
+
+@pytest.mark.parametrize("rows, columns, expected", [
+    (384, 128 * 169, (128, 128)),   # AlexNet conv3-5: large M and N
+    (3, 128 * 224 * 224, (32, 128)),  # C_in 3: the narrow-M tile
+    (6, 256 * 28 * 28, (32, 128)),  # LeNet conv1's 6 output channels
+    (16, 256 * 10 * 10, (32, 128)),  # LeNet conv2's 16 (M = 16 fits 32 rows)
+    (256, 128 * 169, (128, 128)),  # AlexNet conv5: 128x64 ties, the larger tile wins
+    (96, 128 * 55 * 55, (32, 128)),  # AlexNet conv1: 96 rows pad to 128 on the large tiles
+    (128, 64 * 100, (128, 64)),  # 50 blocks of 128x128 would leave 82 SMs idle
+])
+def test_tile_choice_per_shape(rows, columns, expected):
+    assert conv_gemm.choose_tile(rows, columns)[0] == expected
+
+
+def test_plans_fall_back_to_version_1_with_the_reason():
+    many_taps = conv_module._geometry((1, 3, 20, 19), (5, 3, 17, 16), 1, 1, 1)
+    for plan in (conv_gemm.plan_forward(many_taps), conv_gemm.plan_backward_data(many_taps),
+                 conv_gemm.plan_backward_filter(many_taps)):
+        assert plan.version == 1 and plan.reason == "272 kernel taps > 256"
+    huge = conv_module._geometry((1, 64, 6000, 6000), (64, 64, 3, 3), 1, 1, 1)
+    assert conv_gemm.plan_forward(huge).reason == "a tensor past 32-bit offsets"
+
+
+def test_backward_filter_split_fills_the_gpu_several_waves_deep():
+    # AlexNet conv2 at batch 128: 2 x 19 tiles of 128x128 alone fill a third of one wave.
+    g = conv_module._geometry((128, 96, 27, 27), (256, 96, 5, 5), 1, 2, 1)
+    plan = conv_gemm.plan_backward_filter(g)
+    blocks = 2 * 19 * plan.splits
+    assert blocks >= conv_gemm.WAVES * conv_gemm.SMS * conv_gemm.TILES[plan.tile][1] * 0.9
+    assert plan.splits * 256 * 2400 * 4 <= conv_gemm.WORKSPACE_BYTES
+
+
+def test_conv2d_plan_names_the_kernel_for_each_version(monkeypatch):
+    shapes, args = ((128, 3, 224, 224), (96, 3, 11, 11)), dict(stride=4, padding=2)
+    for op in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter"):
+        monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}", raising=False)
+        assert F.conv2d_plan(op, *shapes, **args).version == 2
+        monkeypatch.setenv(f"GPUCONV_KERNEL_{op.upper()}", "1")
+        plan = F.conv2d_plan(op, *shapes, **args)
+        assert (plan.version, plan.kernel, plan.tile) == (1, f"{op}_v1", (64, 64))
+        monkeypatch.setenv(f"GPUCONV_KERNEL_{op.upper()}", "0")
+        assert F.conv2d_plan(op, *shapes, **args).kernel == "im2col + cuBLAS"
+        monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}")
+    # AlexNet conv1's input gradient: v1 multiplies 16x the taps (and pads 3 channels to 64).
+    data = F.conv2d_plan("conv2d_backward_data", *shapes, **args)
+    assert data.kernel_text == "conv2d_gemm_v2 32x128, 16 phases"
+    assert "4x4 stride phases" in data.describe()
+    monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_DATA", "1")
+    assert F.conv2d_plan("conv2d_backward_data", *shapes, **args).useful < data.useful / 16
+    with pytest.raises(ValueError, match="op must be one of"):
+        F.conv2d_plan("conv2d_backward", *shapes)
+
+
+def test_weights_are_relaid_for_vector_loads_only_when_needed():
+    # K = 3*11*11 = 363 is not a multiple of 4: conv2d_weight_rows_v2 writes a zero-padded copy
+    # (the kernel reads 4 floats at a time); K = 2*2*2 = 8 is used in place, when 16-byte aligned.
+    rng = np.random.default_rng(0)
+    g = conv_module._geometry((1, 3, 12, 12), (2, 3, 11, 11), 1, 0, 1)
+    weight = to_device(rng.standard_normal((2, 3, 11, 11)).astype(np.float32), "emu")
+    relaid, pitch = conv_gemm._weight_rows(weight, g, (0, 1, 11), (0, 1, 11), transpose=False)
+    assert pitch == 364 and conv_gemm._address(relaid) % 16 == 0
+    np.testing.assert_array_equal(to_numpy(relaid)[:, :363], to_numpy(weight).reshape(2, 363))
+    assert not to_numpy(relaid)[:, 363:].any()
+    g8 = conv_module._geometry((1, 2, 4, 4), (2, 2, 2, 2), 1, 0, 1)
+    square = to_device(rng.standard_normal((2, 2, 2, 2)).astype(np.float32), "emu")
+    same, _ = conv_gemm._weight_rows(square, g8, (0, 1, 2), (0, 1, 2), transpose=False)
+    assert np.shares_memory(same, square) == (conv_gemm._address(square) % 16 == 0)
+    # Backward-data's phase (taps i = 1, j in {0, 1}) of the transposed weight: [ci][co*2 + t].
+    phase, pitch = conv_gemm._weight_rows(square, g8, (1, 1, 1), (0, 1, 2), transpose=True)
+    expected = to_numpy(square)[:, :, 1, :].transpose(1, 0, 2).reshape(2, 4)
+    assert pitch == 4
+    np.testing.assert_array_equal(to_numpy(phase), expected)

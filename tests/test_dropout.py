@@ -46,6 +46,27 @@ def test_same_output_on_every_device(device, rng, p):
     np.testing.assert_array_equal(to_numpy(grad), np.where(keep, g * np.float32(1 / (1 - p)), np.float32(0)))
 
 
+def test_dropped_nan_and_inf_become_nan_as_in_torch(device):
+    # PyTorch multiplies by the scaled mask: a dropped NaN or inf is NaN (0 * NaN, 0 * inf), a
+    # dropped negative -0. Every device computes exactly x * (keep * scale), bit for bit.
+    torch = pytest.importorskip("torch")
+    values = np.array([np.nan, np.inf, -np.inf, -2.5, 0.0, -0.0, 3.0, 1e38], np.float32)
+    x = np.tile(values, 40)
+    p, seed = 0.5, 4242
+    keep = ref_keep(x.size, p, seed)
+    assert keep.any() and not keep.all()
+    with np.errstate(invalid="ignore"):
+        want = x * (keep * np.float32(1 / (1 - p))).astype(np.float32)
+    for op in (lambda a: F.dropout(a, p, seed=seed), lambda a: F.dropout_backward(a, p, seed)):
+        got = to_numpy(op(to_device(x, device)))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isnan(to_numpy(F.dropout(to_device(x, device), p, seed=seed))[~keep & ~np.isfinite(x)]).all()
+    nan = np.full(64, np.nan, np.float32)
+    assert torch.isnan(torch.nn.functional.dropout(torch.tensor(nan), p)).all()  # the oracle's rule
+    assert np.isnan(to_numpy(F.dropout(to_device(nan, device), p, seed=seed))).all()
+    assert np.isnan(to_numpy(F.dropout(to_device(nan, device), 1.0, seed=seed))).all()
+
+
 def test_non_contiguous_input_uses_c_order_index(device, rng):
     x = rng.standard_normal((6, 5)).astype(np.float32)
     out = F.dropout(to_device(x, device).T, 0.5, seed=7)
@@ -106,6 +127,18 @@ def test_matches_torch_statistics():
     theirs = torch.nn.functional.dropout(torch.tensor(x), 0.4).numpy()
     np.testing.assert_array_equal(np.unique(ours), np.unique(theirs))  # the same {0, 1/(1-p)} in float32
     assert abs((ours == 0).mean() - (theirs == 0).mean()) < 6 * np.sqrt(2 * 0.24 / x.size)
+
+
+def test_dropout_layer_with_p_1_zeros_output_and_gradient_as_torch(device, rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    theirs = torch.nn.Dropout(1.0)(torch.tensor(x, requires_grad=True))
+    layer = gpuconv.nn.Dropout(1.0)
+    out = layer(to_device(x, device))
+    np.testing.assert_array_equal(to_numpy(out), theirs.detach().numpy())
+    np.testing.assert_array_equal(to_numpy(layer.backward(to_device(np.ones_like(x), device))), np.zeros_like(x))
+    assert repr(layer) == "Dropout(p=1.0)"
+    np.testing.assert_array_equal(to_numpy(layer.eval()(to_device(x, device))), x)
 
 
 def test_argument_errors(rng):

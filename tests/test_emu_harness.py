@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuconv import emu
+from gpuconv import emu, emu_racecheck
 
 KERNELS = Path(__file__).with_name("emu_kernels")
 HARNESS = KERNELS / "harness.cu"
@@ -125,15 +125,20 @@ def test_random_order_is_reproducible_from_its_seed(harness):
     assert not np.array_equal(ranks(11), ranks(12))
 
 
-def test_order_from_the_environment(monkeypatch):
-    monkeypatch.setenv(emu.ORDER_ENV, "random:42")
-    assert emu.current_order() == ("random", 42)
-    with emu.thread_order("reverse"):
-        assert emu.current_order() == ("reverse", 0)
-    monkeypatch.setenv(emu.ORDER_ENV, "sideways")
-    with pytest.raises(ValueError, match="GPUCONV_EMU_ORDER"):
-        emu.current_order()
-    with pytest.raises(ValueError, match="order"), emu.thread_order("sideways"):
+@pytest.mark.parametrize(
+    "variable, statement, current",
+    [(emu.ORDER_ENV, emu.thread_order, emu.current_order), (emu.BLOCK_ORDER_ENV, emu.block_order, emu.current_block_order)],
+    ids=["threads", "blocks"],
+)
+def test_order_from_the_environment(monkeypatch, variable, statement, current):
+    monkeypatch.setenv(variable, "random:42")
+    assert current() == ("random", 42)
+    with statement("reverse"):
+        assert current() == ("reverse", 0)
+    monkeypatch.setenv(variable, "sideways")
+    with pytest.raises(ValueError, match=variable):
+        current()
+    with pytest.raises(ValueError, match="order"), statement("sideways"):
         pass
 
 
@@ -469,3 +474,149 @@ def test_fiber_stacks_keep_the_abi_alignment(intrinsics, order):
     ok = np.zeros(64, np.int32)
     run(intrinsics, "stack_alignment", (1, 1, 1), (64, 1, 1), ok)
     np.testing.assert_array_equal(ok, 1)
+
+
+# --- block order (tests/emu_kernels/races.cu) ---
+
+
+@pytest.fixture(scope="module")
+def races():
+    return emu.module_for(KERNELS / "races.cu")
+
+
+def block_ranks(races, order, seed=0, grid=(2, 3, 4)):
+    counter, rank = np.zeros(1, np.int32), np.zeros(int(np.prod(grid)), np.int32)
+    with emu.block_order(order, seed=seed):
+        run(races, "block_rank", grid, (4, 1, 1), counter, rank)
+    return rank
+
+
+def test_blocks_run_in_the_chosen_order(races):
+    n = 24
+    np.testing.assert_array_equal(block_ranks(races, "forward"), np.arange(n))
+    np.testing.assert_array_equal(block_ranks(races, "reverse"), np.arange(n)[::-1])
+    shuffled = block_ranks(races, "random", seed=5)
+    assert sorted(shuffled) == list(range(n)) and not np.array_equal(shuffled, np.arange(n))
+    np.testing.assert_array_equal(block_ranks(races, "random", seed=5), shuffled)
+    assert not np.array_equal(block_ranks(races, "random", seed=6), shuffled)
+    assert sorted(block_ranks(races, "random", seed=1, grid=(1000, 1, 1))) == list(range(1000))
+
+
+def test_block_reading_another_blocks_write_shows_in_reverse_block_order(races):
+    x = np.arange(32, dtype=np.float32)
+    results = {}
+    for order in ("forward", "reverse"):
+        data, out = np.zeros(32, np.float32), np.zeros(32, np.float32)
+        with emu.block_order(order):
+            run(races, "neighbour_block_read", (2, 1, 1), (32, 1, 1), x, data, out)
+        results[order] = out
+    np.testing.assert_array_equal(results["forward"], x + 1)  # the old, fixed order hid the defect
+    np.testing.assert_array_equal(results["reverse"], 0)
+
+
+def test_float_atomic_sum_depends_on_block_order(races):
+    x = np.array([1e8, 1, -1e8, 1, 1, 1, 1, 1], np.float32)
+    sums = set()
+    for order, seed in [("forward", 0), ("reverse", 0), ("random", 5)]:
+        total = np.zeros(1, np.float32)
+        with emu.block_order(order, seed=seed):
+            run(races, "float_atomic_sum", (8, 1, 1), (1, 1, 1), x, total)
+        sums.add(float(total[0]))
+    assert len(sums) > 1, "a float atomicAdd reduction gave one answer in every block order"
+
+
+# --- the race detector ---
+
+needs_tsan = pytest.mark.skipif(not emu_racecheck.available(), reason="no ThreadSanitizer runtime (libtsan)")
+
+
+@pytest.fixture
+def racecheck():
+    with emu.racecheck():
+        yield
+
+
+@needs_tsan
+@pytest.mark.parametrize("order", ORDERS)
+def test_missing_barrier_in_tree_reduction_is_caught_in_every_thread_order(harness, order, rng):
+    x = rng.standard_normal(256).astype(np.float32)
+    out = np.zeros(2, np.float32)
+    pattern = (r"kernel block_sum_no_sync: data race on dynamic shared memory, byte \d+: .* by block \(\d,0,0\) "
+               r"thread \(\d+,0,0\) at emu_kernels/harness\.cu:71 .* at emu_kernels/harness\.cu:71")
+    with emu.thread_order(order, seed=7), emu.racecheck(), pytest.raises(emu.EmuRaceError, match=pattern):
+        run(harness, "block_sum_no_sync", (2, 1, 1), (128, 1, 1), x, out, np.int32(x.size), shared_mem=128 * 4)
+    np.testing.assert_array_equal(out, 0)  # a failed launch leaves the arrays as they were
+
+
+@needs_tsan
+def test_race_free_kernels_pass_the_race_detector(harness, races, racecheck, rng):
+    x = rng.standard_normal(256).astype(np.float32)
+    out = np.zeros(2, np.float32)
+    run(harness, "block_sum", (2, 1, 1), (128, 1, 1), x, out, np.int32(x.size), shared_mem=128 * 4)
+    np.testing.assert_allclose(out, block_sums_loops(x, 128), rtol=1e-5, atol=1e-5)
+    a = rng.standard_normal((17, 33)).astype(np.float32)
+    b = rng.standard_normal((33, 19)).astype(np.float32)
+    np.testing.assert_allclose(run_matmul(harness, "matmul_tiled", a, b), matmul_loops(a, b), rtol=1e-5, atol=1e-5)
+    total = np.zeros(1, np.float32)
+    run(harness, "warp_sum", (2, 1, 1), (64, 1, 1), x, total, np.int32(100))
+    np.testing.assert_allclose(total[0], sum(float(v) for v in x[:100]), rtol=1e-5, atol=1e-5)
+    ints, itotal = np.arange(150, dtype=np.int32), np.zeros(1, np.int32)
+    run(races, "block_sum_atomic_total", (3, 1, 1), (64, 1, 1), ints, itotal, np.int32(150), shared_mem=64 * 4)
+    assert itotal[0] == ints.sum()
+    exchanged = np.zeros(64, np.int32)
+    run(races, "warp_exchange", (1, 1, 1), (64, 1, 1), np.arange(64, dtype=np.int32), exchanged)
+    np.testing.assert_array_equal(exchanged, np.arange(64) ^ 1)
+
+
+@needs_tsan
+@pytest.mark.parametrize(
+    "kernel, grid, block, make_args, pattern",
+    [
+        ("neighbour_block_read", 2, 32, lambda: (np.arange(32, dtype=np.float32), np.zeros(32, np.float32),
+                                                 np.zeros(32, np.float32)),
+         r"global memory, parameter data \(float\*, 32 elements\) at element \d+ .*read of 4 bytes by block \(1,0,0\) "
+         r"thread \(\d+,0,0\) at emu_kernels/races\.cu:31 and an earlier write of 4 bytes by block \(0,0,0\) "
+         r"thread \(\d+,0,0\) at emu_kernels/races\.cu:30"),
+        ("shared_counter_plain_add", 1, 64, lambda: (np.zeros(1, np.int32),),
+         r"shared memory \(shared_counter_plain_add::count\).*races\.cu:54 .*races\.cu:54"),
+        ("unsynchronised_flag", 1, 64, lambda: (np.zeros(1, np.int32),),
+         r"shared memory \(unsynchronised_flag::flag\): read .* thread \(32,0,0\) at emu_kernels/races\.cu:70 .*"
+         r"write .* thread \(0,0,0\) at emu_kernels/races\.cu:68"),
+    ],
+    ids=["between-blocks", "plain-add-in-shared", "syncwarp-across-warps"],
+)
+def test_race_is_reported_with_lines_blocks_and_threads(races, racecheck, kernel, grid, block, make_args, pattern):
+    with pytest.raises(emu.EmuRaceError, match=f"kernel {kernel}: data race on {pattern}"):
+        run(races, kernel, grid, block, *make_args())
+
+
+@needs_tsan
+def test_each_launch_is_checked_afresh(races, racecheck):
+    # TSan reports a pair of lines once per process: the worker that found one is replaced.
+    for _ in range(2):
+        with pytest.raises(emu.EmuRaceError):
+            run(races, "shared_counter_plain_add", 1, 64, np.zeros(1, np.int32))
+
+
+@needs_tsan
+def test_other_errors_still_raise_under_the_race_detector(harness, racecheck):
+    with pytest.raises(emu.EmuSyncError, match="barrier divergence"):
+        run(harness, "early_return_before_barrier", (1, 1, 1), (64, 1, 1), np.zeros(64, np.float32))
+    y = np.zeros(32, np.float32)
+    # A fault ends the worker; the launch runs again without TSan, whose guard pages name it.
+    with pytest.raises(emu.EmuMemoryError, match=r"after the end of parameter y .*thread \(31, 0, 0\)"):
+        run(harness, "out_of_bounds_write", (1, 1, 1), (32, 1, 1), np.ones(32, np.float32), y, np.int32(32), np.int32(1))
+    np.testing.assert_array_equal(y, 0)
+    x = np.arange(16, dtype=np.float32)  # aliased arguments stay aliased in the worker
+    run(harness, "out_of_bounds_write", (1, 1, 1), (16, 1, 1), x, x, np.int32(16), np.int32(0))
+    np.testing.assert_array_equal(x, np.arange(16))
+
+
+def test_racecheck_from_the_environment(monkeypatch):
+    monkeypatch.setenv(emu.RACECHECK_ENV, "1")
+    assert emu.racecheck_enabled()
+    with emu.racecheck(False):
+        assert not emu.racecheck_enabled()
+    monkeypatch.setenv(emu.RACECHECK_ENV, "maybe")
+    with pytest.raises(ValueError, match="GPUCONV_EMU_RACECHECK"):
+        emu.racecheck_enabled()

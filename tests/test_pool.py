@@ -200,29 +200,103 @@ def _random_configs(rng, count):
     return configs
 
 
-def test_matches_torch_forward_and_autograd(rng):
+def _check_against_torch(x, k, s, p, ceil_mode, g, device="cpu", atol=1e-6):
+    """Values, indices and gradients of both poolings on ``device`` against PyTorch's CPU autograd;
+    ``atol`` for the averages (scale it with 1 / window area: a huge window's averages are tiny)."""
     torch = pytest.importorskip("torch")
     tf = torch.nn.functional
+    shape = x.shape
+    xt = torch.tensor(x, requires_grad=True)
+    want, want_idx = tf.max_pool2d(xt, k, s, p, ceil_mode=ceil_mode, return_indices=True)
+    out, idx = F.max_pool2d(to_device(x, device), k, s, p, ceil_mode, return_indices=True)
+    assert F.pool2d_output_size(shape[2:], k, s, p, ceil_mode) == tuple(want.shape[2:])
+    np.testing.assert_array_equal(to_numpy(out), want.detach().numpy())
+    np.testing.assert_array_equal(to_numpy(idx), want_idx.numpy())
+    want.backward(torch.tensor(g))
+    grad = F.max_pool2d_backward(to_device(g, device), idx, shape, k, s, p, ceil_mode)
+    np.testing.assert_allclose(to_numpy(grad), xt.grad.numpy(), atol=1e-6)
+
+    for count_include_pad in (True, False):
+        xt.grad = None
+        want = tf.avg_pool2d(xt, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+        out = F.avg_pool2d(to_device(x, device), k, s, p, ceil_mode, count_include_pad)
+        np.testing.assert_allclose(to_numpy(out), want.detach().numpy(), rtol=1e-5, atol=atol)
+        want.backward(torch.tensor(g))
+        grad = F.avg_pool2d_backward(to_device(g, device), shape, k, s, p, ceil_mode, count_include_pad)
+        np.testing.assert_allclose(to_numpy(grad), xt.grad.numpy(), rtol=1e-5, atol=atol)
+
+
+def test_matches_torch_forward_and_autograd(rng):
     for shape, k, s, p, ceil_mode in _random_configs(rng, 40):
         x = _input(rng, shape, ties=bool(rng.integers(2)))
-        xt = torch.tensor(x, requires_grad=True)
-        want, want_idx = tf.max_pool2d(xt, k, s, p, ceil_mode=ceil_mode, return_indices=True)
-        out, idx = F.max_pool2d(x, k, s, p, ceil_mode, return_indices=True)
-        assert F.pool2d_output_size(shape[2:], k, s, p, ceil_mode) == tuple(want.shape[2:])
-        np.testing.assert_array_equal(out, want.detach().numpy())
-        np.testing.assert_array_equal(idx, want_idx.numpy())
-        g = rng.standard_normal(out.shape).astype(np.float32)
-        want.backward(torch.tensor(g))
-        np.testing.assert_allclose(F.max_pool2d_backward(g, idx, shape, k, s, p, ceil_mode), xt.grad.numpy(), atol=1e-6)
+        out_shape = (*shape[:2], *F.pool2d_output_size(shape[2:], k, s, p, ceil_mode))
+        _check_against_torch(x, k, s, p, ceil_mode, rng.standard_normal(out_shape).astype(np.float32))
 
-        for count_include_pad in (True, False):
-            xt.grad = None
-            want = tf.avg_pool2d(xt, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
-            np.testing.assert_allclose(F.avg_pool2d(x, k, s, p, ceil_mode, count_include_pad), want.detach().numpy(),
-                                       rtol=1e-5, atol=1e-6)
-            want.backward(torch.tensor(g))
-            grad = F.avg_pool2d_backward(g, shape, k, s, p, ceil_mode, count_include_pad)
-            np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+# Windows far larger than the input: a window and its padding cover more than 2^31 positions
+# (46342^2 > 2^31, the sign of an int32 area flips), a ceil_mode window starting past the input
+# with a stride larger than the input, and big windows over a few pixels. PyTorch answers each at
+# once; so must every device (the CPU without materialising the padded plane).
+HUGE_WINDOWS = [
+    ((1, 1, 1, 1), 46342, None, 23171, False),
+    ((1, 2, 1, 1), 46342, 1, 23171, False),
+    ((1, 1, 1, 1), 2_000_000, 500_000, 1_000_000, True),
+    ((2, 1, 3, 4), (46342, 5), (3, 2), (23171, 2), True),
+    ((1, 2, 5, 3), (40_001, 3), (7, 1), (20_000, 1), False),
+]
+
+
+@pytest.mark.parametrize("shape,k,s,p,ceil_mode", HUGE_WINDOWS, ids=["46342-1x1", "46342-s1", "ceil-stride-past-input",
+                                                                 "46342x5-ceil", "40001x3"])
+def test_windows_larger_than_2_31_positions_match_torch(device, rng, shape, k, s, p, ceil_mode):
+    x = _input(rng, shape, ties=False)
+    out_shape = (*shape[:2], *F.pool2d_output_size(shape[2:], k, s, p, ceil_mode))
+    area = np.prod(np.broadcast_to(k, 2), dtype=np.float64)
+    _check_against_torch(x, k, s, p, ceil_mode, rng.standard_normal(out_shape).astype(np.float32), device, 1e-6 / area)
+
+
+def test_cpu_cost_follows_input_and_output_not_the_padded_plane():
+    # A 2e9 x 2e9 window on one pixel: padding the plane (16 EB) or looping over the window's
+    # offsets would never finish; PyTorch answers at once, with the divisor in 64 bits.
+    torch = pytest.importorskip("torch")
+    x = np.full((1, 1, 1, 1), 3.0, np.float32)
+    k, p = 2_000_000_000, 1_000_000_000
+    want = torch.nn.functional.avg_pool2d(torch.tensor(x), k, 1, p).numpy()
+    np.testing.assert_allclose(F.avg_pool2d(x, k, 1, p), want, rtol=1e-6)
+    assert want.ravel()[0] > 0
+    out, idx = F.max_pool2d(x, k, 1, p, return_indices=True)
+    assert out.shape == (1, 1, 2, 2) and (out == 3).all() and (idx == 0).all()
+    np.testing.assert_allclose(F.avg_pool2d_backward(np.ones((1, 1, 2, 2), np.float32), x.shape, k, 1, p),
+                               [[[[4 / k**2]]]], rtol=1e-6)
+
+
+def test_kernels_refuse_a_window_they_cannot_be_told():
+    # As PyTorch ("value cannot be converted to type int without overflow"); the CPU path has no limit.
+    from gpuconv.device import EmuArray
+
+    x = np.zeros((1, 1, 1, 1), np.float32).view(EmuArray)
+    with pytest.raises(ValueError, match=r"kernel_size=\(4000000001, 4000000001\) and stride=.* must be below 2\^31"):
+        F.avg_pool2d(x, 4_000_000_001, 1, 2_000_000_000)
+
+
+def test_bad_indices_name_indices_and_the_shapes(device):
+    x = to_device(np.arange(32, dtype=np.float32).reshape(1, 2, 4, 4), device)
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    with pytest.raises(TypeError, match="indices must be the int32 array max_pool2d returned, got list"):
+        F.max_pool2d_backward(out, to_numpy(idx).tolist(), x.shape, 2)
+    with pytest.raises(ValueError, match=r"indices must be int32 of grad_output's shape \(1, 2, 2, 2\), "
+                                         r"got int64 of shape \(1, 2, 2, 2\)"):
+        F.max_pool2d_backward(out, idx.astype(np.int64), x.shape, 2)
+    with pytest.raises(ValueError, match=r"got int32 of shape \(2, 2, 2\)"):
+        F.max_pool2d_backward(out, idx[0], x.shape, 2)
+    if device != "cpu":
+        return
+    for bad in (-1, 16):
+        wrong = idx.copy()
+        wrong[0, 1, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"indices of shape \(1, 2, 2, 2\) must be in-plane positions in "
+                                             rf"\[0, 16\) for input_shape \(1, 2, 4, 4\), got values in \[{min(bad, 5)}, {max(bad, 15)}\]"):
+            F.max_pool2d_backward(out, wrong, x.shape, 2)
 
 
 @pytest.mark.parametrize("op", ["max", "avg-include-pad", "avg-exclude-pad"])

@@ -295,9 +295,16 @@ def training_cases(groups, epoch: bool) -> list[Case]:
 SECTIONS = (
     lambda models, epoch: kernel_cases(["convnet-benchmarks"]),
     lambda models, epoch: training_cases(models, epoch=False),
+    lambda models, epoch: _host_cases(models),
     lambda models, epoch: kernel_cases(models),
     lambda models, epoch: [c for c in training_cases(models, epoch) if c.op == "epoch"],
 )
+
+
+def _host_cases(models) -> list[Case]:
+    from .host import host_cases  # host.py builds on this module
+
+    return host_cases(models)
 
 
 def all_cases(models, epoch: bool) -> list[Case]:

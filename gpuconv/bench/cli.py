@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..runs import RunDirectoryError, RunLock
 from . import machine
 from .cases import DEFAULT_CPU_BATCH, EPOCH_IMAGES, QUICK_CPU_BATCH, Case, all_cases, floors_markdown
 from .contenders import contenders_for
@@ -145,15 +146,27 @@ def main(argv=None) -> int:
         default = "unset (--in-process)" if args.in_process else OPENBLAS_THREAD_TIMEOUT
         info["openblas_thread_timeout"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT", default)
     out = args.out or (DEFAULT_RUNS / args.name if args.name else _default_out(info))
+    lock = RunLock(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # two runs rewriting one report would each lose the other's rows
+    except RunDirectoryError as exc:
+        print(f"gpuconv bench: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"gpuconv bench: cannot write to --out {out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    print(f"gpuconv bench: {len(pairs)} rows of {len(cases)} cases, contenders: "
-          f"{', '.join(c.name for c in entrants)}; writing to {out}")
-    print("\n".join(header_lines(info, {}, missing)), flush=True)
+    try:
+        print(f"gpuconv bench: {len(pairs)} rows of {len(cases)} cases, contenders: "
+              f"{', '.join(c.name for c in entrants)}; writing to {out}")
+        print("\n".join(header_lines(info, {}, missing)), flush=True)
+        return _run(plan(pairs), argv, args, info, cases, missing, out, began)
+    finally:
+        lock.release()
 
+
+def _run(jobs, argv, args, info, cases, missing, out: Path, began: float) -> int:
+    """Run the jobs, rewriting the reports as rows come in; the summary's exit status."""
     charted = [time.monotonic()]
 
     def write(final: bool = False):
@@ -164,7 +177,6 @@ def main(argv=None) -> int:
 
     collector = Collector({c.name: c for c in cases}, write)
     deadline = began + args.time_budget if args.time_budget is not None else None
-    jobs = plan(pairs)
     try:
         if args.in_process:
             run_in_process(jobs, args, info, deadline, collector)

@@ -22,6 +22,8 @@ from .workloads import Workload, gpuconv_op, torch_op
 BENCHMARKED_OPS = (*Conv.ops, "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
                    "avg_pool2d_backward", *Relu.ops, *LRN.ops)
 BASELINE_VERSION_OPS = Conv.ops  # version 0: im2col + matmul (CuPy + cuBLAS on 'cuda')
+HOST_OP = "host_step"  # the host-path case (host.py), which only its own contenders run
+HOST_REFERENCE = "torch cpu batch 1"  # its PyTorch reference
 
 NUMPY = "numpy"
 TORCH_REFERENCE = {"cpu": "torch cpu (oneDNN)", "cuda": "torch cuda fp32 (cuDNN)"}
@@ -95,22 +97,29 @@ class Contender:
 
 class Gpuconv(Contender):
     """gpuconv's functional API: the NumPy path on 'cpu', our kernels on 'cuda'. ``versions``
-    forces a kernel version per op (only those ops run); ``exclude`` leaves ops out."""
+    forces a kernel version per op (only those ops run); ``exclude`` leaves ops out;
+    ``precision`` (a ``set_float32_matmul_precision`` name) runs the convolutions alone at it."""
 
-    def __init__(self, device: str, label: str = NUMPY, versions=None, exclude=()):
+    def __init__(self, device: str, label: str = NUMPY, versions=None, exclude=(), precision=None):
         self.device, self.name = device, label
         self.versions, self.exclude = dict(versions or {}), frozenset(exclude)
+        self.precision = precision
 
     def available(self):
         return (True, "") if self.device == "cpu" else machine.cuda_status()
 
     def applies(self, case):
+        if self.precision:
+            return case.op in Conv.ops
         if self.versions:
             return case.op in self.versions
-        return case.op not in self.exclude
+        return case.op not in self.exclude and case.op != HOST_OP
 
+    @contextlib.contextmanager
     def selected_for(self, case):
-        return environ(f"GPUCONV_KERNEL_{case.op.upper()}", self.versions.get(case.op))
+        with environ(f"GPUCONV_KERNEL_{case.op.upper()}", self.versions.get(case.op)), \
+                environ("GPUCONV_FLOAT32_MATMUL_PRECISION", self.precision):
+            yield
 
     def sync(self):
         if self.device == "cuda":
@@ -122,7 +131,17 @@ class Gpuconv(Contender):
     def workload(self, case, rng):
         if isinstance(case.spec, TrainStep):
             return gpuconv_train(case, self.device, rng)
-        return Workload(*gpuconv_op(case, self.device, rng))
+        return Workload(*gpuconv_op(case, self.device, rng), extra=self._plan(case))
+
+    def _plan(self, case):
+        """For a conv row on 'cuda': the kernel the shape runs and its useful share of multiply-adds."""
+        if self.device != "cuda" or not isinstance(case.spec, Conv):
+            return None
+        from ..functional import conv2d_plan
+
+        s = case.spec
+        plan = conv2d_plan(case.op, (s.batch, *s.in_chw), s.weight_shape, s.stride, s.padding, s.dilation)
+        return {"kernel": plan.kernel_text, "useful_macs": round(plan.useful, 3)}
 
 
 class Torch(Contender):
@@ -131,6 +150,9 @@ class Torch(Contender):
     def __init__(self, device: str, tf32: bool = False):
         self.device, self.tf32 = device, tf32
         self.name = TORCH_REFERENCE[device] if not tf32 else "torch cuda tf32 (cuDNN)"
+
+    def applies(self, case):
+        return case.op != HOST_OP  # the host-path case has its own PyTorch reference (host.py)
 
     def available(self):
         try:
@@ -187,14 +209,18 @@ class Torch(Contender):
 def contenders_for(device_choice: str) -> list[Contender]:
     """The contenders of ``--device`` ('cpu', 'cuda' or 'all'), in the order their rows are shown;
     on 'cuda' one row per registered kernel version of every op that has more than one."""
+    from .host import host_contenders  # host.py builds on this module
+
     chosen = []
     if device_choice in ("cpu", "all"):
-        chosen += [Gpuconv("cpu"), Torch("cpu")]
+        chosen += [Gpuconv("cpu"), Torch("cpu"), *host_contenders()]
     if device_choice in ("cuda", "all"):
         several = {op: v for op, v in kernel_versions().items() if len(v) > 1}
         chosen.append(Gpuconv("cuda", "gpuconv cuda", exclude=several))
         for n in sorted(set().union(*several.values())):
             label = "gpuconv cuda v0 (im2col+cuBLAS)" if n == 0 else f"gpuconv cuda v{n}"
             chosen.append(Gpuconv("cuda", label, versions={op: n for op, v in several.items() if n in v}))
+        chosen += [Gpuconv("cuda", "gpuconv cuda tf32 (tensor cores)", precision="high"),
+                   Gpuconv("cuda", "gpuconv cuda bf16 (tensor cores)", precision="medium")]
         chosen += [Torch("cuda", tf32=False), Torch("cuda", tf32=True)]
     return chosen

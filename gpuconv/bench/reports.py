@@ -6,30 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from ..data import atomic_write
 from .machine import has_gpu_info
 from .rows import Row, annotate
-
-
-def atomic_write(path: Path, data) -> None:
-    """Write ``data`` (str or bytes, or a callable writing to a binary file object) to ``path``
-    through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def fmt_time(seconds: float) -> str:
@@ -179,8 +160,10 @@ def write_reports(out: Path, info: dict, peaks: dict, rows: list[Row], chart: bo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     annotate(rows, peaks)
-    atomic_write(out / "results.md", markdown(info, peaks, rows, missing, problems))
-    atomic_write(out / "results.json", json.dumps(to_json(info, peaks, rows, missing, problems), indent=1) + "\n")
+    text = markdown(info, peaks, rows, missing, problems)
+    atomic_write(out / "results.md", lambda f: f.write(text.encode()))
+    data = json.dumps(to_json(info, peaks, rows, missing, problems), indent=1) + "\n"
+    atomic_write(out / "results.json", lambda f: f.write(data.encode()))
     if not chart:
         return
     import matplotlib.pyplot as plt

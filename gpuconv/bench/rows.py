@@ -12,7 +12,7 @@ import numpy as np
 
 from . import machine
 from .cases import Case, TrainStep
-from .contenders import NUMPY, TORCH_REFERENCE, Contender
+from .contenders import HOST_OP, HOST_REFERENCE, NUMPY, TORCH_REFERENCE, Contender
 from .timing import Stats, buffer_sets, nbytes, summarize, time_calls
 
 
@@ -103,7 +103,8 @@ def annotate(rows: list[Row], peaks: dict) -> None:
         peak = peaks.get(row.device)
         if peak:
             row.pct_peak = 100 * row.achieved / (peak["flops"] if row.case.bound == "flop" else peak["bytes_per_s"])
-        reference = by_key.get((row.case.name, TORCH_REFERENCE.get(row.device)))
+        torch_name = HOST_REFERENCE if row.case.op == HOST_OP else TORCH_REFERENCE.get(row.device)
+        reference = by_key.get((row.case.name, torch_name))
         if reference is not None and reference is not row:
             row.vs_torch = reference.per_image / row.per_image
         if row.device == "cuda":

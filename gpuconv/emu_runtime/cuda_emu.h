@@ -7,7 +7,8 @@
 //
 // * Every thread of a block is a fiber with its own stack. A fiber runs until it reaches
 //   __syncthreads(), a warp intrinsic (__shfl_*_sync, __ballot_sync, __syncwarp...) or its end,
-//   then hands control back to the scheduler. Blocks run one after another.
+//   then hands control back to the scheduler. Blocks run one after another, in the launch's
+//   block order (forward, reverse or a seeded random permutation of the grid).
 // * The scheduler resumes the runnable fibers of a block once per round, in the order chosen by
 //   the launch (forward, reverse or a seeded random permutation redrawn every round), so code
 //   that forgets a barrier reads data its neighbours have not written yet in at least one order.
@@ -19,7 +20,8 @@
 // * Shared memory is poisoned with 0xFF bytes (NaN as float) before every block: static
 //   __shared__ variables live in the `emu_shared` section, dynamic shared memory in a fixed
 //   arena that gpuconv.emu points `extern __shared__ T name[]` at (the only source rewrite).
-// * Threads are cooperative, so atomics are plain read-modify-writes.
+// * Threads are cooperative, so atomics are plain read-modify-writes (real atomics under the race
+//   detector, racecheck.h, which also turns every thread into a ThreadSanitizer fiber).
 // * SIGSEGV/SIGBUS/SIGFPE raised by a kernel are caught on an alternate signal stack and turned
 //   into an error report naming the block and thread; gpuconv.emu places every array argument
 //   against guard pages, so an out-of-bounds access faults.
@@ -182,9 +184,25 @@ template <class T>
 static inline T __ldg(const T* p) { return *p; }
 
 // ---------------------------------------------------------------------------------------------
-// Atomics: fibers never interleave inside a call, so a plain read-modify-write is atomic.
+// Atomics: fibers never interleave inside a call, so a plain read-modify-write is atomic. Under
+// the race detector they are real relaxed atomics (CUDA's are relaxed too), so that TSan knows
+// them for what they are and they order nothing.
+template <class T, class Update>
+static inline T emu_atomic_update(T* p, Update update) {
+#if defined(GPUCONV_EMU_RACECHECK)
+    T old, desired;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do desired = update(old);
+    while (!__atomic_compare_exchange(p, &old, &desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+#else
+    T old = *p;
+    *p = update(old);
+    return old;
+#endif
+}
 #define EMU_ATOMIC(name, T, expr) \
-    static inline T name(T* p, T v) { T old = *p; *p = (expr); return old; }
+    static inline T name(T* p, T v) { return emu_atomic_update(p, [v](T old) { return (T)(expr); }); }
 EMU_ATOMIC(atomicAdd, int, old + v)
 EMU_ATOMIC(atomicAdd, unsigned int, old + v)
 EMU_ATOMIC(atomicAdd, unsigned long long, old + v)
@@ -213,9 +231,7 @@ EMU_ATOMIC(atomicXor, unsigned int, old ^ v)
 template <class T>
 static inline T atomicCAS(T* p, T compare, T v) {
     static_assert(std::is_integral<T>::value, "atomicCAS takes int, unsigned int or unsigned long long");
-    T old = *p;
-    if (old == compare) *p = v;
-    return old;
+    return emu_atomic_update(p, [compare, v](T old) { return old == compare ? v : old; });
 }
 
 static inline void __threadfence() { __asm__ __volatile__("" ::: "memory"); }
@@ -229,6 +245,11 @@ static inline void __threadfence_block() { __asm__ __volatile__("" ::: "memory")
 namespace emu {
 static void (*reset_thread_state)(int thread) = nullptr;
 }  // namespace emu
+
+// ---------------------------------------------------------------------------------------------
+// The race detector's hooks (empty unless GPUCONV_EMU_RACECHECK) and EMU_RUNTIME, which keeps
+// TSan's instrumentation out of the scheduler below.
+#include "racecheck.h"
 
 // ---------------------------------------------------------------------------------------------
 // Fibers and the block scheduler.
@@ -269,6 +290,9 @@ struct Report {
     unsigned int block[3];
     unsigned int thread[3];
     char message[512];
+    // Where shared memory lay in this launch, [begin, end): the race detector names it.
+    unsigned long long dynamic_shared[2];
+    unsigned long long static_shared[2];
 };
 
 // 64 KiB per thread: far more than a kernel's registers and local arrays need on a GPU.
@@ -290,12 +314,20 @@ static Report* report;
 static sigjmp_buf fault_jump;
 static int scheduler_order;
 static unsigned long long rng_state;
+static int block_order;
+static unsigned long long block_seed;
 
 }  // namespace emu
 
 // The dynamic shared memory arena; gpuconv.emu rewrites `extern __shared__ T name[];` into
 // `T* const name = reinterpret_cast<T*>(emu_dynamic_shared);`.
-static char emu_dynamic_shared[emu::kMaxDynamicShared + emu::kSharedRedzone] __attribute__((aligned(64), used));
+// The race detector maps it afresh before every block: pages of its own (racecheck.ld).
+#if defined(GPUCONV_EMU_RACECHECK)
+#define EMU_ARENA_PLACEMENT __attribute__((aligned(4096), section("emu_arena"), used))
+#else
+#define EMU_ARENA_PLACEMENT __attribute__((aligned(64), used))
+#endif
+static char emu_dynamic_shared[emu::kMaxDynamicShared + emu::kSharedRedzone] EMU_ARENA_PLACEMENT;
 // Bounds of the static __shared__ variables, provided by the linker (weak: a file may have none).
 extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
@@ -336,9 +368,10 @@ static ucontext_t scheduler_ctx;
 
 static void fiber_main();
 
-static inline void resume(Fiber* f) {
+EMU_RUNTIME static inline void resume(Fiber* f) {
     current = f;
     threadIdx = f->tid;
+    race::enter((int)(f - fibers));
 #if EMU_ASM_SWITCH
     emu_switch_context(&scheduler_sp, f->sp);
 #else
@@ -346,7 +379,8 @@ static inline void resume(Fiber* f) {
 #endif
 }
 
-static inline void yield_to_scheduler() {
+EMU_RUNTIME static inline void yield_to_scheduler() {
+    race::leave();
 #if EMU_ASM_SWITCH
     emu_switch_context(&current->sp, scheduler_sp);
 #else
@@ -354,7 +388,7 @@ static inline void yield_to_scheduler() {
 #endif
 }
 
-static void fiber_main() {
+EMU_RUNTIME static void fiber_main() {
     body(body_args);
     current->state = DONE;
     yield_to_scheduler();
@@ -362,10 +396,12 @@ static void fiber_main() {
 }
 
 static void fail_in_fiber(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail_in_fiber(int code, const char* fmt, ...) {
+EMU_RUNTIME static void fail_in_fiber(int code, const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    race::ignore_begin();  // the report is the scheduler's, not kernel memory
     vsnprintf(report->message, sizeof report->message, fmt, ap);
+    race::ignore_end();
     va_end(ap);
     report->code = code;
     current->state = FAILED;
@@ -374,7 +410,7 @@ static void fail_in_fiber(int code, const char* fmt, ...) {
 }
 
 // A fresh fiber starts in fiber_main on the top of its stack.
-static void prepare_fiber(Fiber* f, int index) {
+EMU_RUNTIME static void prepare_fiber(Fiber* f, int index) {
     char* top = stack_pool + (size_t)(index + 1) * (kStackBytes + page_bytes);
 #if EMU_ASM_SWITCH
     // emu_switch_context pops six registers and returns: into fiber_main, which then sees the
@@ -396,7 +432,11 @@ static void prepare_fiber(Fiber* f, int index) {
 }
 
 // Stacks live in one mapping, reused across blocks and launches, each above a PROT_NONE page.
-static bool reserve_stacks(int count) {
+EMU_RUNTIME static void protect_stack_guards(int count) {
+    for (int i = 0; i < count; ++i) mprotect(stack_pool + (size_t)i * (kStackBytes + page_bytes), page_bytes, PROT_NONE);
+}
+
+EMU_RUNTIME static bool reserve_stacks(int count) {
     size_t slot = kStackBytes + page_bytes;
     if ((size_t)count * slot <= stack_pool_bytes) return true;
     if (stack_pool) munmap(stack_pool, stack_pool_bytes);
@@ -411,22 +451,22 @@ static bool reserve_stacks(int count) {
     }
     stack_pool = (char*)pool;
     stack_pool_bytes = bytes;
-    for (int i = 0; i < count; ++i) mprotect(stack_pool + (size_t)i * slot, page_bytes, PROT_NONE);
+    protect_stack_guards(count);
     fibers = new Fiber[count];
     return true;
 }
 
-static bool in_stack_guard(const char* address) {
+EMU_RUNTIME static bool in_stack_guard(const char* address) {
     if (!stack_pool || address < stack_pool || address >= stack_pool + stack_pool_bytes) return false;
     return (size_t)(address - stack_pool) % (kStackBytes + page_bytes) < page_bytes;
 }
 
 // --- warp intrinsics (fiber side) ---
 
-static inline int lane_of(const Fiber* f) { return (int)((f - fibers) % warpSize); }
+EMU_RUNTIME static inline int lane_of(const Fiber* f) { return (int)((f - fibers) % warpSize); }
 
 template <class T>
-static inline T warp_op(int op, unsigned int mask, T value, int arg, int width) {
+EMU_RUNTIME static inline T warp_op(int op, unsigned int mask, T value, int arg, int width) {
     static_assert(sizeof(T) <= 8, "warp intrinsics take values of at most 8 bytes");
     if (width < 1 || width > warpSize || (width & (width - 1)))
         fail_in_fiber(WARP_MISUSE, "%s: width %d is not a power of two in [1, 32]", kWarpOpNames[op], width);
@@ -450,17 +490,19 @@ static inline T warp_op(int op, unsigned int mask, T value, int arg, int width) 
 // --- the scheduler ---
 
 static void fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail(int code, const char* fmt, ...) {
+EMU_RUNTIME static void fail(int code, const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    race::ignore_begin();
     vsnprintf(report->message, sizeof report->message, fmt, ap);
+    race::ignore_end();
     va_end(ap);
     report->code = code;
 }
 
-static int linear_of(const uint3& t) { return (int)(t.x + blockDim.x * (t.y + blockDim.y * t.z)); }
+EMU_RUNTIME static int linear_of(const uint3& t) { return (int)(t.x + blockDim.x * (t.y + blockDim.y * t.z)); }
 
-static const char* state_name(int state) {
+EMU_RUNTIME static const char* state_name(int state) {
     switch (state) {
         case RUNNABLE: return "running";
         case AT_BARRIER: return "__syncthreads";
@@ -471,7 +513,7 @@ static const char* state_name(int state) {
 }
 
 // Resolves every warp intrinsic whose participants have all arrived. Returns false on misuse.
-static bool resolve_warps(int* released) {
+EMU_RUNTIME static bool resolve_warps(int* released) {
     for (int base = 0; base < fiber_count; base += warpSize) {
         Fiber* warp = fibers + base;
         int lanes = fiber_count - base < warpSize ? fiber_count - base : warpSize;
@@ -523,6 +565,7 @@ static bool resolve_warps(int* released) {
             }
             for (int m = 0; m < lanes; ++m)
                 if (group >> m & 1u) warp[m].state = RUNNABLE;
+            race::warp(base, base / warpSize, (fiber_count + warpSize - 1) / warpSize, group, present & ~exited);
             waiting &= ~group;
             *released += __builtin_popcount(group);
         }
@@ -530,7 +573,7 @@ static bool resolve_warps(int* released) {
     return true;
 }
 
-static unsigned long long next_random() {
+EMU_RUNTIME static unsigned long long next_random() {
     // splitmix64: a fixed seed gives the same schedule on every machine.
     unsigned long long z = (rng_state += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -538,7 +581,7 @@ static unsigned long long next_random() {
     return z ^ (z >> 31);
 }
 
-static void describe_waiters(char* out, size_t size, int state) {
+EMU_RUNTIME static void describe_waiters(char* out, size_t size, int state) {
     size_t used = 0;
     int shown = 0, total = 0;
     for (int i = 0; i < fiber_count; ++i) {
@@ -553,8 +596,19 @@ static void describe_waiters(char* out, size_t size, int state) {
     if (total > shown && used < size) snprintf(out + used, size - used, " and %d more", total - shown);
 }
 
-// Runs one block to completion; false (with the report filled) on a detected error.
-static bool run_block(int* order) {
+// Runs the block blockIdx to completion, its shared memory poisoned first (the static variables
+// and `poisoned` bytes of the dynamic arena); false (with the report filled) on a detected error.
+EMU_RUNTIME static bool run_block(int* order, size_t poisoned) {
+    if (!race::block_begin(stack_pool, (size_t)fiber_count * (kStackBytes + page_bytes), emu_dynamic_shared,
+                           kMaxDynamicShared + kSharedRedzone, __start_emu_shared, __stop_emu_shared, fiber_count)) {
+        fail(NO_MEMORY, "cannot map the memory of a block afresh for the race detector");
+        return false;
+    }
+    if (race::kEnabled) protect_stack_guards(fiber_count);
+    race::ignore_begin();  // the poison is the scheduler's, not a kernel access
+    if (__start_emu_shared) memset(__start_emu_shared, 0xff, (size_t)(__stop_emu_shared - __start_emu_shared));
+    memset(emu_dynamic_shared, 0xff, poisoned);
+    race::ignore_end();
     for (int i = 0; i < fiber_count; ++i) prepare_fiber(&fibers[i], i);
     for (;;) {
         if (scheduler_order == RANDOM)
@@ -587,6 +641,7 @@ static bool run_block(int* order) {
                 fibers[i].result = count;
                 fibers[i].state = RUNNABLE;
             }
+            race::barrier(fiber_count);
             continue;
         }
         char waiting[160], gone[160];
@@ -607,35 +662,63 @@ static bool run_block(int* order) {
     }
 }
 
-// Runs the blocks in order, poisoning shared memory before each, up to the first error.
-static void run_grid(int* order, size_t dynamic_shared) {
-    const size_t poisoned = dynamic_shared + kSharedRedzone;
-    const size_t static_shared = (size_t)(__stop_emu_shared - __start_emu_shared);
-    for (unsigned z = 0; z < gridDim.z; ++z)
-        for (unsigned y = 0; y < gridDim.y; ++y)
-            for (unsigned x = 0; x < gridDim.x; ++x) {
-                blockIdx = make_uint3(x, y, z);
-                if (__start_emu_shared) memset(__start_emu_shared, 0xff, static_shared);
-                memset(emu_dynamic_shared, 0xff, poisoned);
-                if (!run_block(order)) return;
-                for (size_t i = dynamic_shared; i < poisoned; ++i)
-                    if ((unsigned char)emu_dynamic_shared[i] != 0xff) {
-                        fail(SHARED_OVERRUN, "a thread wrote dynamic shared memory at byte %zu, past the %zu bytes the launch gave",
-                             i, dynamic_shared);
-                        return;
-                    }
-            }
+// The index of the k-th block to run among n: k itself, n - 1 - k, or a bijection of [0, n)
+// drawn from block_seed without storing the permutation (grids reach 2^63 blocks): a 4-round
+// Feistel network on the next power of four at or above n, walking the cycle until the value
+// falls inside [0, n) (fewer than four steps on average).
+EMU_RUNTIME static unsigned long long block_at(unsigned long long k, unsigned long long n) {
+    if (block_order == FORWARD || n < 2) return k;
+    if (block_order == REVERSE) return n - 1 - k;
+    int half = 1;
+    while (half < 32 && (1ull << (2 * half)) < n) ++half;
+    const unsigned long long mask = (1ull << half) - 1;
+    do {
+        unsigned long long left = k >> half, right = k & mask;
+        for (unsigned long long round = 0; round < 4; ++round) {
+            unsigned long long z = (right ^ (block_seed + round * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+            z = (z ^ (z >> 29)) * 0x94d049bb133111ebull;
+            unsigned long long mixed = left ^ ((z ^ (z >> 32)) & mask);
+            left = right;
+            right = mixed;
+        }
+        k = left << half | right;
+    } while (k >= n);
+    return k;
 }
 
-static void on_fault(int signal, siginfo_t* info, void*) {
+// Runs the blocks in the launch's block order, poisoning shared memory before each, up to the
+// first error.
+EMU_RUNTIME static void run_grid(int* order, size_t dynamic_shared) {
+    const size_t poisoned = dynamic_shared + kSharedRedzone;
+    const unsigned long long plane = (unsigned long long)gridDim.x * gridDim.y;
+    const unsigned long long blocks = plane * gridDim.z;
+    for (unsigned long long k = 0; k < blocks; ++k) {
+        const unsigned long long b = block_at(k, blocks);
+        blockIdx = make_uint3((unsigned)(b % gridDim.x), (unsigned)(b % plane / gridDim.x), (unsigned)(b / plane));
+        const bool ran = run_block(order, poisoned);
+        race::block_end(fiber_count);
+        if (!ran) return;
+        race::ignore_begin();  // the scheduler's look, not a kernel access
+        size_t overrun = dynamic_shared;
+        while (overrun < poisoned && (unsigned char)emu_dynamic_shared[overrun] == 0xff) ++overrun;
+        race::ignore_end();
+        if (overrun < poisoned) {
+            fail(SHARED_OVERRUN, "a thread wrote dynamic shared memory at byte %zu, past the %zu bytes the launch gave",
+                 overrun, dynamic_shared);
+            return;
+        }
+    }
+}
+
+EMU_RUNTIME static void on_fault(int signal, siginfo_t* info, void*) {
     report->signal = signal;
     report->signal_code = info->si_code;
     report->fault_address = (unsigned long long)(uintptr_t)info->si_addr;
     siglongjmp(fault_jump, 1);
 }
 
-// cfg: grid x, y, z, block x, y, z, dynamic shared bytes, order, seed.
-static int launch(const long long* cfg, void** args, void (*kernel_body)(void**), Report* out) {
+// cfg: grid x, y, z, block x, y, z, dynamic shared bytes, thread order, its seed, block order, its seed.
+EMU_RUNTIME static int launch(const long long* cfg, void** args, void (*kernel_body)(void**), Report* out) {
     static char alt_stack[64 * 1024];
     memset(out, 0, sizeof *out);
     report = out;
@@ -645,11 +728,17 @@ static int launch(const long long* cfg, void** args, void (*kernel_body)(void**)
     size_t dynamic_shared = (size_t)cfg[6];
     scheduler_order = (int)cfg[7];
     rng_state = (unsigned long long)cfg[8];
+    block_order = (int)cfg[9];
+    block_seed = (unsigned long long)cfg[10];
     fiber_count = (int)(blockDim.x * blockDim.y * blockDim.z);
     body = kernel_body;
     body_args = args;
     if (!reserve_stacks(fiber_count)) {
         fail(NO_MEMORY, "cannot map %d fiber stacks of %zu KiB", fiber_count, kStackBytes / 1024);
+        return report->code;
+    }
+    if (!race::launch_begin(fiber_count)) {
+        fail(NO_MEMORY, "cannot map the race detector's memory");
         return report->code;
     }
     for (int i = 0; i < fiber_count; ++i) {
@@ -659,6 +748,12 @@ static int launch(const long long* cfg, void** args, void (*kernel_body)(void**)
     int* order = new int[fiber_count];
     for (int i = 0; i < fiber_count; ++i) order[i] = scheduler_order == REVERSE ? fiber_count - 1 - i : i;
 
+#if defined(GPUCONV_EMU_RACECHECK)
+    // A fault under TSan ends the worker process; gpuconv.emu_racecheck then runs the launch
+    // again without the race detector, whose handler names the array and the thread.
+    run_grid(order, dynamic_shared);
+    race::launch_end();
+#else
     stack_t alt = {}, previous_alt;
     alt.ss_sp = alt_stack;
     alt.ss_size = sizeof alt_stack;
@@ -689,7 +784,12 @@ static int launch(const long long* cfg, void** args, void (*kernel_body)(void**)
 #endif
     for (int i = 0; i < 3; ++i) sigaction(signals[i], &previous[i], nullptr);
     sigaltstack(&previous_alt, nullptr);
+#endif
     delete[] order;
+    report->dynamic_shared[0] = (unsigned long long)(uintptr_t)emu_dynamic_shared;
+    report->dynamic_shared[1] = report->dynamic_shared[0] + dynamic_shared;
+    report->static_shared[0] = (unsigned long long)(uintptr_t)__start_emu_shared;
+    report->static_shared[1] = (unsigned long long)(uintptr_t)__stop_emu_shared;
     if (report->code) {
         report->block[0] = blockIdx.x; report->block[1] = blockIdx.y; report->block[2] = blockIdx.z;
         report->thread[0] = threadIdx.x; report->thread[1] = threadIdx.y; report->thread[2] = threadIdx.z;
@@ -702,7 +802,7 @@ static int launch(const long long* cfg, void** args, void (*kernel_body)(void**)
 
 // ---------------------------------------------------------------------------------------------
 // Synchronisation and warp intrinsics (device side).
-static inline int emu_block_barrier(int predicate) {
+EMU_RUNTIME static inline int emu_block_barrier(int predicate) {
     emu::Fiber* f = emu::current;
     f->value = predicate != 0;
     f->state = emu::AT_BARRIER;
@@ -745,7 +845,7 @@ static inline int __all_sync(unsigned int mask, int predicate) {
 }
 // The lanes of the warp that have not exited: the emulator keeps a warp converged between
 // intrinsics, so there is no narrower active set to report.
-static inline unsigned int __activemask() {
+EMU_RUNTIME static inline unsigned int __activemask() {
     int base = (int)(emu::current - emu::fibers) / warpSize * warpSize;
     unsigned int mask = 0;
     for (int l = 0; l < warpSize && base + l < emu::fiber_count; ++l)

@@ -1,6 +1,8 @@
 """Argument checks shared by every functional op: one wording for every error message."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..device import device_of, empty
@@ -46,6 +48,35 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
         bound = "positive" if minimum == 1 else f"at least {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return int(items[0]), int(items[1])
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int if it is a positive int (a bool or a float is a TypeError, as in torch.nn)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def probability(value, name: str = "p") -> float:
+    """``value`` as a float if it is a number in [0, 1] (NaN and bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    return float(value)
+
+
+def ieee_arithmetic(op):
+    """Run ``op`` with NumPy's floating-point warnings off: NaN and infinities go through every op
+    silently, as through PyTorch's and our kernels (an overflow is inf, 0/0 NaN, the mean of an
+    empty batch NaN), rather than as a RuntimeWarning per op. CuPy never warns."""
+    @functools.wraps(op)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return op(*args, **kwargs)
+    return quiet
 
 
 def output_array(out, name: str, shape, dtype, device: str):

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import common_device, contiguous, device_of, empty
-from ._checks import check_array
+from ._checks import check_array, ieee_arithmetic
 
 __all__ = ["relu", "tanh", "sigmoid", "relu_backward", "tanh_backward", "sigmoid_backward"]
 
@@ -34,6 +34,7 @@ def _check_pair(grad_output, output):
                          f"and {tuple(output.shape)}")
 
 
+@ieee_arithmetic
 def relu(input):
     """max(input, 0), elementwise; NaN propagates, as in PyTorch."""
     check_array(input, "input")
@@ -42,6 +43,7 @@ def relu(input):
     return _launch_map("relu_forward_v1", input)
 
 
+@ieee_arithmetic
 def tanh(input):
     """Hyperbolic tangent, elementwise."""
     check_array(input, "input")
@@ -50,13 +52,12 @@ def tanh(input):
     return _launch_map("tanh_forward_v1", input)
 
 
+@ieee_arithmetic
 def sigmoid(input):
     """1 / (1 + exp(-input)), elementwise."""
     check_array(input, "input")
     if device_of(input) == "cpu":
-        # exp(-x) overflows to inf for very negative x, and 1 / inf = 0 is the right answer.
-        with np.errstate(over="ignore"):
-            return 1 / (1 + np.exp(-input))
+        return 1 / (1 + np.exp(-input))  # exp(-x) = inf for very negative x: 1 / inf = 0 is right
     return _launch_map("sigmoid_forward_v1", input)
 
 
@@ -71,6 +72,7 @@ def select(mask, values):
     return (bits & -mask.astype(bits.dtype)).view(values.dtype)
 
 
+@ieee_arithmetic
 def relu_backward(grad_output, output):
     """Gradient of :func:`relu` w.r.t. its input, given its ``output``: grad_output where output > 0."""
     _check_pair(grad_output, output)
@@ -79,6 +81,7 @@ def relu_backward(grad_output, output):
     return _launch_map("relu_backward_v1", grad_output, output)
 
 
+@ieee_arithmetic
 def tanh_backward(grad_output, output):
     """Gradient of :func:`tanh` w.r.t. its input, given its ``output``: grad_output * (1 - output^2)."""
     _check_pair(grad_output, output)
@@ -87,6 +90,7 @@ def tanh_backward(grad_output, output):
     return _launch_map("tanh_backward_v1", grad_output, output)
 
 
+@ieee_arithmetic
 def sigmoid_backward(grad_output, output):
     """Gradient of :func:`sigmoid` w.r.t. its input, given its ``output``: grad_output * output * (1 - output)."""
     _check_pair(grad_output, output)

@@ -5,8 +5,11 @@ Two implementations of every op sit side by side:
 * im2col + one matrix product per batch chunk, written against ``array_module(x)``: the NumPy
   path on 'cpu' (float32 and float64) and kernel version 0, the library baseline, on 'cuda'
   (CuPy gather + cuBLAS) and on 'emu';
-* the implicit-GEMM CUDA kernels of ``kernels_cu/conv2d_*.cu`` (version 1, the default on 'cuda'
-  and 'emu'; ``GPUCONV_KERNEL_CONV2D_FORWARD=0`` and friends select the baseline).
+* the implicit-GEMM CUDA kernels of ``kernels_cu/conv2d_*.cu``: version 1 (64x64 tiles) and
+  version 2 (the default on 'cuda' and 'emu': the block-tile GEMM core of ``gemm_core.cuh``, with
+  a tile chosen per shape, backward-data split into stride phases, backward-filter split over K
+  with a deterministic reduction; planned in :mod:`.conv_gemm`). ``GPUCONV_KERNEL_CONV2D_FORWARD=1``
+  and friends select an older version, ``=0`` the baseline.
 
 Padding is carried as (top, left) plus the output size, never as a symmetric amount, so PyTorch's
 ``padding='same'`` with an even kernel extent (one more row at the bottom than at the top) is the
@@ -14,6 +17,7 @@ same code path as every other padding.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,10 +27,10 @@ from .. import kernels
 from ..device import array_module, common_device, contiguous, device_of, empty, zero_, zeros
 from ..precision import resolve as resolve_precision
 from ..precision import round_operand
-from . import conv_tensorcore
-from ._checks import check_array, check_same_dtype, output_array, pair
+from . import conv_gemm, conv_tensorcore
+from ._checks import check_array, check_same_dtype, ieee_arithmetic, output_array, pair
 
-__all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size"]
+__all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size", "conv2d_plan"]
 
 # Largest im2col buffer one chunk of the batch may materialise; the batch is split to stay under it.
 IM2COL_BUDGET_BYTES = 256 * 2**20
@@ -99,8 +103,22 @@ def _resolve_padding(kernel, stride, padding, dilation) -> tuple[tuple[int, int]
     return (pad_h, pad_h), (pad_w, pad_w)
 
 
+def check_padding(kernel_size, stride, padding, dilation) -> None:
+    """Refuse a ``padding`` that no input size could make valid, as torch.nn.Conv2d does at construction."""
+    _resolve_padding(kernel_size, stride, padding, dilation)
+
+
 def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
-    """Check that the sizes make a convolution and compute its output size."""
+    """Check that the sizes make a convolution and compute its output size (once per shape)."""
+    key = (tuple(input_shape), tuple(weight_shape), stride, padding, dilation)
+    try:
+        # The types too: stride=True equals 1 as a key, but is refused where 1 is not.
+        return _cached_geometry(tuple(map(type, key[2:])), *key)
+    except TypeError:  # a list among the arguments: not hashable, so not cached
+        return _compute_geometry(*key)
+
+
+def _compute_geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
     batch, c_in, height, width = input_shape
     c_out, w_in, kernel_h, kernel_w = weight_shape
     if w_in != c_in:
@@ -108,8 +126,9 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry
             f"weight {tuple(weight_shape)} (OIHW) expects {w_in} input channels, but input "
             f"{tuple(input_shape)} (NCHW) has {c_in}"
         )
-    if min(weight_shape) < 1 or min(input_shape) < 1:
-        raise ValueError(f"input {tuple(input_shape)} and weight {tuple(weight_shape)} must have no empty dimension")
+    if min(weight_shape) < 1 or min(input_shape[1:]) < 1 or batch < 0:
+        raise ValueError(f"input {tuple(input_shape)} and weight {tuple(weight_shape)} must have no empty dimension "
+                         f"but the batch")
     stride = pair(stride, "stride", 1)
     dilation = pair(dilation, "dilation", 1)
     (top, bottom), (left, right) = _resolve_padding((kernel_h, kernel_w), stride, padding, dilation)
@@ -125,6 +144,11 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry
         dilation[0], dilation[1],
         (padded_h - extent_h) // stride[0] + 1, (padded_w - extent_w) // stride[1] + 1,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(types, *key) -> _Geometry:
+    return _compute_geometry(*key)
 
 
 def conv2d_output_size(input_size, kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
@@ -316,21 +340,73 @@ def _conv2d_bias_kernel(grad_output, out):
     return grad_bias
 
 
-_FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel}
-_BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel}
-_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel}
+# Version 2 runs each shape as conv_gemm plans it: on the v2 kernels, or on version 1 where they
+# cannot take the shape (the plan says why).
+
+
+def _conv2d_v2(x, weight, bias, g: _Geometry, relu: bool):
+    plan = conv_gemm.plan_forward(g)
+    if plan.version == 1:
+        return _conv2d_kernel(x, weight, bias, g, relu)
+    return conv_gemm.conv2d_forward_v2(x, weight, bias, g, relu, plan)
+
+
+def _conv2d_input_v2(weight, grad_output, g: _Geometry):
+    plan = conv_gemm.plan_backward_data(g)
+    if plan.version == 1:
+        return _conv2d_input_kernel(weight, grad_output, g)
+    return conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
+
+
+def _conv2d_weight_v2(x, grad_output, g: _Geometry, out):
+    plan = conv_gemm.plan_backward_filter(g)
+    if plan.version == 1:
+        return _conv2d_weight_kernel(x, grad_output, g, out)
+    grad_weight = output_array(out, "out", g.weight_shape, np.float32, device_of(x))
+    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight)
+
+
+_FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel, 2: _conv2d_v2}
+_BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel, 2: _conv2d_input_v2}
+_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2}
 _BIAS_GRAD = {0: _conv2d_bias_sum, 1: _conv2d_bias_kernel}
+_DEFAULT_VERSION = {"conv2d_forward": 2, "conv2d_backward_data": 2, "conv2d_backward_filter": 2, "conv2d_bias_grad": 1}
 
 
 def _implementation(device: str, op: str, versions: dict):
     """The im2col path on 'cpu'; on 'cuda'/'emu' the version chosen by ``GPUCONV_KERNEL_<OP>``."""
-    return versions[0] if device == "cpu" else kernels.select_version(op, versions, default=1)
+    return versions[0] if device == "cpu" else kernels.select_version(op, versions, default=_DEFAULT_VERSION[op])
+
+
+_PLANS = {"conv2d_forward": conv_gemm.plan_forward, "conv2d_backward_data": conv_gemm.plan_backward_data,
+          "conv2d_backward_filter": conv_gemm.plan_backward_filter}
+
+
+def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilation=1) -> conv_gemm.Plan:
+    """How ``op`` runs on 'cuda' for these shapes under the current ``GPUCONV_KERNEL_<OP>``: the
+    kernel, tile, stride phases and K split, and the useful share of the multiply-adds it
+    executes (``plan.describe()`` says it in one line). ``op`` is 'conv2d_forward',
+    'conv2d_backward_data' or 'conv2d_backward_filter'.
+    """
+    if op not in _PLANS:
+        raise ValueError(f"op must be one of {sorted(_PLANS)}, got {op!r}")
+    g = _geometry(_shape4(input_shape, "input_shape"), _shape4(weight_shape, "weight_shape"), stride, padding,
+                  dilation)
+    version = kernels.select_version(op, {0: 0, 1: 1, 2: 2}, default=_DEFAULT_VERSION[op])
+    name = op.removeprefix("conv2d_")
+    if version == 0:
+        # cuBLAS's own tiling is not counted: the product it is given has exactly the conv's MACs.
+        return conv_gemm.Plan(name, 0, "im2col + cuBLAS", None, 1, 1, 1.0, "version 0")
+    if version == 1:
+        return conv_gemm.plan_v1(name, g, "version 1")
+    return _PLANS[op](g)
 
 
 # --------------------------------------------------------------------------------------------
 # Public API: check once, then dispatch.
 
 
+@ieee_arithmetic
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None, precision=None):
     """2-D cross-correlation of ``input`` (N, C_in, H, W) with ``weight`` (C_out, C_in, KH, KW).
 
@@ -352,6 +428,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     g = _geometry(input.shape, weight.shape, stride, padding, dilation)
     if bias is not None and tuple(bias.shape) != (g.c_out,):
         raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    if g.batch == 0:  # as PyTorch: an empty output, and no kernel launched on an empty grid
+        return empty(g.output_shape, input.dtype, device)
     if precision != "fp32":
         if device != "cpu":
             return conv_tensorcore.conv2d(input, weight, bias, g, activation == "relu", precision)
@@ -359,6 +437,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     return _implementation(device, "conv2d_forward", _FORWARD)(input, weight, bias, g, activation == "relu")
 
 
+@ieee_arithmetic
 def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation=1, *, precision=None):
     """Gradient of ``conv2d`` with respect to its input, of shape ``input_shape``.
 
@@ -373,6 +452,8 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     precision = resolve_precision(precision, weight.dtype)
     g = _geometry(input_shape, weight.shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if g.batch == 0:
+        return empty(g.input_shape, grad_output.dtype, device)
     if precision != "fp32":
         if device != "cpu":
             return conv_tensorcore.conv2d_input(weight, grad_output, g, precision)
@@ -380,14 +461,16 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
 
 
+@ieee_arithmetic
 def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
     ``out``: an array of ``weight_shape`` on the input's device to write the gradient into.
     ``precision`` as for ``conv2d``.
-    On 'cuda' the kernel adds the partial sums of its blocks with float ``atomicAdd``, so the last
-    bits of the result may differ from run to run (as cuDNN's non-deterministic algorithms do).
+    The default FP32 kernel (version 2) writes each K split's partial sums to a workspace and adds
+    them in a fixed order, so the result is bit-identical from run to run; version 1 adds them
+    with float ``atomicAdd`` (the last bits vary, as cuDNN's non-deterministic algorithms).
     """
     check_array(input, "input", 4, "NCHW")
     weight_shape = _shape4(weight_shape, "weight_shape")
@@ -397,6 +480,8 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     precision = resolve_precision(precision, input.dtype)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    if g.batch == 0:  # as PyTorch: nothing to sum, a zero gradient
+        return zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
     if precision != "fp32":
         if device != "cpu":
             return conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
@@ -404,8 +489,12 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
 
 
+@ieee_arithmetic
 def conv2d_bias(grad_output, *, out=None):
     """Gradient of ``conv2d`` with respect to its bias: ``grad_output`` summed over N, H and W
     (written into ``out``, a (C_out,) array on the same device, if given)."""
     check_array(grad_output, "grad_output", 4, "NCHW")
-    return _implementation(device_of(grad_output), "conv2d_bias_grad", _BIAS_GRAD)(grad_output, out)
+    device = device_of(grad_output)
+    if grad_output.size == 0:  # an empty batch (or plane): a zero gradient, no kernel launch
+        return zero_(output_array(out, "out", (grad_output.shape[1],), grad_output.dtype, device))
+    return _implementation(device, "conv2d_bias_grad", _BIAS_GRAD)(grad_output, out)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from .. import kernels
-from ..device import contiguous, device_of, empty, zero_, zeros
+from ..device import array_module, contiguous, device_of, empty, zero_, zeros
 from ._checks import output_array
 
 TOPIC = "conv2d_tensorcore"
@@ -19,6 +19,24 @@ TARGET_BLOCKS = 256
 _PRECISION_CODE = {"tf32": 0, "bf16": 1}
 _MAX_GRID_Y = 65535
 _INT_LIMIT = np.iinfo(np.int32).max - max(TILE_M, TILE_N, TILE_K)
+
+
+# mma.sync m16n8k8 TF32, m16n8k16 BF16 and cp.async need sm_80.
+MIN_COMPUTE_CAPABILITY = 80
+
+
+def _compute_capability() -> int:
+    """The current CUDA device's compute capability as an int (e.g. 90 for sm_90)."""
+    return int(array_module("cuda").cuda.Device().compute_capability)
+
+
+def _check_device(device: str, precision: str) -> None:
+    """A GPU older than Ampere would fail inside NVRTC on the tensor-core instructions: say so first."""
+    if device == "cuda" and (capability := _compute_capability()) < MIN_COMPUTE_CAPABILITY:
+        raise RuntimeError(
+            f"precision={precision!r} runs tensor-core kernels that need a GPU of compute capability 8.0 or "
+            f"newer (Ampere); this GPU is sm_{capability}: use precision='fp32'"
+        )
 
 
 def _check_limits(g, rows: int) -> None:
@@ -39,8 +57,9 @@ def _check_limits(g, rows: int) -> None:
 
 
 def conv2d(x, weight, bias, g, relu: bool, precision: str):
-    _check_limits(g, g.c_out)
     device = device_of(x)
+    _check_device(device, precision)
+    _check_limits(g, g.c_out)
     out = empty(g.output_shape, np.float32, device)
     if bias is None:
         bias = zeros((g.c_out,), np.float32, device)
@@ -52,6 +71,7 @@ def conv2d(x, weight, bias, g, relu: bool, precision: str):
 
 
 def conv2d_input(weight, grad_output, g, precision: str):
+    _check_device(device_of(grad_output), precision)
     _check_limits(g, g.c_in)
     grad_input = empty(g.input_shape, np.float32, device_of(grad_output))
     grid = (math.ceil(g.batch * g.height * g.width / TILE_N), math.ceil(g.c_in / TILE_M))
@@ -62,6 +82,7 @@ def conv2d_input(weight, grad_output, g, precision: str):
 
 
 def conv2d_weight(x, grad_output, g, precision: str, out=None):
+    _check_device(device_of(x), precision)
     _check_limits(g, g.c_out)
     # Blocks add their partial sums into a zeroed result (split-K over batch*H_out*W_out).
     grad_weight = zero_(output_array(out, "out", g.weight_shape, np.float32, device_of(x)))

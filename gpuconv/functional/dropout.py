@@ -6,7 +6,10 @@ For element ``i`` (C-order flat index) and a seed below 2^64, with all arithmeti
                                           z ^= z >> 27; z *= 0x94D049BB133111EB; z ^= z >> 31
     bits(i)     = mix64(mix64(seed) + (i + 1) * 0x9E3779B97F4A7C15) >> 32       (32 bits)
     keep(i)     = bits(i) >= floor(p * 2^32)                                     P(keep) = 1 - p (to 2^-32)
-    output[i]   = input[i] * (1 / (1 - p)) if keep(i) else 0
+    output[i]   = input[i] * (1 / (1 - p) if keep(i) else 0)
+
+A dropped NaN or infinity therefore becomes NaN, as in PyTorch (which multiplies by the mask),
+and a dropped negative number -0.
 
 The NumPy code below and ``kernels_cu/dropout.cu`` compute exactly this, so every device draws the
 bit-identical mask from one seed, no mask is stored, and the backward pass (the same map applied
@@ -19,8 +22,7 @@ import numpy as np
 from .. import kernels
 from ..device import contiguous, device_of, empty
 from ..random import next_seed
-from ._checks import check_array
-from .activation import select
+from ._checks import check_array, ieee_arithmetic, probability
 
 __all__ = ["dropout", "dropout_backward", "dropout_mask"]
 
@@ -35,14 +37,6 @@ def _mix64(z):
     z *= np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
     return z
-
-
-def _check_p(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
-        raise TypeError(f"p must be a number, got {type(p).__name__}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability p must be between 0 and 1, got {p}")
-    return float(p)
 
 
 def _check_seed(seed, x=None):
@@ -65,7 +59,7 @@ def _threshold(p: float) -> int:
 
 def dropout_mask(shape, p: float, seed: int) -> np.ndarray:
     """The boolean keep-mask (a NumPy array of ``shape``) that :func:`dropout` draws for ``(p, seed)``."""
-    p, seed = _check_p(p), _check_seed(seed)
+    p, seed = probability(p), _check_seed(seed)
     if p == 1.0:
         return np.zeros(shape, bool)
     # Wrapping uint64 arithmetic on arrays is silent; the key is computed on a 1-element array
@@ -79,10 +73,12 @@ def dropout_mask(shape, p: float, seed: int) -> np.ndarray:
 
 
 def _apply(x, p: float, seed: int):
-    """``x * keep * 1/(1-p)`` for 0 < p < 1, on the device of ``x``."""
+    """``x * (keep * 1/(1-p))`` for 0 < p < 1, on the device of ``x``."""
     if device_of(x) == "cpu":
-        scale = x.dtype.type(1.0 / (1.0 - p))
-        return select(dropout_mask(x.shape, p, seed), x * scale)
+        factor = dropout_mask(x.shape, p, seed).astype(x.dtype)
+        factor *= x.dtype.type(1.0 / (1.0 - p))
+        factor *= x
+        return factor
     out = empty(x.shape, np.float32, device_of(x))
     # A seed in device memory (see dropout()) is read by the kernel at each launch.
     kernel = "dropout_v1" if isinstance(seed, (int, np.integer)) else "dropout_device_seed_v1"
@@ -91,6 +87,7 @@ def _apply(x, p: float, seed: int):
     return out
 
 
+@ieee_arithmetic
 def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = None):
     """Zero each element with probability ``p`` and scale the rest by ``1 / (1 - p)``.
 
@@ -100,7 +97,7 @@ def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = 
     memory, which the kernel reads when it runs (what a captured CUDA graph needs).
     """
     check_array(input, "input")
-    p = _check_p(p)
+    p = probability(p)
     if seed is not None:
         _check_seed(seed, input)
     if not training or p == 0.0:
@@ -110,10 +107,11 @@ def dropout(input, p: float = 0.5, training: bool = True, *, seed: int | None = 
     return _apply(input, p, next_seed() if seed is None else seed)
 
 
+@ieee_arithmetic
 def dropout_backward(grad_output, p: float, seed: int):
     """Gradient of :func:`dropout` (in training) w.r.t. its input, for the same ``p`` and ``seed``."""
     check_array(grad_output, "grad_output")
-    p, seed = _check_p(p), _check_seed(seed, grad_output)
+    p, seed = probability(p), _check_seed(seed, grad_output)
     if p == 0.0:
         return grad_output
     if p == 1.0:

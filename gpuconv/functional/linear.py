@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..device import array_module, common_device, empty
 from ..dispatch import device_call
-from ._checks import check_array, check_same_dtype, output_array
+from ._checks import check_array, check_same_dtype, ieee_arithmetic, output_array
 
 __all__ = ["linear", "linear_backward"]
 
@@ -21,6 +21,7 @@ def _check_weight(input, weight):
                          f"(out_features, in_features) {tuple(weight.shape)}")
 
 
+@ieee_arithmetic
 def linear(input, weight, bias=None):
     """``input @ weight.T + bias`` for ``input`` (*, in_features) and ``weight`` (out_features, in_features)."""
     _check_weight(input, weight)
@@ -39,6 +40,7 @@ def linear(input, weight, bias=None):
     return output
 
 
+@ieee_arithmetic
 def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weight_grad: bool = True,
                     bias_grad: bool = True, weight_out=None, bias_out=None):
     """``(grad_input, grad_weight, grad_bias)`` of :func:`linear`; ``grad_bias`` whether or not it had one.

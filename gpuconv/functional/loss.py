@@ -6,7 +6,7 @@ import numpy as np
 from .. import kernels
 from ..device import array_module, common_device, device_of, empty
 from ..dispatch import device_call
-from ._checks import check_array
+from ._checks import check_array, ieee_arithmetic
 
 __all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
 
@@ -44,8 +44,11 @@ def _reduce(losses, reduction: str):
     # Into a shape (1,) array, reshaped last: NumPy turns 0-d results of arithmetic into scalars.
     device, xp = device_of(losses), array_module(losses)
     total = empty((1,), losses.dtype, device)
-    reduce = xp.mean if reduction == "mean" and losses.shape[0] else xp.sum
-    device_call(reduce.__name__, device, lambda: reduce(losses, keepdims=True, out=total))
+    if reduction == "mean" and not losses.shape[0]:  # the mean of nothing is NaN, as in PyTorch
+        device_call("fill", device, lambda: total.fill(np.nan))
+    else:
+        reduce = xp.mean if reduction == "mean" else xp.sum
+        device_call(reduce.__name__, device, lambda: reduce(losses, keepdims=True, out=total))
     return total.reshape(())
 
 def _numpy(input, target, reduction, want_grad):
@@ -84,6 +87,7 @@ def _losses_and_grad(input, target, reduction, want_grad, validate_target):
     return _kernel(input, target, reduction, device)
 
 
+@ieee_arithmetic
 def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """Cross-entropy of scores ``input`` (N, C) against integer labels ``target`` (N,).
 
@@ -95,6 +99,7 @@ def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bo
     return _reduce(_losses_and_grad(input, target, reduction, False, validate_target)[0], reduction)
 
 
+@ieee_arithmetic
 def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """d loss / d input: ``softmax(input) - onehot(target)``, divided by N for 'mean'.
 
@@ -103,6 +108,7 @@ def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_t
     return _losses_and_grad(input, target, reduction, True, validate_target)[1]
 
 
+@ieee_arithmetic
 def cross_entropy_with_grad(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the scores.
 

@@ -12,18 +12,10 @@ import numpy as np
 
 from .. import kernels
 from ..device import common_device, device_of, empty
-from ._checks import check_array
+from ._checks import check_array, ieee_arithmetic, positive_int
 
 __all__ = ["local_response_norm", "local_response_norm_backward"]
 
-
-
-def _check_size(size) -> int:
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
-        raise TypeError(f"size must be an int, got {size!r}")
-    if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    return int(size)
 
 
 def _window_sum(x: np.ndarray, before: int, after: int) -> np.ndarray:
@@ -33,6 +25,8 @@ def _window_sum(x: np.ndarray, before: int, after: int) -> np.ndarray:
     channels, and a cumulative sum would lose small channels next to large ones to cancellation.
     """
     total = x.copy()
+    # Shifts past the last channel add nothing: a huge size costs what size = 2 * channels does.
+    before, after = min(before, x.shape[1] - 1), min(after, x.shape[1] - 1)
     for shift in range(1, before + 1):
         total[:, shift:] += x[:, :-shift]
     for shift in range(1, after + 1):
@@ -49,10 +43,11 @@ def _launch_shape(x):
     return x.size, x.shape[1], x.shape[2] * x.shape[3], kernels.blocks_for(x.size)
 
 
+@ieee_arithmetic
 def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
     """LRN over the channels of NCHW ``input``; matches ``torch.nn.functional.local_response_norm``."""
     check_array(input, "input", 4, "NCHW")
-    size = _check_size(size)
+    size = positive_int(size, "size")
     device = device_of(input)
     if device == "cpu":
         return input * _scale_numpy(input, size, alpha, k) ** -beta
@@ -65,6 +60,7 @@ def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.7
     return output
 
 
+@ieee_arithmetic
 def local_response_norm_backward(grad_output, input, output, size: int, alpha: float = 1e-4,
                                  beta: float = 0.75, k: float = 1.0):
     """Gradient of :func:`local_response_norm` with respect to ``input``.
@@ -80,7 +76,7 @@ def local_response_norm_backward(grad_output, input, output, size: int, alpha: f
     if not grad_output.shape == input.shape == output.shape:
         raise ValueError(f"grad_output, input and output must have one shape, got {tuple(grad_output.shape)}, "
                          f"{tuple(input.shape)} and {tuple(output.shape)}")
-    size = _check_size(size)
+    size = positive_int(size, "size")
     device = common_device(grad_output=grad_output, input=input, output=output)
     if device == "cpu":
         scale = _scale_numpy(input, size, alpha, k)

@@ -14,15 +14,18 @@ that ``ceil_mode`` adds beyond the padded input are never counted, as in PyTorch
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import kernels
 from ..device import common_device, contiguous, device_of, empty
-from ._checks import check_array, pair
+from .activation import select
+from ._checks import check_array, ieee_arithmetic, pair
 
-__all__ = ["pool2d_output_size", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
+__all__ = ["pool2d_output_size", "max_pool2d", "max_pool2d_backward", "max_pool2d_relu_backward", "avg_pool2d",
+           "avg_pool2d_backward"]
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,25 @@ class _Window:
         """First row (axis 0) or column (axis 1) of every window, in input coordinates (may be < 0)."""
         return np.arange(self.out[axis]) * self.stride[axis] - self.padding[axis]
 
-    def padded_extent(self, axis: int, size: int) -> int:
-        """Rows (columns) of the padded input that the windows reach, ceil_mode's extra ones included."""
+    def taps(self, axis: int, size: int):
+        """``(outputs, inputs)`` slice pairs along ``axis`` (0 rows, 1 columns) of an input ``size``
+        long: window offset ``a`` of windows ``outputs`` reads input positions ``inputs``.
+
+        In increasing ``a``, and only the offsets that reach the input: the cost depends on the
+        input and output sizes, never on the padded size (a 46342-wide window over one pixel is one
+        tap, not 46342).
+        """
         k, s, p, out = self.kernel[axis], self.stride[axis], self.padding[axis], self.out[axis]
-        return max(size + 2 * p, (out - 1) * s + k)
+        if s <= size:  # the windows' input parts overlap or touch: their offsets are one range
+            offsets = range(max(0, p - (out - 1) * s), min(k, p + size))
+        else:  # disjoint runs, one per window, in increasing offset for decreasing window
+            offsets = itertools.chain.from_iterable(
+                range(max(0, p - o * s), min(k, p - o * s + size)) for o in reversed(range(out)))
+        for a in offsets:
+            first, last = max(0, -((a - p) // s)), min(out, (p - a + size - 1) // s + 1)
+            if first < last:
+                start = first * s - p + a
+                yield slice(first, last), slice(start, start + (last - first - 1) * s + 1, s)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -56,12 +74,18 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: b
     return out
 
 
-def _window(input_shape, kernel_size, stride, padding, ceil_mode, name: str = "input") -> _Window:
+def check_window(kernel_size, stride=None, padding=0):
+    """``(kernel, stride, padding)`` as pairs, checked: what every input size needs of them."""
     kernel = pair(kernel_size, "kernel_size", 1)
     stride = pair(kernel_size if stride is None else stride, "stride", 1)
     padding = pair(padding, "padding", 0)
     if any(2 * p > k for p, k in zip(padding, kernel)):
         raise ValueError(f"padding must be at most half of kernel_size, got padding={padding} and kernel_size={kernel}")
+    return kernel, stride, padding
+
+
+def _window(input_shape, kernel_size, stride, padding, ceil_mode, name: str = "input") -> _Window:
+    kernel, stride, padding = check_window(kernel_size, stride, padding)
     size = tuple(input_shape[-2:])
     out = tuple(_output_size(*args, bool(ceil_mode)) for args in zip(size, kernel, stride, padding))
     if min(out) < 1:
@@ -94,20 +118,46 @@ def _check_grad_size(window: _Window, grad_output, input_shape):
                          f"{window.out[0]}x{window.out[1]} of input_shape {input_shape}")
 
 
-def _pad(x, window: _Window, fill):
-    """``x`` padded with ``fill`` to the extent the windows reach (ceil_mode's extra rows included)."""
-    (ph, pw), (h, w) = window.padding, x.shape[2:]
-    return np.pad(x, ((0, 0), (0, 0), (ph, window.padded_extent(0, h) - h - ph),
-                      (pw, window.padded_extent(1, w) - w - pw)), constant_values=fill)
+def _along(axis: int, index):
+    """An index of an NCHW array selecting ``index`` along rows (axis 0) or columns (axis 1)."""
+    return (slice(None),) * (2 + axis) + (index,)
 
 
-def _offsets(window: _Window):
-    """``(a, b, slices)`` per window offset in row-major order: ``padded[slices]`` is the
-    ``(N, C, OH, OW)`` array of every window's element (a, b)."""
-    (kh, kw), (sh, sw), (oh, ow) = window.kernel, window.stride, window.out
-    for a in range(kh):
-        for b in range(kw):
-            yield a, b, (slice(None), slice(None), slice(a, a + (oh - 1) * sh + 1, sh), slice(b, b + (ow - 1) * sw + 1, sw))
+def _resized(shape, axis: int, size: int) -> tuple:
+    return tuple(size if d == 2 + axis else n for d, n in enumerate(shape))
+
+
+def _window_sums(x, window: _Window, axis: int):
+    """Every window's sum along ``axis`` over its input positions (padding adds nothing)."""
+    sums = np.zeros(_resized(x.shape, axis, window.out[axis]), x.dtype)
+    for outputs, inputs in window.taps(axis, x.shape[2 + axis]):
+        sums[_along(axis, outputs)] += x[_along(axis, inputs)]
+    return sums
+
+
+def _window_sums_transposed(grad, window: _Window, axis: int, size: int):
+    """The transpose of :func:`_window_sums`: each window's value added to its input positions."""
+    out = np.zeros(_resized(grad.shape, axis, size), grad.dtype)
+    for outputs, inputs in window.taps(axis, size):
+        out[_along(axis, inputs)] += grad[_along(axis, outputs)]
+    return out
+
+
+def _window_max(x, window: _Window, axis: int):
+    """Every window's maximum along ``axis`` and its input position (intp), as the kernel picks
+    them: starting at the window's first input position (so an all -inf window names a real
+    pixel), then taking strictly greater values, or a first NaN, in increasing position."""
+    shape = _resized(x.shape, axis, window.out[axis])
+    best = np.full(shape, -np.inf, x.dtype)
+    first_inside = np.maximum(window.starts(axis), 0)
+    at = np.array(np.broadcast_to(first_inside.reshape(_resized((1, 1, 1, 1), axis, -1)), shape))
+    for outputs, inputs in window.taps(axis, x.shape[2 + axis]):
+        candidate, current = x[_along(axis, inputs)], best[_along(axis, outputs)]
+        better = (candidate > current) | (np.isnan(candidate) & ~np.isnan(current))
+        np.copyto(current, candidate, where=better)
+        positions = np.arange(x.shape[2 + axis])[inputs].reshape(_resized((1, 1, 1, 1), axis, -1))
+        np.copyto(at[_along(axis, outputs)], positions, where=better)
+    return best, at
 
 
 def _avg_divisor(window: _Window, input_shape, count_include_pad: bool):
@@ -126,28 +176,25 @@ def _avg_divisor(window: _Window, input_shape, count_include_pad: bool):
 
 
 def _max_pool2d_numpy(x, window: _Window):
-    w = x.shape[3]
-    padded = _pad(x, window, -np.inf)
-    out = np.full((*x.shape[:2], *window.out), -np.inf, x.dtype)
-    # As the kernel: start at the window's first input position (so an all -inf window names a
-    # real pixel), then take strictly greater values, or a first NaN, in row-major offset order.
-    rows, cols = window.starts(0)[:, None], window.starts(1)[None, :]
-    indices = np.broadcast_to(np.maximum(rows, 0) * w + np.maximum(cols, 0), out.shape).astype(np.int32)
-    for a, b, slices in _offsets(window):
-        candidate = padded[slices]
-        better = (candidate > out) | (np.isnan(candidate) & ~np.isnan(out))
-        np.copyto(out, candidate, where=better)
-        np.copyto(indices, (rows + a) * w + cols + b, where=better, casting="unsafe")
-    return out, indices
+    # Separable, columns first: the first maximum of each window row, then the first row whose
+    # maximum wins is the first maximum (and the first NaN) in row-major window order.
+    row_best, column_at = _window_max(x, window, 1)
+    out, row_at = _window_max(row_best, window, 0)
+    indices = row_at * x.shape[3] + np.take_along_axis(column_at, row_at, axis=2)
+    return out, indices.astype(np.int32)
 
 
 def _check_plane(input_shape, window: _Window) -> None:
-    """pool.cu indexes within a plane in 32-bit ints (``h * W + w``; the indices are int32 too):
-    refuse, before any copy, a plane the kernels would index past 2^31 (out of bounds on a GPU)."""
+    """pool.cu indexes within a plane in 32-bit ints (``h * W + w``; the indices are int32 too) and
+    takes the window arguments as ints: refuse, before any copy, a plane the kernels would index
+    past 2^31 (out of bounds on a GPU) or a window they cannot be told."""
     (h, w), (oh, ow) = input_shape[2:], window.out
     if max(h * w, oh * ow) > np.iinfo(np.int32).max:
         raise ValueError(f"input of shape {tuple(input_shape)} is too large for the pooling kernels: "
                          f"H*W and H_out*W_out must each be below 2^31")
+    if max(*window.kernel, *window.stride) > np.iinfo(np.int32).max:
+        raise ValueError(f"kernel_size={window.kernel} and stride={window.stride} must be below 2^31 "
+                         f"for the pooling kernels (input of shape {tuple(input_shape)})")
 
 
 def _max_pool2d_kernel(x, window: _Window):
@@ -161,6 +208,7 @@ def _max_pool2d_kernel(x, window: _Window):
     return out, indices
 
 
+@ieee_arithmetic
 def max_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = False, return_indices: bool = False):
     """2-D max pooling of an NCHW ``input``; with ``return_indices``, also the int32 in-plane argmax positions."""
     check_array(input, "input", 4, "NCHW")
@@ -168,6 +216,28 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = Fal
     impl = _max_pool2d_numpy if device_of(input) == "cpu" else _max_pool2d_kernel
     out, indices = impl(input, window)
     return (out, indices) if return_indices else out
+
+
+def _check_indices(indices, grad_output) -> None:
+    if not hasattr(indices, "dtype") or not hasattr(indices, "shape"):
+        raise TypeError(f"indices must be the int32 array max_pool2d returned, got {type(indices).__name__}")
+    common_device(grad_output=grad_output, indices=indices)
+    if indices.dtype != np.int32 or indices.shape != grad_output.shape:
+        raise ValueError(f"indices must be int32 of grad_output's shape {tuple(grad_output.shape)}, "
+                         f"got {indices.dtype} of shape {tuple(indices.shape)}")
+
+
+def _check_index_range(indices, input_shape) -> None:
+    """On the CPU the gradient is scattered to the indices, so each must name a pixel of its plane.
+
+    (The kernels gather instead: a window adds its gradient to the one input position its index
+    names, so an index outside the window is dropped there, never written out of bounds; checking
+    would cost a device round trip per step.)
+    """
+    plane = input_shape[2] * input_shape[3]
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= plane):
+        raise ValueError(f"indices of shape {tuple(indices.shape)} must be in-plane positions in [0, {plane}) "
+                         f"for input_shape {input_shape}, got values in [{int(indices.min())}, {int(indices.max())}]")
 
 
 def _max_pool2d_backward_numpy(grad_output, indices, input_shape):
@@ -178,37 +248,56 @@ def _max_pool2d_backward_numpy(grad_output, indices, input_shape):
     return grad.reshape(input_shape).astype(grad_output.dtype, copy=False)
 
 
-def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window):
+def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window, output=None):
     _check_plane(input_shape, window)
     grad_input = empty(input_shape, np.float32, device_of(grad_output))
-    kernels.launch("pool", "max_pool2d_backward_v1", kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
-                   (contiguous(grad_output), contiguous(indices), grad_input, *window.kernel_args(input_shape)))
+    kernel, arrays = "max_pool2d_backward_v1", (contiguous(grad_output), contiguous(indices))
+    if output is not None:
+        kernel, arrays = "max_pool2d_relu_backward_v1", (*arrays, contiguous(output))
+    kernels.launch("pool", kernel, kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
+                   (*arrays, grad_input, *window.kernel_args(input_shape)))
     return grad_input
 
 
+@ieee_arithmetic
+def max_pool2d_relu_backward(grad_output, indices, output, input_shape, kernel_size, stride=None, padding=0,
+                             ceil_mode: bool = False):
+    """Gradient w.r.t. ``x`` of ``max_pool2d(relu(x))``, given the pool's ``output`` and ``indices``:
+    ``relu_backward(max_pool2d_backward(...), relu(x))`` in one pass (one kernel on a device),
+    bit-identical to it. The pool's output is relu(x) at each window's argmax, so its sign there
+    is the ReLU's mask."""
+    check_array(output, "output", 4, "NCHW")
+    if tuple(output.shape) != tuple(grad_output.shape):
+        raise ValueError(f"output {tuple(output.shape)} must have grad_output's shape {tuple(grad_output.shape)}")
+    common_device(grad_output=grad_output, output=output)
+    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, output)
+
+
+@ieee_arithmetic
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
     """Gradient of :func:`max_pool2d` w.r.t. its input of shape ``input_shape``, given its ``indices``."""
+    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, None)
+
+
+def _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, relu_output):
     check_array(grad_output, "grad_output", 4, "NCHW")
-    common_device(grad_output=grad_output, indices=indices)
-    if indices.dtype != np.int32 or indices.shape != grad_output.shape:
-        raise ValueError(f"indices must be int32 of grad_output's shape {tuple(grad_output.shape)}, "
-                         f"got {indices.dtype} of shape {tuple(indices.shape)}")
+    _check_indices(indices, grad_output)
     input_shape = _check_input_shape(input_shape, grad_output)
     window = _window(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
     _check_grad_size(window, grad_output, input_shape)
     if device_of(grad_output) == "cpu":
+        _check_index_range(indices, input_shape)
+        if relu_output is not None:  # the ReLU's mask at each window's argmax
+            grad_output = select(relu_output > 0, grad_output)
         return _max_pool2d_backward_numpy(grad_output, indices, input_shape)
-    return _max_pool2d_backward_kernel(grad_output, indices, input_shape, window)
+    return _max_pool2d_backward_kernel(grad_output, indices, input_shape, window, relu_output)
 
 
 # ------------------------------------------------------------------------------------------ avg
 
 
 def _avg_pool2d_numpy(x, window: _Window, count_include_pad: bool):
-    padded = _pad(x, window, 0)
-    sums = np.zeros((*x.shape[:2], *window.out), x.dtype)
-    for _, _, slices in _offsets(window):
-        sums += padded[slices]
+    sums = _window_sums(_window_sums(x, window, 1), window, 0)
     return sums / _avg_divisor(window, x.shape, count_include_pad).astype(x.dtype)
 
 
@@ -220,6 +309,7 @@ def _avg_pool2d_kernel(x, window: _Window, count_include_pad: bool):
     return out
 
 
+@ieee_arithmetic
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
     """2-D average pooling of an NCHW ``input``, with PyTorch's divisor."""
     check_array(input, "input", 4, "NCHW")
@@ -229,13 +319,9 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = Fal
 
 
 def _avg_pool2d_backward_numpy(grad_output, input_shape, window: _Window, count_include_pad: bool):
-    n, c, h, w = input_shape
-    ph, pw = window.padding
     share = grad_output / _avg_divisor(window, input_shape, count_include_pad).astype(grad_output.dtype)
-    grad = np.zeros((n, c, window.padded_extent(0, h), window.padded_extent(1, w)), grad_output.dtype)
-    for _, _, slices in _offsets(window):
-        grad[slices] += share
-    return np.ascontiguousarray(grad[:, :, ph:ph + h, pw:pw + w])
+    rows = _window_sums_transposed(share, window, 0, input_shape[2])
+    return _window_sums_transposed(rows, window, 1, input_shape[3])
 
 
 def _avg_pool2d_backward_kernel(grad_output, input_shape, window: _Window, count_include_pad: bool):
@@ -246,6 +332,7 @@ def _avg_pool2d_backward_kernel(grad_output, input_shape, window: _Window, count
     return grad_input
 
 
+@ieee_arithmetic
 def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                         count_include_pad: bool = True):
     """Gradient of :func:`avg_pool2d` w.r.t. its input of shape ``input_shape``."""

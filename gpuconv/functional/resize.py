@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import kernels
 from ..device import device_of, empty
-from ._checks import check_array, pair
+from ._checks import check_array, ieee_arithmetic, pair
 
 __all__ = ["interpolate"]
 
@@ -35,6 +35,7 @@ def _neighbours(in_size: int, out_size: int, scale, align_corners: bool):
     return low, high, 1 - high_weight, high_weight
 
 
+@ieee_arithmetic
 def interpolate(input, size, mode: str = "bilinear", align_corners: bool = False):
     """Resize NCHW ``input`` to ``size`` (an int or an (H, W) pair) by bilinear interpolation.
 
