@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on MNIST or Fashion-MNIST", allow_abbrev=False)
     train.add_argument("--model", choices=sorted(MODELS), default=defaults.model, help="(default: %(default)s)")
     train.add_argument("--dataset", choices=sorted(DATASETS), default=defaults.dataset, help="(default: %(default)s)")
-    train.add_argument("--data-dir", metavar="DIR", help="directory with the IDX files, searched first")
+    train.add_argument("--data-dir", metavar="DIR", help="directory with the IDX files (or a DATASET/ folder in it), the only place "
+                                                           "looked in (default: $GPUCONV_DATA, the Debian package, the "
+                                                           "cache, a download)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda", "emu"), default=defaults.device,
                        help="(default: %(default)s: CUDA when CuPy sees a GPU, else the CPU)")
     train.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
