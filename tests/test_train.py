@@ -232,8 +232,8 @@ def on_step(trainer, action):
     """Call ``action(n)`` after the trainer's n-th training step (n counts from 1)."""
     step, count = trainer._train_step, [0]
 
-    def counted(x, y):
-        result = step(x, y)
+    def counted(*batch):  # (x, y, share)
+        result = step(*batch)
         count[0] += 1
         action(count[0])
         return result
