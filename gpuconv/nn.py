@@ -389,7 +389,8 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
         module, needs_input_grad = modules[index], needed[index]
         if not needs_input_grad and not module._trains_any_parameter():
             return None
-        module.requires_input_grad = needs_input_grad
+        if module.requires_input_grad != needs_input_grad:
+            module.requires_input_grad = needs_input_grad
         if index and needed[index - 1] and type(module) is MaxPool2d and type(modules[index - 1]) is ReLU:
             # ReLU then max-pool: one backward kernel for both (the pool masks by its own output).
             grad_output = module._backward_captured(grad_output, module.backward_through_relu)
