@@ -211,6 +211,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = Fal
     """2-D max pooling of an NCHW ``input``; with ``return_indices``, also the int32 in-plane argmax positions."""
     check_array(input, "input", 4, "NCHW")
     window = _window(input.shape, kernel_size, stride, padding, ceil_mode)
+    if input.shape[2] * input.shape[3] > np.iinfo(np.int32).max:  # on the CPU too: they would wrap
+        raise ValueError(f"input of shape {tuple(input.shape)} has planes of 2^31 pixels or more, past what "
+                         f"max_pool2d's int32 indices can name")
     impl = _max_pool2d_numpy if device_of(input) == "cpu" else _max_pool2d_kernel
     out, indices = impl(input, window)
     return (out, indices) if return_indices else out
