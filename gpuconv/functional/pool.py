@@ -11,6 +11,11 @@ a padded position; ties keep the first maximum in row-major window order (PyTorc
 indices are int32 flat positions ``h * W + w`` in the input plane. The average divides by the
 window clipped to the padded input (``count_include_pad=True``) or to the input itself: positions
 that ``ceil_mode`` adds beyond the padded input are never counted, as in PyTorch.
+
+The NumPy path pools columns, then rows, each pass visiting only the window offsets that reach
+the input (``_Window.taps``), so its cost follows the input and output sizes whatever the
+window and padding (PyTorch answers a 46342 x 46342 window over one pixel at once; so do we).
+The kernels count window coordinates and areas in 64 bits for the same windows.
 """
 from __future__ import annotations
 
@@ -58,11 +63,10 @@ class _Window:
         else:  # disjoint runs, one per window, in increasing offset for decreasing window
             offsets = itertools.chain.from_iterable(
                 range(max(0, p - o * s), min(k, p - o * s + size)) for o in reversed(range(out)))
-        for a in offsets:
+        for a in offsets:  # each reaches the input from at least one window: first < last
             first, last = max(0, -((a - p) // s)), min(out, (p - a + size - 1) // s + 1)
-            if first < last:
-                start = first * s - p + a
-                yield slice(first, last), slice(start, start + (last - first - 1) * s + 1, s)
+            start = first * s - p + a
+            yield slice(first, last), slice(start, start + (last - first - 1) * s + 1, s)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
