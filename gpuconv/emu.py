@@ -120,8 +120,11 @@ CXX_FLAGS = (
     "-std=c++17", "-O2", "-shared", "-fPIC", "-ftrivial-auto-var-init=pattern", "-fstack-clash-protection",
     "-Wno-unknown-pragmas", "-Wl,-z,defs",
 )
-# The race detector's build (gpuconv/emu_runtime/racecheck.h): TSan, and line tables for its reports.
-RACECHECK_FLAGS = ("-fsanitize=thread", "-g", "-DGPUCONV_EMU_RACECHECK", f"-Wl,-T,{RUNTIME / 'racecheck.ld'}")
+# The race detector's build (gpuconv/emu_runtime/racecheck.h): TSan, and line tables for its
+# reports. -fno-ipa-cp keeps a helper that TSan does not instrument (ptx.cuh's cp.async) calling
+# memset for the copy it makes, instead of a clone whose constant size GCC turns into plain stores
+# TSan would not see.
+RACECHECK_FLAGS = ("-fsanitize=thread", "-g", "-fno-ipa-cp", "-DGPUCONV_EMU_RACECHECK", f"-Wl,-T,{RUNTIME / 'racecheck.ld'}")
 
 MAX_BLOCK = (1024, 1024, 64)
 MAX_THREADS_PER_BLOCK = 1024

@@ -32,10 +32,12 @@ from pathlib import Path
 from .emu_errors import EmuError, EmuRaceError
 
 # Options of TSan in the worker. Reports go to a file of the worker's own, read after every
-# launch; uninstrumented code (Python, NumPy) is not checked; a report does not stop the process.
+# launch; a report does not stop the process. (ignore_noninstrumented_modules would hide the
+# memset/memcpy that the emulator's uninstrumented helpers make on a kernel's behalf, such as
+# cp.async's copies in ptx.cuh; Python itself runs only between launches, ordered with them.)
 TSAN_OPTIONS = (
     "halt_on_error=0", "exitcode=0", "report_thread_leaks=0", "detect_deadlocks=0", "report_signal_unsafe=0",
-    "ignore_noninstrumented_modules=1", "history_size=4",
+    "history_size=4",
 )
 
 
@@ -51,6 +53,15 @@ def tsan_runtime() -> str:
     if not library.is_file():
         raise EmuError(f"the race detector needs ThreadSanitizer's runtime; {cxx} has no libtsan.so (install libtsan)")
     return str(library)
+
+
+def available() -> bool:
+    """Whether this machine can run the race detector (a host compiler with libtsan)."""
+    try:
+        tsan_runtime()
+    except EmuError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +204,9 @@ class ReportLog:
                 other.append(report.group(0))
                 continue
             race = _parse_race(report["body"], runtime_files)
-            if race is not None:
+            if race is None:  # a report this parser does not follow: shown as TSan wrote it
+                other.append(report.group(0))
+            else:
                 races.append(race)
         return races, "\n".join(other)
 
@@ -204,8 +217,9 @@ def _parse_race(body: str, runtime_files: tuple[str, ...]) -> Race | None:
     for match in _ACCESS_RE.finditer(body):
         where = "?"
         for frame in _FRAME_RE.finditer(match["stack"]):
-            if not frame["file"].endswith(runtime_files):
-                where = f"{frame['file']}:{frame['line']}"
+            # The innermost frame in kernel source: not the emulator's, not TSan's interceptors.
+            if not frame["file"].endswith(runtime_files) and "libsanitizer" not in frame["file"]:
+                where = f"{os.path.relpath(frame['file']) if frame['file'].startswith('/') else frame['file']}:{frame['line']}"
                 break
         who = match["who"]
         thread = names.get(who.removeprefix("thread "), who) if who != "main thread" else "the launching thread"

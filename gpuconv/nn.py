@@ -169,12 +169,15 @@ class Module:
         with graphs.static_buffers(self, ("forward", self.training, *(getattr(a, "shape", None) for a in inputs))):
             return self.forward(*inputs)
 
-    def _backward_captured(self, grad_output):
-        """``backward``, with the static buffers of this layer inside a graph capture."""
+    def _backward_captured(self, grad_output, backward=None):
+        """``backward`` (or another backward method of this layer), with the static buffers of
+        this layer inside a graph capture."""
+        backward = backward or self.backward
         if graphs.capturing() is None:
-            return self.backward(grad_output)
-        with graphs.static_buffers(self, ("backward", self.training, getattr(grad_output, "shape", None))):
-            return self.backward(grad_output)
+            return backward(grad_output)
+        key = (backward.__name__, self.training, getattr(grad_output, "shape", None))
+        with graphs.static_buffers(self, key):
+            return backward(grad_output)
 
     def _save(self, **tensors) -> None:
         """Keep what backward needs from this forward (and drop what the last one kept)."""
@@ -228,6 +231,8 @@ class Module:
     @property
     def device(self) -> str | None:
         """The device of the parameters; None for a module without any."""
+        for param in self._parameters.values():  # a layer's own first: every forward asks
+            return param.device
         for param in self.parameters():
             return param.device
         return None
@@ -262,7 +267,9 @@ class Module:
         return self
 
     def _trains_any_parameter(self) -> bool:
-        return any(param.requires_grad for param in self.parameters())
+        # Asked of every module at every backward: walked directly, not through parameters().
+        return (any(param.requires_grad for param in self._parameters.values())
+                or any(module._trains_any_parameter() for module in self._modules.values()))
 
     def _convert(self, convert) -> None:
         """Apply ``convert`` to every parameter and gradient; saved activations become stale."""
@@ -378,13 +385,22 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
     for module in modules:
         needed.append(needs)
         needs = needs or module._trains_any_parameter()
-    for module, needs_input_grad in zip(reversed(modules), reversed(needed)):
+    index = len(modules) - 1
+    while index >= 0:
+        module, needs_input_grad = modules[index], needed[index]
         if not needs_input_grad and not module._trains_any_parameter():
             return None
-        module.requires_input_grad = needs_input_grad
+        if module.requires_input_grad != needs_input_grad:
+            module.requires_input_grad = needs_input_grad
+        if index and needed[index - 1] and type(module) is MaxPool2d and type(modules[index - 1]) is ReLU:
+            # ReLU then max-pool: one backward kernel for both (the pool masks by its own output).
+            grad_output = module._backward_captured(grad_output, module.backward_through_relu)
+            index -= 2
+            continue
         grad_output = module._backward_captured(grad_output)
         if not needs_input_grad:
             return None
+        index -= 1
     return grad_output
 
 
@@ -506,13 +522,20 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x):
         out, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, return_indices=True)
-        self._save(indices=indices, input_shape=tuple(x.shape))
+        self._save(indices=indices, input_shape=tuple(x.shape), output=out)
         return out
 
     def backward(self, grad_output):
         saved = self._saved()
         return F.max_pool2d_backward(grad_output, saved["indices"], saved["input_shape"], self.kernel_size,
                                      self.stride, self.padding, self.ceil_mode)
+
+    def backward_through_relu(self, grad_output):
+        """The gradient w.r.t. the input of the ReLU whose output this pool's forward took: that
+        ReLU's backward folded into this one (one kernel); see :func:`backward_chain`."""
+        saved = self._saved()
+        return F.max_pool2d_relu_backward(grad_output, saved["indices"], saved["output"], saved["input_shape"],
+                                          self.kernel_size, self.stride, self.padding, self.ceil_mode)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ceil_mode={self.ceil_mode}"

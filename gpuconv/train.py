@@ -217,6 +217,8 @@ class Trainer:
         self.epochs_done = 0
         # CUDA graphs of the training step: default on 'cuda'; on 'emu' when asked (tests).
         self.use_graph = self.device == "cuda" if config.graph is None else bool(config.graph) and self.device != "cpu"
+        if config.graph and self.device == "cpu":
+            log("note: --graph has no effect on the cpu device (CUDA graphs replay 'cuda' or 'emu' work)")
         self._graphed = None
         self._progress: _EpochProgress | None = None  # a resumed or finished-but-unevaluated epoch
         self._stop = False

@@ -1,7 +1,7 @@
 // pool.cu -- 2-D max and average pooling, forward and backward.
 //
 // Versions: max_pool2d_forward_v1, max_pool2d_backward_v1, avg_pool2d_forward_v1,
-// avg_pool2d_backward_v1.
+// avg_pool2d_backward_v1; max_pool2d_relu_backward_v1 (max-pool backward with the ReLU before it).
 //
 // Common to every kernel: float32, NCHW, C-contiguous; `planes` = N * C. Window (oh, ow) covers
 // rows oh * sh - ph ... oh * sh - ph + kh - 1 (columns likewise) of the input plane; the caller
@@ -24,6 +24,10 @@
 //   divisor: the window clipped to the padded input (count_include_pad) or to the input.
 // avg_pool2d_backward_v1(grad_y, grad_x, ..., count_include_pad): grad_x[h, w] = sum over the
 //   windows containing (h, w) of grad_y / divisor; a gather, as for max.
+// max_pool2d_relu_backward_v1(grad_y, indices, y, grad_x, ...): the gradient w.r.t. x of
+//   max_pool(relu(x)), in one pass: as max_pool2d_backward_v1, counting only windows with y > 0.
+//   Exact: a window picks relu(x) at its argmax, so y > 0 there is relu(x) > 0 (NaN: neither),
+//   and every window that routes a gradient to (h, w) picked (h, w).
 // Limits: H * W < 2^31 per plane; grid and block any 1-D shape.
 
 struct PoolShape {
@@ -167,5 +171,15 @@ extern "C" __global__ void avg_pool2d_backward_v1(const float* __restrict__ grad
     const PoolShape q = {H, W, OH, OW, kh, kw, sh, sw, ph, pw};
     sum_over_windows(grad_x, planes, q, [&](long long o, int oh, int ow, int, int) {
         return grad_y[o] / avg_divisor(q, oh, ow, count_include_pad);
+    });
+}
+
+extern "C" __global__ void max_pool2d_relu_backward_v1(const float* __restrict__ grad_y,
+                                                       const int* __restrict__ indices, const float* __restrict__ y,
+                                                       float* __restrict__ grad_x, long long planes, int H, int W,
+                                                       int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw) {
+    const PoolShape q = {H, W, OH, OW, kh, kw, sh, sw, ph, pw};
+    sum_over_windows(grad_x, planes, q, [&](long long o, int, int, int h, int w) {
+        return indices[o] == h * W + w && y[o] > 0.f ? grad_y[o] : 0.f;
     });
 }

@@ -142,7 +142,8 @@ __device__ __forceinline__ void ldmatrix(unsigned int (&r)[COUNT], const void* s
 
 // The emulator's own bookkeeping (each thread's copies in flight, the warp exchange slots) is not
 // kernel memory: functions marked EMU_PTX_BOOKKEEPING touch it unseen by ThreadSanitizer (the
-// race-checking build), which still sees the copies' real reads and writes (memcpy/memset).
+// race-checking build). What a copy does to memory (the poison at issue, the landing at the wait)
+// happens in unmarked functions, so the race detector sees it as the issuing thread's.
 #define EMU_PTX_BOOKKEEPING __attribute__((no_sanitize("thread"), noinline))
 
 namespace emu_ptx {
@@ -190,7 +191,19 @@ static inline bool in_shared(const void* p, int bytes)
     return dynamic || fixed;
 }
 
-EMU_PTX_BOOKKEEPING static void issue(const char* what, void* dst, const void* src, int bytes, int src_bytes)
+// A copy's effect on memory, as the issuing thread's accesses.
+static void poison(char* dst, int bytes)
+{
+    for (int i = 0; i < bytes; ++i) dst[i] = (char)0xff;  // in flight: undefined until the wait
+}
+
+static void perform(const Copy& c)
+{
+    for (int i = 0; i < c.src_bytes; ++i) c.dst[i] = c.src[i];
+    for (int i = c.src_bytes; i < c.bytes; ++i) c.dst[i] = 0;
+}
+
+EMU_PTX_BOOKKEEPING static void record(const char* what, void* dst, const void* src, int bytes, int src_bytes)
 {
     if (((uintptr_t)dst | (uintptr_t)src) % (uintptr_t)bytes)
         emu::fail_in_fiber(emu::WARP_MISUSE, "%s: addresses %p (shared) and %p (global) must be %d-byte aligned", what,
@@ -206,7 +219,12 @@ EMU_PTX_BOOKKEEPING static void issue(const char* what, void* dst, const void* s
         emu::fail_in_fiber(emu::WARP_MISUSE, "%s: more than %d copies in flight in one thread (the emulator's limit)",
                            what, kMaxCopies);
     t.copies[t.count++] = {static_cast<char*>(dst), static_cast<const char*>(src), bytes, src_bytes};
-    memset(dst, 0xff, (size_t)bytes);  // in flight: undefined until the wait
+}
+
+static void issue(const char* what, void* dst, const void* src, int bytes, int src_bytes)
+{
+    record(what, dst, src, bytes, src_bytes);
+    poison(static_cast<char*>(dst), bytes);
 }
 
 // Lands this thread's copies of every group but the `pending` most recent (all its copies, group
@@ -217,11 +235,7 @@ EMU_PTX_BOOKKEEPING static void land(int pending)
     if (pending >= 0 && t.groups <= pending) return;
     const int done = pending < 0 ? t.groups : t.groups - pending;
     const int n = pending < 0 ? t.count : t.group_end[done - 1];
-    for (int i = 0; i < n; ++i) {
-        const Copy& c = t.copies[i];
-        if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
-        memset(c.dst + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
-    }
+    for (int i = 0; i < n; ++i) perform(t.copies[i]);
     for (int i = n; i < t.count; ++i) t.copies[i - n] = t.copies[i];
     t.count -= n;
     for (int g = done; g < t.groups; ++g) t.group_end[g - done] = t.group_end[g] - n;

@@ -165,14 +165,44 @@ def test_reading_the_tile_before_its_cp_async_wait_is_caught():
 @pytest.mark.parametrize("order", ["forward", "reverse", "random"])
 def test_reading_other_threads_copies_before_the_barrier_is_caught(order):
     # Planted defect: the barrier after the wait removed, so a thread reads the copies of other
-    # warps' threads that have not reached their wait yet. (The other barrier, which keeps the next
-    # load off a stage still being read, needs the race detector: warps stay in step here.)
+    # warps' threads that have not reached their wait yet: poison. (The other barrier, which keeps
+    # the next load off a stage still being read, needs the race detector: warps stay in step.)
     source = kernels.compiler_source(kernels.kernel_path("conv2d_tensorcore"))
-    anchor = "cp_async_wait<1>();\n        __syncthreads();"
-    assert source.count(anchor) == 1
+    anchor, replacement = _BARRIERS["after-the-wait"]
     with emu.thread_order(order, seed=1):
-        out = _forward_with_source(source.replace(anchor, "cp_async_wait<1>();"), "conv2d_tensorcore_no_barrier.cu")
+        out = _forward_with_source(source.replace(anchor, replacement), "conv2d_tensorcore_no_barrier.cu")
     assert np.isnan(out).any()
+
+
+# Removing either barrier of the K loop: the first lets a thread read the copies of threads that
+# have not waited yet, the second lets the next load overwrite a stage other warps still read.
+_BARRIERS = {
+    "after-the-wait": ("cp_async_wait<1>();\n        __syncthreads();", "cp_async_wait<1>();"),
+    "after-the-multiply": ("multiply_stage(acc, stages[current], precision);\n        __syncthreads();",
+                           "multiply_stage(acc, stages[current], precision);"),
+}
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
+@pytest.mark.parametrize("barrier", sorted(_BARRIERS))
+def test_race_detector_catches_either_missing_barrier(barrier):
+    source = kernels.compiler_source(kernels.kernel_path("conv2d_tensorcore"))
+    anchor, replacement = _BARRIERS[barrier]
+    assert source.count(anchor) == 1
+    pattern = r"kernel conv2d_forward_tc: data race on shared memory \(conv2d_forward_tc::stages\)"
+    with emu.racecheck(), pytest.raises(emu.EmuRaceError, match=pattern):
+        _forward_with_source(source.replace(anchor, replacement), f"conv2d_tensorcore_no_barrier_{barrier}.cu")
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no host C++ compiler for the emulated device")
+def test_tensor_core_kernels_pass_the_race_detector():
+    x, w, dy, args = _problem(0)
+    with emu.racecheck():
+        for op in OPS:
+            for precision in ("tf32", "bf16"):
+                on_emu = _run(op, x, w, dy, args, "emu", precision=precision)
+                on_cpu = _run(op, x, w, dy, args, "cpu", precision=precision)
+                assert (np.abs(on_emu - on_cpu) <= _bounds(op, x, w, dy, args, precision).summation).all()
 
 
 # --- the precision switch ---
@@ -365,3 +395,12 @@ def test_shared_tiles_are_aligned_for_ldmatrix():
     assert "ldmatrix" in ptx
     alignments = [int(a) for a in re.findall(r"\.shared \.align (\d+)", ptx)]
     assert alignments and min(alignments) >= 16, alignments
+
+
+def test_empty_batch_at_reduced_precision(device):
+    # As at FP32 (and PyTorch): no kernel launched on an empty grid, an empty output, a zero gradient.
+    x, w = np.zeros((0, 5, 9, 11), np.float32), np.ones((7, 5, 3, 3), np.float32)
+    dy = np.zeros((0, 7, 9, 11), np.float32)
+    for op, shape in [("forward", (0, 7, 9, 11)), ("input", (0, 5, 9, 11)), ("weight", (7, 5, 3, 3))]:
+        result = _run(op, x, w, dy, dict(padding=1), device, precision="tf32")
+        assert result.shape == shape and not result.any()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuconv import emu
+from gpuconv import emu, emu_racecheck
 
 KERNELS = Path(__file__).with_name("emu_kernels")
 HARNESS = KERNELS / "harness.cu"
@@ -527,12 +527,16 @@ def test_float_atomic_sum_depends_on_block_order(races):
 
 # --- the race detector ---
 
+needs_tsan = pytest.mark.skipif(not emu_racecheck.available(), reason="no ThreadSanitizer runtime (libtsan)")
+
+
 @pytest.fixture
 def racecheck():
     with emu.racecheck():
         yield
 
 
+@needs_tsan
 @pytest.mark.parametrize("order", ORDERS)
 def test_missing_barrier_in_tree_reduction_is_caught_in_every_thread_order(harness, order, rng):
     x = rng.standard_normal(256).astype(np.float32)
@@ -544,6 +548,7 @@ def test_missing_barrier_in_tree_reduction_is_caught_in_every_thread_order(harne
     np.testing.assert_array_equal(out, 0)  # a failed launch leaves the arrays as they were
 
 
+@needs_tsan
 def test_race_free_kernels_pass_the_race_detector(harness, races, racecheck, rng):
     x = rng.standard_normal(256).astype(np.float32)
     out = np.zeros(2, np.float32)
@@ -563,6 +568,7 @@ def test_race_free_kernels_pass_the_race_detector(harness, races, racecheck, rng
     np.testing.assert_array_equal(exchanged, np.arange(64) ^ 1)
 
 
+@needs_tsan
 @pytest.mark.parametrize(
     "kernel, grid, block, make_args, pattern",
     [
@@ -584,6 +590,7 @@ def test_race_is_reported_with_lines_blocks_and_threads(races, racecheck, kernel
         run(races, kernel, grid, block, *make_args())
 
 
+@needs_tsan
 def test_each_launch_is_checked_afresh(races, racecheck):
     # TSan reports a pair of lines once per process: the worker that found one is replaced.
     for _ in range(2):
@@ -591,6 +598,7 @@ def test_each_launch_is_checked_afresh(races, racecheck):
             run(races, "shared_counter_plain_add", 1, 64, np.zeros(1, np.int32))
 
 
+@needs_tsan
 def test_other_errors_still_raise_under_the_race_detector(harness, racecheck):
     with pytest.raises(emu.EmuSyncError, match="barrier divergence"):
         run(harness, "early_return_before_barrier", (1, 1, 1), (64, 1, 1), np.zeros(64, np.float32))

@@ -92,3 +92,56 @@ def test_freezing_matches_torch_gradients_of_the_rest(rng):
     assert layer.weight.grad is None and reference.weight.grad is None
     np.testing.assert_allclose(layer.bias.grad, reference.bias.grad.numpy(), rtol=1e-6)
     np.testing.assert_allclose(grad_input, xt.grad.numpy(), rtol=1e-6)
+
+
+# -- ReLU backward folded into max-pool backward ---------------------------------------------------
+
+FUSED_POOLS = [  # (input shape, kernel, stride, padding, ceil_mode): odd sizes, edge windows, batch 1
+    ((1, 3, 7, 5), 2, 2, 0, True),
+    ((2, 2, 6, 6), 3, 2, 1, False),
+    ((1, 1, 5, 7), 3, 1, 1, True),
+    ((3, 2, 4, 4), 2, None, 0, False),
+]
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, ceil_mode", FUSED_POOLS)
+def test_max_pool_relu_backward_is_the_unfused_sequence_bit_for_bit(device, rng, shape, kernel, stride, padding,
+                                                                    ceil_mode):
+    import gpuconv.functional as F
+
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[..., 0, :] = 0.0  # ties at zero, where the ReLU's mask and the pool's choice meet
+    x.flat[3] = np.nan
+    relu_out = F.relu(to_device(x, device))
+    pooled, indices = F.max_pool2d(relu_out, kernel, stride, padding, ceil_mode, return_indices=True)
+    g = to_device(rng.standard_normal(pooled.shape).astype(np.float32), device)
+    unfused = F.relu_backward(F.max_pool2d_backward(g, indices, shape, kernel, stride, padding, ceil_mode), relu_out)
+    fused = F.max_pool2d_relu_backward(g, indices, pooled, shape, kernel, stride, padding, ceil_mode)
+    np.testing.assert_array_equal(to_numpy(fused).view(np.uint32), to_numpy(unfused).view(np.uint32))
+    assert np.count_nonzero(to_numpy(fused)) > 0
+
+
+def test_a_model_folds_each_relu_then_max_pool_into_one_backward_kernel(rng):
+    model, criterion, x, y = _lenet_step("emu", rng)
+    model.requires_input_grad = True
+    reference = models.lenet5().to("emu")
+    reference.load_state_dict(model.state_dict())
+    reference.requires_input_grad = True
+    criterion(model(x), y)
+    with gpuconv.profile() as prof:
+        grad_input = model.backward(criterion.backward())
+    launched = prof.counts()
+    assert launched["max_pool2d_relu_backward_v1"] == 2 and "max_pool2d_backward_v1" not in launched
+    assert launched["relu_backward_v1"] == 2  # the classifier's, which no pool follows
+    # against the layers' own backwards, one by one
+    layers = list(reference.features) + [reference.flatten] + list(reference.classifier)
+    out = x
+    for layer in layers:
+        out = layer(out)
+    criterion(out, y)
+    grad = criterion.backward()
+    for layer in reversed(layers):
+        grad = layer.backward(grad)
+    np.testing.assert_array_equal(to_numpy(grad_input), to_numpy(grad))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        np.testing.assert_array_equal(to_numpy(p.grad), to_numpy(q.grad), err_msg=name)

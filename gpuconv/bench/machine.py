@@ -36,17 +36,18 @@ def _cpu_cache_bytes() -> int:
 
 
 def _gpu_info() -> dict:
+    """The GPU's description from its properties alone: no CUDA context is made, so the process
+    that plans a run takes no GPU memory from the workers that measure it."""
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     driver = cupy.cuda.runtime.driverGetVersion()
     runtime = cupy.cuda.runtime.runtimeGetVersion()
-    free, total = cupy.cuda.runtime.memGetInfo()
     return {"name": name, "driver": f"{driver // 1000}.{driver % 1000 // 10}",
             "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}", "cupy": cupy.__version__,
-            "l2_bytes": int(props.get("l2CacheSize", 50 << 20)), "memory_bytes": int(total),
-            "free_bytes": int(free), "sm_count": int(props.get("multiProcessorCount", 0)),
+            "l2_bytes": int(props.get("l2CacheSize", 50 << 20)), "memory_bytes": int(props.get("totalGlobalMem", 0)),
+            "sm_count": int(props.get("multiProcessorCount", 0)),
             "compute_capability": f"{props.get('major', '?')}.{props.get('minor', '?')}"}
 
 

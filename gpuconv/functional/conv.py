@@ -17,6 +17,7 @@ same code path as every other padding.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -108,7 +109,16 @@ def check_padding(kernel_size, stride, padding, dilation) -> None:
 
 
 def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
-    """Check that the sizes make a convolution and compute its output size."""
+    """Check that the sizes make a convolution and compute its output size (once per shape)."""
+    key = (tuple(input_shape), tuple(weight_shape), stride, padding, dilation)
+    try:
+        # The types too: stride=True equals 1 as a key, but is refused where 1 is not.
+        return _cached_geometry(tuple(map(type, key[2:])), *key)
+    except TypeError:  # a list among the arguments: not hashable, so not cached
+        return _compute_geometry(*key)
+
+
+def _compute_geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry:
     batch, c_in, height, width = input_shape
     c_out, w_in, kernel_h, kernel_w = weight_shape
     if w_in != c_in:
@@ -134,6 +144,11 @@ def _geometry(input_shape, weight_shape, stride, padding, dilation) -> _Geometry
         dilation[0], dilation[1],
         (padded_h - extent_h) // stride[0] + 1, (padded_w - extent_w) // stride[1] + 1,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(types, *key) -> _Geometry:
+    return _compute_geometry(*key)
 
 
 def conv2d_output_size(input_size, kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:

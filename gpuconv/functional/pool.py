@@ -26,9 +26,11 @@ import numpy as np
 
 from .. import kernels
 from ..device import common_device, contiguous, device_of, empty
+from .activation import select
 from ._checks import check_array, ieee_arithmetic, pair
 
-__all__ = ["pool2d_output_size", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
+__all__ = ["pool2d_output_size", "max_pool2d", "max_pool2d_backward", "max_pool2d_relu_backward", "avg_pool2d",
+           "avg_pool2d_backward"]
 
 
 @dataclass(frozen=True)
@@ -251,17 +253,38 @@ def _max_pool2d_backward_numpy(grad_output, indices, input_shape):
     return grad.reshape(input_shape).astype(grad_output.dtype, copy=False)
 
 
-def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window):
+def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window, output=None):
     _check_plane(input_shape, window)
     grad_input = empty(input_shape, np.float32, device_of(grad_output))
-    kernels.launch("pool", "max_pool2d_backward_v1", kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
-                   (contiguous(grad_output), contiguous(indices), grad_input, *window.kernel_args(input_shape)))
+    kernel, arrays = "max_pool2d_backward_v1", (contiguous(grad_output), contiguous(indices))
+    if output is not None:
+        kernel, arrays = "max_pool2d_relu_backward_v1", (*arrays, contiguous(output))
+    kernels.launch("pool", kernel, kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
+                   (*arrays, grad_input, *window.kernel_args(input_shape)))
     return grad_input
+
+
+@ieee_arithmetic
+def max_pool2d_relu_backward(grad_output, indices, output, input_shape, kernel_size, stride=None, padding=0,
+                             ceil_mode: bool = False):
+    """Gradient w.r.t. ``x`` of ``max_pool2d(relu(x))``, given the pool's ``output`` and ``indices``:
+    ``relu_backward(max_pool2d_backward(...), relu(x))`` in one pass (one kernel on a device),
+    bit-identical to it. The pool's output is relu(x) at each window's argmax, so its sign there
+    is the ReLU's mask."""
+    check_array(output, "output", 4, "NCHW")
+    if tuple(output.shape) != tuple(grad_output.shape):
+        raise ValueError(f"output {tuple(output.shape)} must have grad_output's shape {tuple(grad_output.shape)}")
+    common_device(grad_output=grad_output, output=output)
+    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, output)
 
 
 @ieee_arithmetic
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
     """Gradient of :func:`max_pool2d` w.r.t. its input of shape ``input_shape``, given its ``indices``."""
+    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, None)
+
+
+def _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, relu_output):
     check_array(grad_output, "grad_output", 4, "NCHW")
     _check_indices(indices, grad_output)
     input_shape = _check_input_shape(input_shape, grad_output)
@@ -269,8 +292,10 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     _check_grad_size(window, grad_output, input_shape)
     if device_of(grad_output) == "cpu":
         _check_index_range(indices, input_shape)
+        if relu_output is not None:  # the ReLU's mask at each window's argmax
+            grad_output = select(relu_output > 0, grad_output)
         return _max_pool2d_backward_numpy(grad_output, indices, input_shape)
-    return _max_pool2d_backward_kernel(grad_output, indices, input_shape, window)
+    return _max_pool2d_backward_kernel(grad_output, indices, input_shape, window, relu_output)
 
 
 # ------------------------------------------------------------------------------------------ avg

@@ -1,0 +1,277 @@
+"""Every kernel of kernels_cu/ once under the race detector, on a small shape; and each
+__syncthreads() of kernels_cu/ removed in turn, which the race detector must notice.
+
+The ops below are the library's own (gpuconv.functional, gpuconv.optim) on 'emu' arrays, under
+``emu.racecheck()``; a recorder notes which kernels they launched, and every kernel of every
+kernels_cu file must be among them (a new kernel needs a small op here). Each op's result is also
+compared with the NumPy path, so a racecheck run that returned garbage would not pass.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import gpuconv.functional as F
+from gpuconv import emu, emu_racecheck, kernels
+from gpuconv.device import to_device, to_numpy
+from gpuconv.functional import conv_gemm
+from gpuconv.optim import SGD, Adam
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None or not emu_racecheck.available(),
+    reason="no host C++ compiler with ThreadSanitizer (libtsan) for the race detector",
+)
+
+
+def small(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def on_emu(*arrays):
+    return [to_device(a, "emu") for a in arrays]
+
+
+def conv_ops(rng):
+    x, w, b = small(rng, 2, 3, 6, 6), small(rng, 4, 3, 3, 3), small(rng, 4)
+    gy = small(rng, 2, 4, 6, 6)
+    ex, ew, eb, egy = on_emu(x, w, b, gy)
+    return [
+        (F.conv2d(ex, ew, eb, padding=1), F.conv2d(x, w, b, padding=1)),
+        (F.conv2d_input(x.shape, ew, egy, padding=1), F.conv2d_input(x.shape, w, gy, padding=1)),
+        (F.conv2d_weight(ex, w.shape, egy, padding=1), F.conv2d_weight(x, w.shape, gy, padding=1)),
+        (F.conv2d_bias(egy), F.conv2d_bias(gy)),
+    ]
+
+
+def conv_v1(rng, monkeypatch):
+    for op in ("CONV2D_FORWARD", "CONV2D_BACKWARD_DATA", "CONV2D_BACKWARD_FILTER"):
+        monkeypatch.setenv(f"GPUCONV_KERNEL_{op}", "1")
+    return conv_ops(rng)
+
+
+def conv_v2_tile(tile):
+    def ops(rng, monkeypatch):
+        monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
+        if tile in conv_gemm.FILTER_TILES:
+            monkeypatch.setattr(conv_gemm, "FILTER_TILES", (tile,))
+        return conv_ops(rng)
+
+    return ops
+
+
+def conv_tensorcore(rng, monkeypatch):
+    x, w = small(rng, 1, 8, 4, 4), small(rng, 8, 8, 3, 3)
+    gy = small(rng, 1, 8, 4, 4)
+    ex, ew, egy = on_emu(x, w, gy)
+    loose = dict(rtol=2e-2, atol=2e-2)  # TF32 operands
+    return [
+        (F.conv2d(ex, ew, padding=1, precision="tf32"), F.conv2d(x, w, padding=1), loose),
+        (F.conv2d_input(x.shape, ew, egy, padding=1, precision="tf32"), F.conv2d_input(x.shape, w, gy, padding=1), loose),
+        (F.conv2d_weight(ex, w.shape, egy, padding=1, precision="tf32"), F.conv2d_weight(x, w.shape, gy, padding=1), loose),
+    ]
+
+
+def elementwise(rng, monkeypatch):
+    x, g = small(rng, 3, 70), small(rng, 3, 70)
+    ex, eg = on_emu(x, g)
+    pairs = []
+    for forward, backward in [(F.relu, F.relu_backward), (F.tanh, F.tanh_backward), (F.sigmoid, F.sigmoid_backward)]:
+        y, ey = forward(x), forward(ex)
+        pairs += [(ey, y), (backward(eg, ey), backward(g, y))]
+    pairs.append((F.dropout(ex, 0.3, seed=5), F.dropout(x, 0.3, seed=5)))
+    device_seed = to_device(np.array([5], np.uint64), "emu")
+    pairs.append((F.dropout(ex, 0.3, seed=device_seed), F.dropout(x, 0.3, seed=5)))
+    return pairs
+
+
+def pooling_and_norm(rng, monkeypatch):
+    x = small(rng, 1, 6, 5, 5)
+    ex = to_device(x, "emu")
+    y, indices = F.max_pool2d(x, 2, return_indices=True)
+    ey, eindices = F.max_pool2d(ex, 2, return_indices=True)
+    g = small(rng, *y.shape)
+    eg = to_device(g, "emu")
+    lrn, elrn = F.local_response_norm(x, 3), F.local_response_norm(ex, 3)
+    gl = small(rng, *x.shape)
+    return [
+        (ey, y),
+        (F.max_pool2d_backward(eg, eindices, x.shape, 2), F.max_pool2d_backward(g, indices, x.shape, 2)),
+        (F.max_pool2d_relu_backward(eg, eindices, ey, x.shape, 2), F.max_pool2d_relu_backward(g, indices, y, x.shape, 2)),
+        (F.avg_pool2d(ex, 2), F.avg_pool2d(x, 2)),
+        (F.avg_pool2d_backward(eg, x.shape, 2), F.avg_pool2d_backward(g, x.shape, 2)),
+        (elrn, lrn),
+        (F.local_response_norm_backward(to_device(gl, "emu"), ex, elrn, 3), F.local_response_norm_backward(gl, x, lrn, 3)),
+        (F.interpolate(ex, (7, 3)), F.interpolate(x, (7, 3))),
+    ]
+
+
+def loss(rng, monkeypatch):
+    logits, target = small(rng, 5, 7), rng.integers(0, 7, 5)
+    return [(F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"))[1],
+             F.cross_entropy_with_grad(logits, target)[1])]
+
+
+def optimizers(rng, monkeypatch):
+    pairs = []
+    for make in (lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.01)):
+        start, grad = small(rng, 3, 50), small(rng, 3, 50)
+        results = []
+        for device in ("emu", "cpu"):
+            params = [SimpleNamespace(data=to_device(start, device), grad=to_device(grad, device))]
+            make(params).step()
+            results.append(params[0].data)
+        pairs.append(tuple(results))
+    return pairs
+
+
+OPS = {
+    "conv-v1": conv_v1,
+    **{f"conv-v2-{a}x{b}": conv_v2_tile((a, b)) for a, b in conv_gemm.TILES},
+    "conv-tensorcore": conv_tensorcore,
+    "elementwise": elementwise,
+    "pooling-and-norm": pooling_and_norm,
+    "loss": loss,
+    "optimizers": optimizers,
+}
+
+class RacedOps(dict):
+    launches: dict
+
+    def __init__(self):
+        super().__init__()
+        self.launches = {}
+
+
+# Every kernel of every kernels_cu file, as ``topic/kernel``.
+ALL_KERNELS = [f"{topic}/{kernel}" for topic in kernels.kernel_topics() for kernel in kernels.signatures(topic)]
+
+
+def _copies(args):
+    return [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]
+
+
+@dataclass
+class Launch:
+    """One recorded launch: its shape, its arguments before, and its arrays after."""
+
+    grid: tuple
+    block: tuple
+    shared_mem: int
+    max_dynamic_shared: int
+    before: list
+    after: list
+
+
+@pytest.fixture(scope="module")
+def raced():
+    """Runs every op once under the race detector: ``{op: (kernels it launched, failure or None)}``,
+    and the first launch of each kernel (``raced.launches``)."""
+    results = RacedOps()
+    calls = []
+    original = emu.EmuFunction.__call__
+
+    def recording(self, grid, block, args, shared_mem=0):
+        key = f"{Path(self.module.name).stem}/{self.name}"
+        calls.append(key)
+        if key in results.launches:
+            return original(self, grid, block, args, shared_mem=shared_mem)
+        before = _copies(args)
+        original(self, grid, block, args, shared_mem=shared_mem)
+        results.launches[key] = Launch(grid, block, shared_mem, self.max_dynamic_shared_size_bytes, before, _copies(args))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(emu.EmuFunction, "__call__", recording)
+        for name, ops in OPS.items():
+            calls.clear()
+            failure = None
+            with pytest.MonkeyPatch.context() as op_patch:
+                try:
+                    rng = np.random.default_rng(5)
+                    with emu.racecheck():
+                        pairs = ops(rng, op_patch)
+                    for got, expected, *tolerance in pairs:
+                        np.testing.assert_allclose(to_numpy(got), to_numpy(expected), **(tolerance[0] if tolerance else
+                                                                                       dict(rtol=1e-4, atol=1e-5)))
+                except Exception as exc:  # noqa: BLE001  (reported by the kernel's own test)
+                    failure = exc
+            results[name] = (set(calls), failure)
+    return results
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+def test_kernel_runs_race_free_under_racecheck(raced, kernel):
+    ran = [name for name, (launched, _) in raced.items() if kernel in launched]
+    assert ran, f"no op of tests/test_emu_racecheck.py launches {kernel}: add a small one to OPS"
+    for name in ran:
+        failure = raced[name][1]
+        if failure is not None:
+            raise AssertionError(f"op {name} (which launches {kernel}) failed under racecheck: {failure}") from failure
+
+
+# --- each __syncthreads() of kernels_cu removed in turn ---
+
+_BARRIER_RE = re.compile(r"^(?!\s*//).*\b__syncthreads\(\)", re.M)
+
+
+def barriers():
+    """(file, line) of every __syncthreads() call in kernels_cu (comments aside)."""
+    found = []
+    for source in sorted(kernels.kernel_dir().iterdir()):
+        if source.suffix in (".cu", ".cuh"):
+            text = source.read_text()
+            found += [(source.name, text.count("\n", 0, m.start()) + 1) for m in _BARRIER_RE.finditer(text)]
+    return found
+
+
+def users(header: str) -> list[str]:
+    """The kernel files whose compiler text includes ``header`` (itself, for a .cu)."""
+    if header.endswith(".cu"):
+        return [header[:-3]]
+    return [t for t in kernels.kernel_topics() if f'"kernels_cu/{header}"' in kernels.compiler_source(kernels.kernel_path(t))]
+
+
+BARRIERS = barriers()
+
+
+def test_kernels_have_barriers_to_remove():
+    assert len(BARRIERS) >= 5 and {"implicit_gemm.cuh", "gemm_core.cuh"} <= {f for f, _ in BARRIERS}
+
+
+@pytest.mark.parametrize("source, line", BARRIERS, ids=[f"{f}:{n}" for f, n in BARRIERS])
+def test_removing_any_barrier_is_caught(raced, tmp_path, source, line):
+    """Each barrier of kernels_cu removed alone (the line keeps its number): some kernel built on
+    that file, replaying the launch recorded above, raises EmuRaceError or changes its result.
+    Every barrier, not a sample: a mutated file compiles in about 3 s and one block runs in one."""
+    copy = tmp_path / "kernels_cu"
+    shutil.copytree(kernels.kernel_dir(), copy)
+    lines = (copy / source).read_text().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1].replace("__syncthreads()", "((void)0)", 1)
+    (copy / source).write_text("".join(lines))
+    candidates = [key for key in raced.launches if key.split("/")[0] in users(source)]
+    assert candidates, f"no recorded launch of a kernel that uses {source}"
+    outcomes = []
+    for key in candidates:
+        topic, kernel = key.split("/")
+        recorded = raced.launches[key]
+        function = emu.EmuModule(path=copy / f"{topic}.cu").get_function(kernel)
+        function.max_dynamic_shared_size_bytes = recorded.max_dynamic_shared
+        args = _copies(recorded.before)
+        try:
+            with emu.racecheck():
+                function(recorded.grid, recorded.block, args, shared_mem=recorded.shared_mem)
+        except emu.EmuRaceError as exc:
+            assert f"kernels_cu/{source}:" in str(exc) or "kernels_cu/" in str(exc)
+            return
+        changed = any(isinstance(a, np.ndarray) and not np.array_equal(a, b, equal_nan=True)
+                      for a, b in zip(args, recorded.after))
+        if changed:
+            return
+        outcomes.append(key)
+    pytest.fail(f"removing the __syncthreads() at kernels_cu/{source}:{line} went unnoticed by {outcomes}")
