@@ -199,6 +199,23 @@ class Optimizer(abc.ABC):
                 if run:
                     self._update_run(group, run)
 
+    def flat_gradients(self) -> list:
+        """The flat gradient buffers (one per device and dtype), with every gradient in its slot:
+        what a data-parallel all-reduce sums in one call per buffer. A trainable parameter without
+        a gradient gets zeros there (a rank with no sample in a step still takes part in the sum);
+        afterwards each such ``grad`` is its slot, so :meth:`step` copies nothing."""
+        for group in self._flat_groups():
+            for position, index in enumerate(group.indices):
+                param, view = self.params[index], group.grad_views[position]
+                if param.grad is not None:
+                    self._stage_grad(index, param, group, position)
+                elif getattr(param, "requires_grad", True):
+                    view.fill(0)
+                else:
+                    continue  # frozen: no gradient, so step() skips it
+                param.grad = view
+        return [group.grad for group in self._groups]
+
     def _stage_grad(self, index: int, param, group: _FlatGroup, position: int) -> None:
         grad, view = param.grad, group.grad_views[position]
         if tuple(grad.shape) != tuple(view.shape):
