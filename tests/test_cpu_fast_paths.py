@@ -90,9 +90,9 @@ def test_chunked_adam_is_bit_identical_to_whole_array_formulas(rng, dtype, setti
 
 def _general_max_pool(x, window):
     """The separable general path, bypassing the 2x2 fast path."""
-    row_best, column_at = pool._window_max(x, window, 1)
-    out, row_at = pool._window_max(row_best, window, 0)
-    return out, (row_at * x.shape[3] + np.take_along_axis(column_at, row_at, axis=2)).astype(np.int32)
+    h, w = x.shape[2:]
+    row_best, column_at = pool._window_max(x, np.arange(w, dtype=np.int32), window, 1)
+    return pool._window_max(row_best, np.arange(h, dtype=np.int32)[:, None] * w + column_at, window, 0)
 
 
 def _tricky(rng, shape, dtype):

@@ -211,15 +211,15 @@ def _max_pool2d_2x2_numpy(x, window: _Window):
 
 
 def _max_pool2d_numpy(x, window: _Window):
+    h, w = x.shape[2:]
+    if h * w > np.iinfo(np.int32).max:  # the int32 indices would wrap (the kernels refuse such planes too)
+        raise ValueError(f"input of shape {tuple(x.shape)} has planes of 2^31 pixels or more, past what "
+                         f"max_pool2d's int32 indices can name")
     fast = _max_pool2d_2x2_numpy(x, window)
     if fast is not None:
         return fast
     # Separable, columns first: the first maximum of each window row, then the first row whose
     # maximum wins is the first maximum (and the first NaN) in row-major window order.
-    h, w = x.shape[2:]
-    if h * w > np.iinfo(np.int32).max:  # the int32 indices would wrap (the kernels refuse such planes too)
-        raise ValueError(f"input of shape {tuple(x.shape)} has planes of 2^31 pixels or more, past what "
-                         f"max_pool2d's int32 indices can name")
     row_best, column_at = _window_max(x, np.arange(w, dtype=np.int32), window, 1)
     return _window_max(row_best, np.arange(h, dtype=np.int32)[:, None] * w + column_at, window, 0)
 
