@@ -82,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on MNIST or Fashion-MNIST", allow_abbrev=False)
     train.add_argument("--model", choices=sorted(MODELS), default=defaults.model, help="(default: %(default)s)")
     train.add_argument("--dataset", choices=sorted(DATASETS), default=defaults.dataset, help="(default: %(default)s)")
-    train.add_argument("--data-dir", metavar="DIR", help="directory with the IDX files, searched first")
+    train.add_argument("--data-dir", metavar="DIR", help="directory with the IDX files (or a DATASET/ folder in it), the only place "
+                                                           "looked in (default: $GPUCONV_DATA, the Debian package, the "
+                                                           "cache, a download)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda", "emu"), default=defaults.device,
                        help="(default: %(default)s: CUDA when CuPy sees a GPU, else the CPU)")
     train.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
                        help="total epochs, resumed ones included (default: %(default)s)")
-    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                       help="per process: under `mpiexec -n N` the global batch is N times this, as in "
+                            "PyTorch's DistributedDataParallel (default: %(default)s)")
     train.add_argument("--lr", type=_positive_float, default=defaults.lr, help="learning rate (default: %(default)s)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
     train.add_argument("--momentum", type=_non_negative_float, default=defaults.momentum,
@@ -116,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit-test", type=_positive_int, metavar="N", help="evaluate on the first N images only")
     train.add_argument("--no-download", action="store_true", help="never download the dataset")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--dist-timeout", type=_positive_float, default=defaults.dist_timeout, metavar="SECONDS",
+                       help="under mpiexec: how long a rank waits for the others in one collective before it "
+                            "aborts the job, naming the ranks that did not arrive (default: %(default)s)")
     train.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                        help="replay the training step as a CUDA graph (default: on for cuda)")
 
@@ -177,6 +184,7 @@ def _emu_compiler_missing() -> str | None:
 
 def _train(args, argv: list[str]) -> int:
     from .data import DatasetNotFoundError, IdxError
+    from .distributed import DistributedError, abort_on_error, init_process_group
     from .train import (CHECKPOINT, ResumeError, RunDirectoryError, TrainConfig, TrainingDiverged,
                         TrainingInterrupted, train)
 
@@ -194,25 +202,34 @@ def _train(args, argv: list[str]) -> int:
         weight_decay=args.weight_decay, lr_step_size=args.lr_step_size or None, lr_gamma=args.lr_gamma,
         seed=args.seed, out=out, resume=resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
         limit_train=args.limit_train, limit_test=args.limit_test, download=not args.no_download,
-        progress=not args.no_progress, graph=args.graph,
+        progress=not args.no_progress, graph=args.graph, dist_timeout=args.dist_timeout,
     )
     try:
-        history = train(config)
+        group = init_process_group()  # in an MPI job, one rank of several failing stops them all
+    except DistributedError as exc:
+        return _fail("train", exc)
+    try:
+        with abort_on_error(expected=(DatasetNotFoundError, IdxError, ResumeError, RunDirectoryError, DistributedError),
+                            collective=(TrainingInterrupted, TrainingDiverged), prog="gpuconv train"):
+            history = train(config)
     except TrainingInterrupted as exc:
-        print(f"interrupted at epoch {exc.epoch}, step {exc.step} of {exc.steps}: saved {exc.checkpoint}; "
-              f"resume with: {resume_command(argv)}", file=sys.stderr)
+        launcher = f"mpiexec -n {group.world_size} " if group.is_distributed else ""
+        if group.is_main:
+            print(f"interrupted at epoch {exc.epoch}, step {exc.step} of {exc.steps}: saved {exc.checkpoint}; "
+                  f"resume with: {launcher}{resume_command(argv)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         kept = f"the checkpoint {out}/{CHECKPOINT} is as it was" if Path(out, CHECKPOINT).is_file() else "nothing was saved"
         print(f"gpuconv train: stopped at once; {kept}", file=sys.stderr)
         return 130
     except TrainingDiverged as exc:  # the run failed, the command was right: status 1
-        print(f"gpuconv train: {exc}", file=sys.stderr)
+        if group.is_main:
+            print(f"gpuconv train: {exc}", file=sys.stderr)
         return 1
     except (DatasetNotFoundError, IdxError, ResumeError, RunDirectoryError) as exc:
         # Expected failures with messages written for the user: no traceback.
         return _fail("train", exc)
-    if history:
+    if history and group.is_main:
         last = history[-1]
         print(f"done: test accuracy {last['test_acc']:.4f} after epoch {last['epoch']}; results in {out}")
     return 0

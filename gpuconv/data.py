@@ -462,11 +462,16 @@ class DeviceDataset:
         return x
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False, start_batch: int = 0) -> Iterator[tuple[object, object]]:
+                drop_last: bool = False, start_batch: int = 0, order=None) -> Iterator[tuple[object, object]]:
         """``(x, y)`` device batches of one epoch: x ``(B, C, H, W)`` float32, y ``(B,)`` int32;
-        from batch ``start_batch`` on (the same order: a run resumed mid-epoch continues it)."""
-        slices = _batch_slices(len(self), batch_size, drop_last)[start_batch:]
-        order = to_device(epoch_order(len(self), shuffle, seed, epoch), self.device) if shuffle else None
+        from batch ``start_batch`` on (the same order: a run resumed mid-epoch continues it).
+
+        ``order``: the sample indices to serve (host integers, e.g. one rank's shard of the
+        epoch), in place of the epoch's order."""
+        if order is None and shuffle:
+            order = epoch_order(len(self), shuffle, seed, epoch)
+        slices = _batch_slices(len(self) if order is None else len(order), batch_size, drop_last)[start_batch:]
+        order = None if order is None else to_device(np.asarray(order), self.device)
         for start in slices:
             if order is None:
                 x, y = self.images[start:start + batch_size], self.labels[start:start + batch_size]

@@ -41,10 +41,11 @@ class EmuArray(np.ndarray):
         if capture is not None and self.base is None:
             capture.refuse("a copy of an emu array")
 
-    def __array_wrap__(self, array, context=None, return_scalar=False):
+    def __array_wrap__(self, array, context=None, *rest):
+        # *rest: NumPy 2 passes return_scalar, NumPy 1 does not take it.
         if capture is not None:
             capture.refuse(f"NumPy's {context[0].__name__ if context else 'reduction'} on an emu array")
-        return super().__array_wrap__(array, context, return_scalar)
+        return super().__array_wrap__(array, context, *rest)
 
     def _read(self, method: str, *args):
         if capture is not None:

@@ -5,6 +5,8 @@ emulated device) and :mod:`gpuconv.compile_check` (the NVRTC gate); it imports n
 """
 from __future__ import annotations
 
+import functools
+
 import os
 import re
 from dataclasses import dataclass
@@ -64,7 +66,7 @@ class Param:
     name: str
     pointer: bool
 
-    @property
+    @functools.cached_property  # asked for every argument of every launch
     def dtype(self) -> np.dtype:
         return np.dtype(_C_TYPES[self.ctype])
 

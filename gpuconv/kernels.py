@@ -74,8 +74,7 @@ class _ArgumentCheck:
     """What checking and casting one kernel's arguments needs, derived from its signature once.
 
     The scalars of a launch are the shapes of its arrays, so the same few tuples recur every
-    step: scalars that are all Python ints (the sizes: no -0.0 or 1.0 that would compare equal
-    to another value and cast differently) are cast once and looked up after that.
+    step: scalars that are all Python ints (the sizes) are cast once and looked up after that.
     """
 
     _CACHE_LIMIT = 4096
@@ -94,12 +93,14 @@ class _ArgumentCheck:
             raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
         for i in self.pointers:
             self._check_array(params[i], args[i])
-        scalars = tuple(args[i] for i in self.scalars)
-        cast = self._cast.get(scalars) if all(type(v) is int for v in scalars) else None
+        scalars = tuple([args[i] for i in self.scalars])
+        # The types are part of the key: -0.0 equals 0 but casts differently.
+        key = (scalars, tuple(map(type, scalars)))
+        cast = self._cast.get(key)
         if cast is None:
             cast = tuple(self.casters[i](args[i]) for i in self.scalars)
-            if len(self._cast) < self._CACHE_LIMIT and all(type(v) is int for v in scalars):
-                self._cast[scalars] = cast
+            if len(self._cast) < self._CACHE_LIMIT and set(key[1]) <= {int}:
+                self._cast[key] = cast
         out = list(args)
         for i, value in zip(self.scalars, cast):
             out[i] = value

@@ -21,7 +21,7 @@ from . import functional as F
 from . import graphs
 from .device import copy_to_device, device_of, empty, to_device, to_numpy
 from .dispatch import device_call
-from .functional._checks import pair, positive_int, probability
+from .functional._checks import ieee_arithmetic, pair, positive_int, probability
 from .functional.conv import check_padding
 from .functional.pool import check_window
 from .precision import check as check_precision
@@ -87,6 +87,7 @@ class Parameter:
     def numel(self) -> int:
         return int(self.data.size)
 
+    @ieee_arithmetic  # inf + -inf is NaN, silently, as in torch
     def accumulate_grad(self, grad) -> None:
         if self.grad is None:
             self.grad = grad
@@ -389,7 +390,8 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
         module, needs_input_grad = modules[index], needed[index]
         if not needs_input_grad and not module._trains_any_parameter():
             return None
-        module.requires_input_grad = needs_input_grad
+        if module.requires_input_grad != needs_input_grad:
+            module.requires_input_grad = needs_input_grad
         if index and needed[index - 1] and type(module) is MaxPool2d and type(modules[index - 1]) is ReLU:
             # ReLU then max-pool: one backward kernel for both (the pool masks by its own output).
             grad_output = module._backward_captured(grad_output, module.backward_through_relu)
@@ -752,6 +754,7 @@ class CrossEntropyLoss(Module):
         self._save(grad=grad)
         return loss
 
+    @ieee_arithmetic
     def backward(self, grad_output=None):
         """d loss / d logits, times ``grad_output`` (a scalar, or one value per sample for 'none') if given."""
         grad = self._saved()["grad"]

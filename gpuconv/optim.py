@@ -115,6 +115,25 @@ class _FlatGroup:
         return all(params[i].data is view for i, view in zip(self.indices, self.data_views))
 
 
+# Elements per chunk of an update on 'cpu'. An update is a few elementwise passes; run over the
+# whole flat buffer each pass reads and writes main memory (58M parameters: about 1 GB a pass),
+# run chunk by chunk every pass after the first finds the chunk's data, gradient, state and
+# scratch (about 6 arrays of 64 KB for float32) still in L2.
+_CPU_CHUNK = 16384
+
+
+def _cpu_chunks(size: int):
+    """Slices covering ``range(size)`` in ``_CPU_CHUNK``-long steps."""
+    for start in range(0, size, _CPU_CHUNK):
+        yield slice(start, min(start + _CPU_CHUNK, size))
+
+
+def _cpu_scratch(like, count: int) -> list:
+    """``count`` chunk-sized scratch arrays for an update of flat ``like``: the temporaries of
+    the update formulas, reused by every chunk instead of allocated per pass."""
+    return [np.empty(min(like.size, _CPU_CHUNK), like.dtype) for _ in range(count)]
+
+
 class Optimizer(abc.ABC):
     """What SGD and Adam share: the parameters, their per-parameter state, ``lr``, checkpoints.
 
@@ -198,6 +217,23 @@ class Optimizer(abc.ABC):
             for run in runs:
                 if run:
                     self._update_run(group, run)
+
+    def flat_gradients(self) -> list:
+        """The flat gradient buffers (one per device and dtype), with every gradient in its slot:
+        what a data-parallel all-reduce sums in one call per buffer. A trainable parameter without
+        a gradient gets zeros there (a rank with no sample in a step still takes part in the sum);
+        afterwards each such ``grad`` is its slot, so :meth:`step` copies nothing."""
+        for group in self._flat_groups():
+            for position, index in enumerate(group.indices):
+                param, view = self.params[index], group.grad_views[position]
+                if param.grad is not None:
+                    self._stage_grad(index, param, group, position)
+                elif getattr(param, "requires_grad", True):
+                    view.fill(0)
+                else:
+                    continue  # frozen: no gradient, so step() skips it
+                param.grad = view
+        return [group.grad for group in self._groups]
 
     def _stage_grad(self, index: int, param, group: _FlatGroup, position: int) -> None:
         grad, view = param.grad, group.grad_views[position]
@@ -313,15 +349,28 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if self.momentum else ()
 
     def _update_numpy(self, data, grad, state, scalars):
+        # The formulas of the docstring, operation by operation in the same order (a + b as b + a,
+        # which IEEE addition makes bit-identical), chunk by chunk in place (see _CPU_CHUNK).
         (lr,) = scalars
-        d = grad + self.weight_decay * data if self.weight_decay else grad
-        if self.momentum:
-            # A zero buffer makes the first update momentum * 0 + d = d, PyTorch's initial copy, exactly.
-            buffer = state["momentum_buffer"]
-            buffer *= self.momentum
-            buffer += d
-            d = d + self.momentum * buffer if self.nesterov else buffer
-        data -= lr * d
+        momentum, weight_decay = self.momentum, self.weight_decay
+        decayed, step = _cpu_scratch(data, 2)
+        for part in _cpu_chunks(data.size):
+            p, d = data[part], grad[part]
+            if weight_decay:
+                d = np.multiply(p, weight_decay, out=decayed[:p.size])
+                d += grad[part]
+            if momentum:
+                # A zero buffer makes the first update momentum * 0 + d = d, PyTorch's initial copy, exactly.
+                buffer = state["momentum_buffer"][part]
+                buffer *= momentum
+                buffer += d
+                if self.nesterov:
+                    ahead = np.multiply(buffer, momentum, out=step[:p.size])
+                    ahead += d
+                    d = ahead
+                else:
+                    d = buffer
+            p -= np.multiply(d, lr, out=step[:p.size])
 
     def _update_kernel(self, data, grad, state, scalars, grid):
         # With no momentum the kernel never reads the buffer: an empty array stands for a null pointer.
@@ -374,13 +423,35 @@ class Adam(Optimizer):
 
     def _update_numpy(self, data, grad, state, scalars):
         step_size, bias_correction2_sqrt = scalars
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        # The formulas below, operation by operation in the same order, chunk by chunk in place
+        # (see _CPU_CHUNK):
+        #   g = grad + weight_decay * data
+        #   exp_avg += (1 - beta1) * (g - exp_avg)
+        #   exp_avg_sq *= beta2;  exp_avg_sq += (1 - beta2) * g * g
+        #   data -= step_size * exp_avg / (sqrt(exp_avg_sq) / bias_correction2_sqrt + eps)
         beta1, beta2 = self.betas
-        g = grad + self.weight_decay * data if self.weight_decay else grad
-        exp_avg += (1 - beta1) * (g - exp_avg)
-        exp_avg_sq *= beta2
-        exp_avg_sq += (1 - beta2) * g * g
-        data -= step_size * exp_avg / (np.sqrt(exp_avg_sq) / bias_correction2_sqrt + self.eps)
+        weight_decay, eps = self.weight_decay, self.eps
+        decayed, work = _cpu_scratch(data, 2)
+        for part in _cpu_chunks(data.size):
+            p, g = data[part], grad[part]
+            exp_avg, exp_avg_sq = state["exp_avg"][part], state["exp_avg_sq"][part]
+            t, w = decayed[:p.size], work[:p.size]
+            if weight_decay:
+                g = np.multiply(p, weight_decay, out=t)
+                g += grad[part]
+            np.subtract(g, exp_avg, out=w)
+            w *= 1 - beta1
+            exp_avg += w
+            exp_avg_sq *= beta2
+            np.multiply(g, 1 - beta2, out=w)
+            w *= g
+            exp_avg_sq += w
+            denominator = np.sqrt(exp_avg_sq, out=w)
+            denominator /= bias_correction2_sqrt
+            denominator += eps
+            step = np.multiply(exp_avg, step_size, out=t)  # g is not needed past this point
+            step /= denominator
+            p -= step
 
     def _update_kernel(self, data, grad, state, scalars, grid):
         beta1, beta2 = self.betas

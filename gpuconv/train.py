@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, data, graphs, nn, optim
+from . import __version__, data, distributed, graphs, nn, optim
 from .device import array_module, resolve_device
 from .models import get_model
 from .random import generator, manual_seed, normalize_seed
@@ -89,6 +89,7 @@ class TrainConfig:
     download: bool = True
     sync_every: int = 50
     progress: bool = True
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a rank waits for the others (MPI jobs)
     graph: bool | None = None  # capture the training step as a CUDA graph; None: on 'cuda' only
 
     def __post_init__(self):
@@ -108,6 +109,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout!r}")
         normalize_seed(self.seed)
         if self.resume is not None and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: a resumed run continues the one in out")
@@ -192,20 +195,37 @@ class _EpochProgress:
 
 class Trainer:
     """Builds the model, optimizer and device-resident datasets of a :class:`TrainConfig`
-    (resuming from ``config.resume`` if set); :meth:`fit` runs the remaining epochs."""
+    (resuming from ``config.resume`` if set); :meth:`fit` runs the remaining epochs.
+
+    Started by an MPI launcher, it is one rank of a data-parallel job (:mod:`gpuconv.distributed`):
+    ``batch_size`` is per rank; rank 0 alone logs, owns the run directory and writes files."""
 
     def __init__(self, config: TrainConfig, log=print):
         self.config = config
-        self.log = log
+        self.group = distributed.init_process_group(config.dist_timeout)
+        main = self.group.is_main
+        self.log = log if main else _silent
         self.out = Path(config.out)
+        if self.group.is_distributed:
+            self.group.check_same(dataclasses.asdict(config), "the training configuration")
         resume = Path(config.resume) if config.resume is not None else None
-        checkpoint = self._read_checkpoint(resume) if resume is not None else None  # fail before loading data
-        make_run_directory(self.out)
-        # Checked again under the lock in fit(); here too, so that a refused run fails before loading anything.
-        with RunLock(self.out):
-            self._signature = prepare_run_directory(self.out, resume, config.overwrite, remove=False)
+        checkpoint = self._read_checkpoint(resume) if resume is not None and main else None  # fail before loading data
+        if main:
+            make_run_directory(self.out)
+            # Checked again under the lock in fit(); here too, so that a refused run fails before loading anything.
+            with RunLock(self.out):
+                self._signature = prepare_run_directory(self.out, resume, config.overwrite, remove=False)
+        if resume is not None:  # rank 0 sends it: the other ranks need no copy of the file
+            checkpoint = self.group.broadcast_object(checkpoint, what=f"the checkpoint {resume}")
         self.device, reason = resolve_device(config.device)
-        log(f"device: {self.device} ({reason})")
+        where = self.group.use_device(self.device)
+        self.log(f"device: {self.device} ({reason})")
+        if self.group.is_distributed:
+            world = self.group.world_size
+            self.log(f"data-parallel over {world} MPI ranks: global batch {world} x {config.batch_size} = "
+                     f"{world * config.batch_size}")
+            for line in distributed.describe_ranks(self.group, where):
+                self.log(f"  {line}")
         manual_seed(config.seed)
         self.model = get_model(config.model, num_classes=len(data.DATASETS[config.dataset].classes)).to(self.device)
         self.optimizer = make_optimizer(config, self.model.parameters())
@@ -217,12 +237,23 @@ class Trainer:
         self.epochs_done = 0
         # CUDA graphs of the training step: default on 'cuda'; on 'emu' when asked (tests).
         self.use_graph = self.device == "cuda" if config.graph is None else bool(config.graph) and self.device != "cpu"
+        if config.graph and self.device == "cpu":
+            self.log("note: --graph has no effect on the cpu device (CUDA graphs replay 'cuda' or 'emu' work)")
+        # Not in an MPI job yet: the gradient all-reduce sits inside the step, and NCCL inside a
+        # captured graph awaits a test on several GPUs.
+        self.use_graph = self.use_graph and not self.group.is_distributed
         self._graphed = None
         self._progress: _EpochProgress | None = None  # a resumed or finished-but-unevaluated epoch
         self._stop = False
+        self._stop_pending = False  # a stop asked for on this rank, not yet agreed by all (MPI jobs)
         self._estimated = False
         self._saved_at: str | None = None  # where the last checkpoint written or resumed stands
-        self.train_set, self.test_set = self._load_data()
+        with self.group.main_first():  # rank 0 alone downloads a missing dataset
+            self.train_set, self.test_set = self._load_data()
+        rank, world = self.group.rank, self.group.world_size
+        self.train_sampler = distributed.DistributedSampler(len(self.train_set), rank, world, seed=config.seed)
+        self.test_order = (distributed.DistributedSampler(len(self.test_set), rank, world, shuffle=False).indices(0)
+                           if self.group.is_distributed else None)
         if checkpoint is not None:
             self._restore(checkpoint, resume)
 
@@ -293,7 +324,7 @@ class Trainer:
         self.history = checkpoint["history"]
         self.epochs_done = checkpoint["epoch"]
         where = (f"at epoch {partial['epoch']}, step {partial['step']} of "
-                 f"{self.train_set.num_batches(self.config.batch_size)}" if partial else f"after epoch {self.epochs_done}")
+                 f"{self.train_sampler.num_steps(self.config.batch_size)}" if partial else f"after epoch {self.epochs_done}")
         self.log(f"resumed from {path} {where} (the optimizer's hyper-parameters are the checkpoint's: "
                  f"lr {self.optimizer.lr:g})")
 
@@ -304,6 +335,8 @@ class Trainer:
     def _save_checkpoint(self, progress: _EpochProgress | None) -> None:
         if progress is not None and not math.isfinite(progress.loss_sum):
             raise self._diverged("training loss", progress.loss_sum, progress.epoch)
+        if not self.group.is_main:
+            return
         save_checkpoint(self.checkpoint_path, {
             "format": _FORMAT,
             "gpuconv_version": __version__,
@@ -321,8 +354,14 @@ class Trainer:
         self._saved_at = self._position(progress, self.epochs_done)
 
     def request_stop(self) -> None:
-        """End :meth:`fit` after the step in progress, saving a checkpoint to resume from."""
-        self._stop = True
+        """End :meth:`fit` after the step in progress, saving a checkpoint to resume from.
+
+        In an MPI job, after the first step where every rank has heard of it (the next metrics
+        sum, every ``sync_every`` steps): all ranks must stop at the same step."""
+        if self.group.is_distributed:
+            self._stop_pending = True
+        else:
+            self._stop = True
 
     def _stop_if_requested(self, progress: _EpochProgress) -> None:
         if not self._stop:
@@ -330,7 +369,7 @@ class Trainer:
         self._stop = False
         self._save_checkpoint(progress)
         self._progress = progress  # so that fit() again continues from here too
-        steps = self.train_set.num_batches(self.config.batch_size)
+        steps = self.train_sampler.num_steps(self.config.batch_size)
         raise TrainingInterrupted(
             f"interrupted at epoch {progress.epoch}, step {progress.step} of {steps}: saved {self.checkpoint_path}; "
             f"resume with resume={str(self.checkpoint_path)!r}", self.checkpoint_path, progress.epoch,
@@ -344,7 +383,7 @@ class Trainer:
             return
 
         def on_sigint(signum, frame):
-            if self._stop:
+            if self._stop or self._stop_pending:
                 raise KeyboardInterrupt
             self.request_stop()
 
@@ -382,27 +421,39 @@ class Trainer:
             _EpochProgress(epoch)
         self._progress = None
         self.model.train()
-        loss_sum, correct = xp.asarray(progress.loss_sum, np.float64), xp.asarray(progress.correct, np.int64)
-        steps = self.train_set.num_batches(c.batch_size)
+        # progress holds the job's sums (all ranks'); each rank adds its own, rank 0 from where they were.
+        carried = progress if self.group.is_main else _EpochProgress(epoch)
+        loss_sum, correct = xp.asarray(carried.loss_sum, np.float64), xp.asarray(carried.correct, np.int64)
+        seen = carried.seen
+        distributed_job = self.group.is_distributed
+        steps = self.train_sampler.num_steps(c.batch_size)
         bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {epoch}/{c.epochs}", unit="batch",
-                   disable=not c.progress, leave=False)
+                   disable=not c.progress or not self.group.is_main, leave=False)
         start = last_sync = time.perf_counter() - progress.seconds
         first_step_done = None  # time and step after the first one here, whose time includes warm-up
-        batches = self.train_set.batches(c.batch_size, shuffle=True, seed=c.seed, epoch=epoch, start_batch=progress.step)
+        # From the sample where the epoch stopped (all full global batches before it), on any number of ranks.
+        batches = distributed.shard_batches(self.train_set, self.train_sampler, c.batch_size, epoch, start=progress.seen)
         with bar:
-            for step, (x, y) in enumerate(batches, progress.step + 1):
-                loss, logits = self._train_step(x, y)
-                loss_sum = loss_sum + loss * len(y)
-                correct = correct + (logits.argmax(axis=1) == y).sum()
-                progress.seen += len(y)
+            for step, (x, y, share) in enumerate(batches, progress.step + 1):
+                loss, logits = self._train_step(x, y, share)
+                if y is not None:  # None: this rank's shard ran out before the epoch's last global step
+                    loss_sum = loss_sum + loss * len(y)
+                    correct = correct + (logits.argmax(axis=1) == y).sum()
+                    seen += len(y)
                 progress.step = step
                 now = time.perf_counter()
-                if first_step_done is None or step % c.sync_every == 0 or step == steps or now - last_sync >= 1.0:
-                    mean_loss = float(loss_sum) / progress.seen  # waits for the device
+                # In an MPI job every rank must sync at the same steps: no clock-driven syncs.
+                if first_step_done is None or step % c.sync_every == 0 or step == steps or (
+                        not distributed_job and now - last_sync >= 1.0):
+                    totals = self._sum_over_ranks(loss_sum, correct, seen, self._stop_pending)  # waits for the device
+                    progress.loss_sum, progress.correct, progress.seen = totals[0], int(totals[1]), int(totals[2])
+                    if totals[3] > 0:  # a stop any rank asked for, now agreed by all
+                        self._stop, self._stop_pending = True, False
+                    mean_loss = progress.loss_sum / progress.seen
                     if not math.isfinite(mean_loss):
                         raise self._diverged("training loss", mean_loss, epoch)
                     last_sync = time.perf_counter()
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(correct) / progress.seen:.4f}",
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{progress.correct / progress.seen:.4f}",
                                     img_s=f"{progress.seen / (last_sync - start):.0f}", refresh=False)
                     if first_step_done is None:
                         first_step_done = (last_sync, step)
@@ -411,11 +462,13 @@ class Trainer:
                 bar.update()
                 global_step = (epoch - 1) * steps + step
                 if self._stop or (c.checkpoint_every and global_step % c.checkpoint_every == 0 and step < steps):
-                    progress.loss_sum, progress.correct = float(loss_sum), int(correct)
+                    totals = self._sum_over_ranks(loss_sum, correct, seen)
+                    progress.loss_sum, progress.correct, progress.seen = totals[0], int(totals[1]), int(totals[2])
                     progress.seconds = time.perf_counter() - start
                     self._stop_if_requested(progress)  # saves and raises when a stop was asked for
                     self._save_checkpoint(progress)
-        progress.loss_sum, progress.correct = float(loss_sum), int(correct)
+        totals = self._sum_over_ranks(loss_sum, correct, seen)
+        progress.loss_sum, progress.correct, progress.seen = totals[0], int(totals[1]), int(totals[2])
         progress.seconds = time.perf_counter() - start
         mean_loss = progress.loss_sum / progress.seen
         if not math.isfinite(mean_loss):
@@ -423,20 +476,26 @@ class Trainer:
         self._progress = progress  # what an interruption during the evaluation saves
         return mean_loss, progress.correct / progress.seen, progress.seconds
 
-    def _eager_step(self, x, y):
-        logits = self.model(x)
-        loss = self.criterion(logits, y)
-        self.model.backward(self.criterion.backward())
+    def _eager_step(self, x, y, share: float = 1.0):
+        """One step; in an MPI job the gradients are summed over the ranks, each weighted by its
+        ``share`` of the global batch, before the update. ``x`` None: a rank with no sample left
+        in the epoch's last step still takes part in the sum and the update; (None, None)."""
+        loss = logits = None
+        if x is not None:
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+            self.model.backward(self.criterion.backward())
+        self.group.average_gradients(self.optimizer, share)
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss, logits
 
-    def _train_step(self, x, y):
+    def _train_step(self, x, y, share: float = 1.0):
         """One training step: (loss, logits). With ``config.graph``, the first full batch runs
         eagerly and is captured as a CUDA graph (:class:`gpuconv.graphs.GraphedStep`), later ones
         replay it; a last partial batch runs eagerly. The losses are the eager path's."""
         if not self.use_graph or len(y) != self.config.batch_size:
-            return self._eager_step(x, y)
+            return self._eager_step(x, y, share)
         if self._graphed is None:
             self._graphed = graphs.GraphedStep(self._eager_step, x, y)
             return self._graphed.warmup_result
@@ -447,9 +506,11 @@ class Trainer:
         xp = array_module(self.device)
         self.model.eval()
         loss_sum, correct = xp.zeros((), np.float64), xp.zeros((), np.int64)
-        batches = self.test_set.batches(self.config.batch_size)
-        for x, y in tqdm(batches, total=self.test_set.num_batches(self.config.batch_size), desc="test", unit="batch",
-                         disable=not self.config.progress, leave=False):
+        batch = self.config.batch_size
+        batches = self.test_set.batches(batch, order=self.test_order)  # this rank's share of the test set
+        local = len(self.test_set) if self.test_order is None else len(self.test_order)
+        for x, y in tqdm(batches, total=-(-local // batch), desc="test", unit="batch",
+                         disable=not self.config.progress or not self.group.is_main, leave=False):
             logits = self.model(x)
             loss_sum = loss_sum + self.criterion(logits, y) * len(y)
             correct = correct + (logits.argmax(axis=1) == y).sum()
@@ -457,18 +518,29 @@ class Trainer:
                 self.model.train()
                 self._stop_if_requested(self._progress)
         self.model.train()
-        return float(loss_sum) / len(self.test_set), int(correct) / len(self.test_set)
+        loss_sum, correct = self._sum_over_ranks(loss_sum, correct)
+        return loss_sum / len(self.test_set), correct / len(self.test_set)
+
+    def _sum_over_ranks(self, *values) -> list[float]:
+        """Host values (device scalars read back) summed over the ranks: the job's metrics."""
+        self.group.wait_for_device("the device work before the metrics")
+        totals = np.array([float(value) for value in values], np.float64)
+        return self.group.allreduce_sum(totals, what="the sum of the metrics").tolist()
 
     def fit(self) -> list[dict]:
         """Train until ``config.epochs`` epochs are done; returns the metrics of every epoch."""
         c = self.config
-        make_run_directory(self.out)
-        with RunLock(self.out), self._ctrl_c_requests_stop():
-            prepare_run_directory(self.out, Path(c.resume) if c.resume else None, c.overwrite, remove=True,
-                                  ours=self._signature)
+        main = self.group.is_main  # the one rank that owns the run directory
+        if main:
+            make_run_directory(self.out)
+        with RunLock(self.out) if main else contextlib.nullcontext(), self._ctrl_c_requests_stop():
+            if main:
+                prepare_run_directory(self.out, Path(c.resume) if c.resume else None, c.overwrite, remove=True,
+                                      ours=self._signature)
             if self.epochs_done >= c.epochs:
                 self.log(f"nothing to do: {self.epochs_done} of {c.epochs} epochs are done")
-            info = {"model": c.model, "dataset": c.dataset, "device": self.device, "config": dataclasses.asdict(c)}
+            info = {"model": c.model, "dataset": c.dataset, "device": self.device, "ranks": self.group.world_size,
+                    "config": dataclasses.asdict(c)}
             for epoch in range(self.epochs_done + 1, c.epochs + 1):
                 lr = float(self.optimizer.lr)
                 train_loss, train_acc, seconds = self.train_epoch(epoch)
@@ -484,13 +556,18 @@ class Trainer:
                 self.epochs_done = epoch
                 self._progress = None
                 self._save_checkpoint(None)
-                write_metrics(self.out, self.history, info)
-                self._signature = run_signature(self.out)
-                plot_curves(self.out / CURVES_PNG, self.history, f"{c.model} on {c.dataset} ({self.device})")
+                if main:
+                    write_metrics(self.out, self.history, info)
+                    self._signature = run_signature(self.out)
+                    plot_curves(self.out / CURVES_PNG, self.history, f"{c.model} on {c.dataset} ({self.device})")
                 self.log(f"epoch {epoch}/{c.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                          f"test loss {test_loss:.4f} acc {test_acc:.4f} | {seconds:.1f} s, "
                          f"{row['images_per_s']:.0f} images/s")
         return self.history
+
+
+def _silent(*args) -> None:
+    """The log of ranks other than 0."""
 
 
 def train(config: TrainConfig | None = None, log=print, **overrides) -> list[dict]:

@@ -85,6 +85,74 @@ conv2d_gemm_v2_32x128(const float* __restrict__ a, const float* __restrict__ src
                                  dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
+// Channels of A staged per pass: NARROW_STAGE k values, as many whole channels as fit.
+constexpr int NARROW_STAGE = 1024;
+constexpr int NARROW_THREADS = 256;
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
+                      float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
+                      int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
+                      int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
+                      int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
+                      int relu, int a_pitch)
+{
+    __shared__ int4 tap_table[conv::MAX_TAPS];
+    __shared__ float4 stage[NARROW_STAGE];
+    conv::fill_tap_table(tap_table, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, n_taps, src_w);
+
+    const int columns = batch * lattice_h * lattice_w;
+    const int n = blockIdx.x * NARROW_THREADS + threadIdx.x;
+    int row0 = conv::OUTSIDE, col0 = conv::OUTSIDE, origin = 0;
+    if (n < columns) {
+        const conv::LatticePixel at = conv::lattice_pixel(n, lattice_h, lattice_w);
+        row0 = src_origin_h + src_step_h * at.q;
+        col0 = src_origin_w + src_step_w * at.r;
+        origin = (at.image * channels * src_h + row0) * src_w + col0;
+    }
+    const int plane = src_h * src_w;
+    const int stage_channels = max(1, NARROW_STAGE / n_taps);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c0 = 0; c0 < channels; c0 += stage_channels) {
+        const int c1 = min(channels, c0 + stage_channels);
+        for (int k = threadIdx.x; k < (c1 - c0) * n_taps; k += NARROW_THREADS) {
+            const int column = c0 * n_taps + k;
+            float v[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) v[r] = r < rows ? __ldg(a + (long long)r * a_pitch + column) : 0.0f;
+            stage[k] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        __syncthreads();  // the stage (and, the first time, the tap table) is filled
+        for (int c = c0; c < c1; ++c) {
+            const int channel_offset = origin + c * plane;
+            const float4* weights = stage + (c - c0) * n_taps;
+            for (int t = 0; t < n_taps; ++t) {
+                const int4 tap = tap_table[t];
+                if (!conv::inside(row0 + tap.y, col0 + tap.z, src_h, src_w)) continue;
+                const float g = __ldg(src + (channel_offset + tap.x));
+                const float4 w = weights[t];
+                acc[0] = fmaf(w.x, g, acc[0]);
+                acc[1] = fmaf(w.y, g, acc[1]);
+                acc[2] = fmaf(w.z, g, acc[2]);
+                acc[3] = fmaf(w.w, g, acc[3]);
+            }
+        }
+        __syncthreads();  // every thread is done with this stage before the next pass refills it
+    }
+    if (n >= columns) return;
+    const conv::LatticePixel at = conv::lattice_pixel(n, lattice_h, lattice_w);  // not kept live through K
+    const long long dst_plane = (long long)dst_h * dst_w;
+    float* pixel = dst + (long long)at.image * rows * dst_plane + (long long)(dst_origin_h + dst_step_h * at.q) * dst_w +
+                   (dst_origin_w + dst_step_w * at.r);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (r >= rows) break;
+        float value = acc[r] + (has_bias ? __ldg(bias + r) : 0.0f);
+        if (relu && value < 0.0f) value = 0.0f;  // not fmaxf: NaN propagates, as PyTorch's ReLU
+        pixel[r * dst_plane] = value;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 conv2d_weight_rows_v2(const float* __restrict__ w, float* __restrict__ out, int c_out, int c_in, int kernel_h,
                       int kernel_w, int taps_h, int taps_w, int tap_i0, int tap_i_step, int tap_j0, int tap_j_step,

@@ -372,6 +372,27 @@ def test_v2_lattice_kernel_on_every_tile(kernel_device, index, tile, monkeypatch
     _assert_close(F.conv2d_input(x.shape, wd, god, **args), dx, weight.shape[0] * weight[0, 0].size, kernel_device)
 
 
+NARROW_CASES = [0, 4, 8, 10, 11, 12, 13]  # C_in or C_out of 1 to 3
+
+
+@pytest.mark.parametrize("index", NARROW_CASES, ids=[CASE_IDS[i] for i in NARROW_CASES])
+def test_v2_narrow_kernel_for_at_most_four_rows(kernel_device, index):
+    # Planned by default: forward where C_out <= 4, backward-data where C_in <= 4.
+    x, weight, bias, grad_output, args, (y, dx, _, _) = _problem(index)
+    g = conv_module._geometry(x.shape, weight.shape, **args)
+    xd, wd, bd, god = _on(kernel_device, x, weight, bias, grad_output)
+    checked = 0
+    if g.c_out <= 4:
+        assert conv_gemm.plan_forward(g).kernel == "conv2d_gemm_narrow_v2"
+        _assert_close(F.conv2d(xd, wd, bd, **args, activation="relu"), np.maximum(y, 0), weight[0].size, kernel_device)
+        checked += 1
+    if g.c_in <= 4:
+        assert conv_gemm.plan_backward_data(g).kernel == "conv2d_gemm_narrow_v2"
+        _assert_close(F.conv2d_input(x.shape, wd, god, **args), dx, weight.shape[0] * weight[0, 0].size, kernel_device)
+        checked += 1
+    assert checked
+
+
 @pytest.mark.parametrize("tile", conv_gemm.FILTER_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
 @pytest.mark.parametrize("index", V2_CASES, ids=[CASE_IDS[i] for i in V2_CASES])
 def test_v2_weight_gradient_on_every_tile(kernel_device, index, tile, monkeypatch):
@@ -456,7 +477,8 @@ def test_alexnet_conv1_backward_data_does_no_zero_tap_work():
 
 @pytest.mark.parametrize("rows, columns, expected", [
     (384, 128 * 169, (128, 128)),   # AlexNet conv3-5: large M and N
-    (3, 128 * 224 * 224, (32, 128)),  # C_in 3: the narrow-M tile
+    (3, 128 * 224 * 224, conv_gemm.NARROW_TILE),  # C_in 3: the direct narrow kernel
+    (4, 1000, conv_gemm.NARROW_TILE),
     (6, 256 * 28 * 28, (32, 128)),  # LeNet conv1's 6 output channels
     (16, 256 * 10 * 10, (32, 128)),  # LeNet conv2's 16 (M = 16 fits 32 rows)
     (256, 128 * 169, (128, 128)),  # AlexNet conv5: 128x64 ties, the larger tile wins
@@ -498,7 +520,7 @@ def test_conv2d_plan_names_the_kernel_for_each_version(monkeypatch):
         monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}")
     # AlexNet conv1's input gradient: v1 multiplies 16x the taps (and pads 3 channels to 64).
     data = F.conv2d_plan("conv2d_backward_data", *shapes, **args)
-    assert data.kernel_text == "conv2d_gemm_v2 32x128, 16 phases"
+    assert data.kernel_text == "conv2d_gemm_narrow_v2 4x256, 16 phases"
     assert "4x4 stride phases" in data.describe()
     monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_DATA", "1")
     assert F.conv2d_plan("conv2d_backward_data", *shapes, **args).useful < data.useful / 16
@@ -525,3 +547,25 @@ def test_weights_are_relaid_for_vector_loads_only_when_needed():
     expected = to_numpy(square)[:, :, 1, :].transpose(1, 0, 2).reshape(2, 4)
     assert pitch == 4
     np.testing.assert_array_equal(to_numpy(phase), expected)
+
+
+@pytest.mark.parametrize("order", ["reverse", "random:3"])
+def test_v2_weight_gradient_is_bit_identical_in_any_block_order(order, monkeypatch):
+    # The emulator runs the blocks in another order: v2's partial sums are added in split order
+    # whatever the block order; v1's float atomics add them in block order (the planted contrast:
+    # the check sees the difference).
+    from gpuconv import emu
+
+    x, weight, _, grad_output, args, _ = _problem(5)  # K = 99 output pixels: 13 K tiles of v2, 7 of v1
+    xd, god = _on("emu", x, grad_output)
+
+    def weight_gradient(version, block_order):
+        monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_FILTER", version)
+        with emu.block_order(*block_order):
+            return to_numpy(F.conv2d_weight(xd, weight.shape, god, **args)).view(np.uint32)
+
+    name, _, seed = order.partition(":")
+    other = (name, int(seed or 0))
+    np.testing.assert_array_equal(weight_gradient("2", ("forward", 0)), weight_gradient("2", other))
+    monkeypatch.setattr(conv_module, "_TARGET_BLOCKS", 4096)  # v1: many splits adding into each element
+    assert (weight_gradient("1", ("forward", 0)) != weight_gradient("1", other)).any()

@@ -255,6 +255,19 @@ def test_no_numpy_warning_on_nan_inf_or_empty_inputs(device, rng):
                 op()
 
 
+def test_layers_accumulate_and_scale_inf_gradients_without_warnings(device):
+    criterion = nn.CrossEntropyLoss(reduction="none")
+    # exp(-inf) = 0: the loss gradient holds exact zeros, and 0 * inf is NaN.
+    criterion(to_device(np.array([[0.0, -np.inf], [1.0, 2.0]], np.float32), device), to_device(np.array([0, 1]), device))
+    param = nn.Parameter(to_device(np.zeros(2, np.float32), device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad = to_numpy(criterion.backward(to_device(np.array([np.inf, 1.0], np.float32), device)))
+        for value in (np.inf, -np.inf):  # inf + -inf is NaN
+            param.accumulate_grad(to_device(np.full(2, value, np.float32), device))
+    assert np.isnan(grad[0]).any() and np.isnan(to_numpy(param.grad)).all()
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 def test_a_diverging_step_gives_inf_and_nan_without_warnings(name):
     layer = nn.Linear(3, 2)

@@ -66,6 +66,15 @@ def conv_v2_tile(tile):
     return ops
 
 
+def conv_v2_narrow(rng, monkeypatch):
+    # C_out 4 and C_in 3 fit the narrow kernel's 4 rows; the second input gradient's K (130
+    # channels x 9 taps) takes two passes through its shared stage of 1024.
+    w, gy = small(rng, 130, 2, 3, 3), small(rng, 1, 130, 3, 3)
+    ew, egy = on_emu(w, gy)
+    deep = (F.conv2d_input((1, 2, 3, 3), ew, egy, padding=1), F.conv2d_input((1, 2, 3, 3), w, gy, padding=1))
+    return conv_v2_tile(conv_gemm.NARROW_TILE)(rng, monkeypatch) + [deep]
+
+
 def conv_tensorcore(rng, monkeypatch):
     x, w = small(rng, 1, 8, 4, 4), small(rng, 8, 8, 3, 3)
     gy = small(rng, 1, 8, 4, 4)
@@ -134,6 +143,7 @@ def optimizers(rng, monkeypatch):
 OPS = {
     "conv-v1": conv_v1,
     **{f"conv-v2-{a}x{b}": conv_v2_tile((a, b)) for a, b in conv_gemm.TILES},
+    "conv-v2-narrow": conv_v2_narrow,
     "conv-tensorcore": conv_tensorcore,
     "elementwise": elementwise,
     "pooling-and-norm": pooling_and_norm,

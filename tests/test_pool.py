@@ -175,6 +175,13 @@ def test_kernels_refuse_planes_past_their_int_indices():
             call()
 
 
+def test_max_pool2d_refuses_planes_its_int32_indices_cannot_name_on_the_cpu_too():
+    huge = np.broadcast_to(np.zeros(1, np.float32), (1, 1, 50000, 50000))
+    with pytest.raises(ValueError, match=r"input of shape \(1, 1, 50000, 50000\) has planes of 2\^31 pixels"):
+        F.max_pool2d(huge, 2)
+    assert F.avg_pool2d(huge[:, :, :4, :4], 2).shape == (1, 1, 2, 2)
+
+
 def test_float64_cpu_matches_loops(rng):
     x = rng.standard_normal((2, 2, 7, 6))
     out, idx = F.max_pool2d(x, 3, 2, 1, True, return_indices=True)
@@ -231,6 +238,24 @@ def test_matches_torch_forward_and_autograd(rng):
         x = _input(rng, shape, ties=bool(rng.integers(2)))
         out_shape = (*shape[:2], *F.pool2d_output_size(shape[2:], k, s, p, ceil_mode))
         _check_against_torch(x, k, s, p, ceil_mode, rng.standard_normal(out_shape).astype(np.float32))
+
+
+def test_windows_larger_than_the_input_match_torch_randomized(device, rng):
+    """Random kernels up to 60 wide with padding up to half of them, on planes of 1 to 6 pixels a side."""
+    configs = 0
+    while configs < 6:
+        k = tuple(int(v) for v in rng.integers(1, 61, 2))
+        s = tuple(int(v) for v in rng.integers(1, 70, 2))
+        p = tuple(int(rng.integers(0, kk // 2 + 1)) for kk in k)
+        shape = (1, 2, *(int(v) for v in rng.integers(1, 7, 2)))
+        ceil_mode = bool(rng.integers(2))
+        if not all(_out_size(*args, ceil_mode) >= 1 for args in zip(shape[2:], k, s, p)):
+            continue
+        configs += 1
+        x = _input(rng, shape, ties=bool(rng.integers(2)))
+        out_shape = (*shape[:2], *F.pool2d_output_size(shape[2:], k, s, p, ceil_mode))
+        g = rng.standard_normal(out_shape).astype(np.float32)
+        _check_against_torch(x, k, s, p, ceil_mode, g, device, 1e-6 / (k[0] * k[1]))
 
 
 # Windows far larger than the input: a window and its padding cover more than 2^31 positions

@@ -229,15 +229,16 @@ def short(config, tmp_path, monkeypatch):
 
 
 def on_step(trainer, action):
-    """Call ``action(n)`` after the trainer's n-th optimizer step (n counts from 1)."""
-    step, count = trainer.optimizer.step, [0]
+    """Call ``action(n)`` after the trainer's n-th training step (n counts from 1)."""
+    step, count = trainer._train_step, [0]
 
-    def counted():
-        step()
+    def counted(*batch):  # (x, y, share)
+        result = step(*batch)
         count[0] += 1
         action(count[0])
+        return result
 
-    trainer.optimizer.step = counted
+    trainer._train_step = counted
 
 
 def without_timings(history):
@@ -271,6 +272,21 @@ def test_an_interrupted_run_resumes_bit_for_bit(short, stop_at):
     messages = []
     resumed = train.Trainer(dataclasses.replace(short, resume=str(first.checkpoint_path)), log=messages.append)
     assert f"resumed from {first.checkpoint_path} at epoch {epoch + 1}, step {step + 1} of 8" in messages[-1]
+    resumed.fit()
+    assert_same_run(resumed, straight)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_an_interrupted_run_resumes_bit_for_bit_on_the_kernel_path(short, graph):
+    """On 'emu', the Python 'cuda' runs, eagerly and with the step captured as a CUDA graph."""
+    short = dataclasses.replace(short, device="emu", graph=graph, epochs=1)
+    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
+    straight.fit()
+    first = train.Trainer(short, log=quiet)
+    on_step(first, lambda n: n == 3 and first.request_stop())
+    with pytest.raises(train.TrainingInterrupted):
+        first.fit()
+    resumed = train.Trainer(dataclasses.replace(short, resume=str(first.checkpoint_path)), log=quiet)
     resumed.fit()
     assert_same_run(resumed, straight)
 

@@ -2,7 +2,7 @@
 ``kernels_cu/gemm_core.cuh`` (see ``conv_tiles.cuh`` for how a convolution becomes its GEMMs).
 
 A *plan* is decided in Python per shape, before anything is launched: the tile (128x128 and the
-narrow 128x64, 64x128 and 32x128), from a small cost model of waves on an H100/H200
+narrow 128x64, 64x128 and 32x128; a direct kernel for at most 4 rows), from a small cost model of waves on an H100/H200
 (:data:`SMS` SMs, the resident blocks each tile's launch bounds allow); for backward-filter the
 K split that fills the GPU :data:`WAVES` deep; for backward-data the stride_h x stride_w output
 phases, each meeting only the kernel taps that land on it. :func:`plan` returns the decision
@@ -32,6 +32,9 @@ MAX_TAPS = 256  # conv_tiles.cuh's shared tap table
 BK = 8
 # (BM, BN) -> (threads, resident blocks per SM from the kernels' __launch_bounds__)
 TILES = {(128, 128): (256, 2), (128, 64): (128, 3), (64, 128): (128, 3), (32, 128): (64, 6)}
+# conv2d_gemm_narrow_v2: a direct kernel for at most 4 rows (C_in 1-4 in backward-data, C_out
+# 1-4 forward), one thread per pixel: planned as this pseudo-tile.
+NARROW_TILE = (4, 256)
 # Measured by `gpuconv check-kernels --sass` (hot-loop FFMA share on sm_90): the cost model's
 # price of a tile's overhead.
 FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.76, (32, 128): 0.67}
@@ -81,12 +84,14 @@ def _cost(tile, rows: int, columns: int) -> float:
 def choose_tile(rows: int, columns: int) -> tuple[tuple[int, int], str]:
     """The cheapest tile for a rows x columns output by :func:`_cost`; ties go to the larger tile
     (fewer loads per multiply-add)."""
+    if rows <= NARROW_TILE[0]:
+        return NARROW_TILE, f"M = {rows} <= {NARROW_TILE[0]}: the direct narrow kernel"
     best = min(sorted(TILES, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
     if best == (128, 128):
         return best, "large M and N"
     if best[0] < 128 and rows <= best[0]:
         return best, f"M = {rows} fits {best[0]} rows"
-    return best, "less padding than 128x128"
+    return best, "fewer warps on the busiest SM than 128x128"
 
 
 def _padded(count: int, step: int) -> int:
@@ -94,6 +99,8 @@ def _padded(count: int, step: int) -> int:
 
 
 def _executed(tile, rows: int, columns: int, depth: int) -> int:
+    if tile == NARROW_TILE:  # 4 accumulators a pixel, every tap that lands inside (borders skip)
+        return NARROW_TILE[0] * columns * depth
     return _padded(rows, tile[0]) * _padded(columns, tile[1]) * _padded(depth, BK)
 
 
@@ -158,6 +165,14 @@ def _v2_refusal(g, n_taps: int) -> str | None:
 # Forward and backward-data: conv2d_gemm_v2, the lattice GEMM.
 
 
+def _lattice_family(tile) -> str:
+    return "conv2d_gemm_narrow_v2" if tile == NARROW_TILE else "conv2d_gemm_v2"
+
+
+def _lattice_kernel(tile) -> str:
+    return _lattice_family(tile) if tile == NARROW_TILE else f"conv2d_gemm_v2_{tile[0]}x{tile[1]}"
+
+
 def _launch_lattice(tile, a, pitch, src, tap_grid, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
                     src_origin, dst_hw, dst_step, dst_origin, relu: bool):
     bm, bn = tile
@@ -166,7 +181,7 @@ def _launch_lattice(tile, a, pitch, src, tap_grid, n_taps, bias, dst, rows, chan
     has_bias = bias is not None
     if bias is None:
         bias = dst  # never read
-    kernels.launch("conv2d_gemm", f"conv2d_gemm_v2_{bm}x{bn}", grid, TILES[tile][0],
+    kernels.launch("conv2d_gemm", _lattice_kernel(tile), grid, bn if tile == NARROW_TILE else TILES[tile][0],
                    (a, src, bias, dst, rows, channels, n_taps, *tap_grid, *src_hw, batch, lattice_h, lattice_w,
                     *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), pitch))
 
@@ -177,8 +192,8 @@ def plan_forward(g) -> Plan:
         return plan_v1("forward", g, refusal)
     columns = g.batch * g.out_h * g.out_w
     tile, reason = choose_tile(g.c_out, columns)
-    return Plan("forward", 2, "conv2d_gemm_v2", tile, 1, 1, _macs(g) / _executed(tile, g.c_out, columns, g.patch_size),
-                reason)
+    useful = _macs(g) / _executed(tile, g.c_out, columns, g.patch_size)
+    return Plan("forward", 2, _lattice_family(tile), tile, 1, 1, useful, reason)
 
 
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
@@ -246,7 +261,7 @@ def plan_backward_data(g) -> Plan:
                    for ph, pw in phases)
     if g.stride_h * g.stride_w > 1:
         reason += f", {g.stride_h}x{g.stride_w} stride phases"
-    return Plan("backward_data", 2, "conv2d_gemm_v2", tile, len(phases), 1, _macs(g) / max(executed, 1), reason)
+    return Plan("backward_data", 2, _lattice_family(tile), tile, len(phases), 1, _macs(g) / max(executed, 1), reason)
 
 
 def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):

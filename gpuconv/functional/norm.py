@@ -18,24 +18,54 @@ __all__ = ["local_response_norm", "local_response_norm_backward"]
 
 
 
-def _window_sum(x: np.ndarray, before: int, after: int) -> np.ndarray:
-    """Sum over channels ``[c - before, c + after]`` of NCHW ``x``, zero-padded.
+def _channel_window_sum(fill, shape, dtype, before: int, after: int) -> np.ndarray:
+    """Sum over channels ``[c - before, c + after]`` of an NCHW array, zero-padded; ``fill(out)``
+    writes the array into ``out``, the interior of a zero-padded buffer (no copy of its own).
 
-    A sum of shifted slices rather than a difference of cumulative sums: the window is a handful of
-    channels, and a cumulative sum would lose small channels next to large ones to cancellation.
+    Sums of whole shifted channel ranges, each a few contiguous runs of planes; a window of width
+    ``L`` takes about ``log2(L) + popcount(L)`` passes, from sums over 2, 4, 8... channels. Not a
+    difference of cumulative (or running) sums: the window is a handful of channels, and a
+    difference would lose small channels next to large ones to cancellation.
     """
-    total = x.copy()
-    # Shifts past the last channel add nothing: a huge size costs what size = 2 * channels does.
-    before, after = min(before, x.shape[1] - 1), min(after, x.shape[1] - 1)
-    for shift in range(1, before + 1):
-        total[:, shift:] += x[:, :-shift]
-    for shift in range(1, after + 1):
-        total[:, :-shift] += x[:, shift:]
+    channels = shape[1]
+    if channels == 0:
+        return np.zeros(shape, dtype)
+    # Channels past the last add nothing: a huge size costs what size = 2 * channels does.
+    before, after = min(before, channels - 1), min(after, channels - 1)
+    padded = np.zeros((shape[0], channels + before + after, *shape[2:]), dtype)
+    fill(padded[:, before:before + channels])
+    width, span, run, parts = before + after + 1, 1, padded, []
+    while span <= width:  # run[:, j] is the sum of padded channels [j, j + span)
+        if width & span:
+            parts.append(run[:, width - (width & (2 * span - 1)):][:, :channels])
+        if 2 * span <= width:
+            run = run[:, :-span] + run[:, span:]
+        span *= 2
+    if len(parts) == 1:
+        return np.array(parts[0])
+    total = np.add(parts[0], parts[1])
+    for part in parts[2:]:
+        total += part
     return total
 
 
 def _scale_numpy(input, size, alpha, k):
-    return k + alpha / size * _window_sum(input * input, size // 2, (size - 1) // 2)
+    square = lambda out: np.multiply(input, input, out=out)
+    scale = _channel_window_sum(square, input.shape, input.dtype, size // 2, (size - 1) // 2)
+    scale *= alpha / size
+    scale += k
+    return scale
+
+
+def _scale_power(scale, beta):
+    """``scale ** beta``; for AlexNet's beta = 0.75 as ``sqrt(s) * sqrt(sqrt(s))``, two square
+    roots costing less than a power."""
+    if beta != 0.75:
+        return scale ** beta
+    root = np.sqrt(scale)
+    power = np.sqrt(root)
+    power *= root
+    return power
 
 
 def _launch_shape(x):
@@ -50,7 +80,7 @@ def local_response_norm(input, size: int, alpha: float = 1e-4, beta: float = 0.7
     size = positive_int(size, "size")
     device = device_of(input)
     if device == "cpu":
-        return input * _scale_numpy(input, size, alpha, k) ** -beta
+        return input / _scale_power(_scale_numpy(input, size, alpha, k), beta)
     x = input.astype(np.float32, order="C", copy=False)  # astype keeps an EmuArray on 'emu'
     output = empty(x.shape, np.float32, device)
     total, channels, plane, grid = _launch_shape(x)
@@ -80,10 +110,20 @@ def local_response_norm_backward(grad_output, input, output, size: int, alpha: f
     device = common_device(grad_output=grad_output, input=input, output=output)
     if device == "cpu":
         scale = _scale_numpy(input, size, alpha, k)
+
+        def through_scale(out):
+            np.multiply(grad_output, output, out=out)
+            out /= scale
+
         # The channels whose window holds channel i are [i - (size - 1) // 2, i + size // 2]: the
         # forward window mirrored, which differs from it for even sizes.
-        through_scales = _window_sum(grad_output * output / scale, (size - 1) // 2, size // 2)
-        return grad_output * scale ** -beta - 2.0 * alpha * beta / size * input * through_scales
+        dtype = np.result_type(grad_output, input, output)
+        coupling = _channel_window_sum(through_scale, input.shape, dtype, (size - 1) // 2, size // 2)
+        coupling *= input
+        coupling *= 2.0 * alpha * beta / size
+        grad_input = np.divide(grad_output, _scale_power(scale, beta))
+        grad_input -= coupling
+        return grad_input
     arrays = [a.astype(np.float32, order="C", copy=False) for a in (input, output, grad_output)]
     grad_input = empty(input.shape, np.float32, device)
     total, channels, plane, grid = _launch_shape(input)

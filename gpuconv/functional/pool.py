@@ -11,6 +11,11 @@ a padded position; ties keep the first maximum in row-major window order (PyTorc
 indices are int32 flat positions ``h * W + w`` in the input plane. The average divides by the
 window clipped to the padded input (``count_include_pad=True``) or to the input itself: positions
 that ``ceil_mode`` adds beyond the padded input are never counted, as in PyTorch.
+
+The NumPy path pools columns, then rows, each pass visiting only the window offsets that reach
+the input (``_Window.taps``), so its cost follows the input and output sizes whatever the
+window and padding (PyTorch answers a 46342 x 46342 window over one pixel at once; so do we).
+The kernels count window coordinates and areas in 64 bits for the same windows.
 """
 from __future__ import annotations
 
@@ -60,11 +65,10 @@ class _Window:
         else:  # disjoint runs, one per window, in increasing offset for decreasing window
             offsets = itertools.chain.from_iterable(
                 range(max(0, p - o * s), min(k, p - o * s + size)) for o in reversed(range(out)))
-        for a in offsets:
+        for a in offsets:  # each reaches the input from at least one window: first < last
             first, last = max(0, -((a - p) // s)), min(out, (p - a + size - 1) // s + 1)
-            if first < last:
-                start = first * s - p + a
-                yield slice(first, last), slice(start, start + (last - first - 1) * s + 1, s)
+            start = first * s - p + a
+            yield slice(first, last), slice(start, start + (last - first - 1) * s + 1, s)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -143,20 +147,19 @@ def _window_sums_transposed(grad, window: _Window, axis: int, size: int):
     return out
 
 
-def _window_max(x, window: _Window, axis: int):
-    """Every window's maximum along ``axis`` and its input position (intp), as the kernel picks
-    them: starting at the window's first input position (so an all -inf window names a real
-    pixel), then taking strictly greater values, or a first NaN, in increasing position."""
-    shape = _resized(x.shape, axis, window.out[axis])
-    best = np.full(shape, -np.inf, x.dtype)
-    first_inside = np.maximum(window.starts(axis), 0)
-    at = np.array(np.broadcast_to(first_inside.reshape(_resized((1, 1, 1, 1), axis, -1)), shape))
+def _window_max(x, positions, window: _Window, axis: int):
+    """Every window's maximum along ``axis`` and the in-plane position (``positions``, int32,
+    broadcast to ``x``) of the element it came from, picked as the kernel picks: starting at the
+    window's first input element (so an all -inf window names a real pixel), then taking strictly
+    greater values, or a first NaN, in increasing position."""
+    best = np.full(_resized(x.shape, axis, window.out[axis]), -np.inf, x.dtype)
+    positions = np.broadcast_to(positions, x.shape)
+    at = np.take(positions, np.maximum(window.starts(axis), 0), axis=2 + axis)
     for outputs, inputs in window.taps(axis, x.shape[2 + axis]):
         candidate, current = x[_along(axis, inputs)], best[_along(axis, outputs)]
         better = (candidate > current) | (np.isnan(candidate) & ~np.isnan(current))
         np.copyto(current, candidate, where=better)
-        positions = np.arange(x.shape[2 + axis])[inputs].reshape(_resized((1, 1, 1, 1), axis, -1))
-        np.copyto(at[_along(axis, outputs)], positions, where=better)
+        np.copyto(at[_along(axis, outputs)], positions[_along(axis, inputs)], where=better)
     return best, at
 
 
@@ -175,13 +178,50 @@ def _avg_divisor(window: _Window, input_shape, count_include_pad: bool):
 # ------------------------------------------------------------------------------------------ max
 
 
+def _max_pool2d_2x2_numpy(x, window: _Window):
+    """:func:`_max_pool2d_numpy` for a 2x2 window, stride 2, no padding (an odd last row or column
+    is dropped), or None where it does not apply: the window's four pixels as strided views of
+    ``x``, two maxima and a compare per window row, one of each between the rows, and the indices
+    from the compares' outcomes. ``np.maximum`` propagates NaN, so an output NaN means some window
+    holds one; its index needs the first NaN, which a compare cannot see: the general path then
+    answers."""
+    if window.kernel != (2, 2) or window.stride != (2, 2) or window.padding != (0, 0):
+        return None
+    (oh, ow), (n, c, h, w) = window.out, x.shape
+    if (oh, ow) != (h // 2, w // 2):  # ceil_mode added a window past the input
+        return None
+    quads = x[:, :, :2 * oh, :2 * ow].reshape(n, c, oh, 2, ow, 2)
+    top_left, top_right = quads[:, :, :, 0, :, 0], quads[:, :, :, 0, :, 1]
+    bottom_left, bottom_right = quads[:, :, :, 1, :, 0], quads[:, :, :, 1, :, 1]
+    # A later position wins only when strictly greater: PyTorch's first maximum in row-major order.
+    top_right_wins, bottom_right_wins = top_right > top_left, bottom_right > bottom_left
+    # Later operand first: NumPy's SIMD maximum returns its second operand of an equal pair, so a
+    # 0.0 tied with an earlier -0.0 comes out as -0.0, the pixel the index names.
+    top, bottom = np.maximum(top_right, top_left), np.maximum(bottom_right, bottom_left)
+    bottom_wins = bottom > top
+    out = np.maximum(bottom, top)
+    if np.isnan(out).any():
+        return None
+    column = top_right_wins ^ (bottom_wins & (top_right_wins ^ bottom_right_wins))  # the winning row's
+    corner = (np.arange(oh, dtype=np.int32)[:, None] * np.int32(2 * w) + np.arange(ow, dtype=np.int32) * np.int32(2))
+    indices = bottom_wins * np.int32(w)
+    indices += column
+    indices += corner
+    return out, indices
+
+
 def _max_pool2d_numpy(x, window: _Window):
+    h, w = x.shape[2:]
+    if h * w > np.iinfo(np.int32).max:  # the int32 indices would wrap (the kernels refuse such planes too)
+        raise ValueError(f"input of shape {tuple(x.shape)} has planes of 2^31 pixels or more, past what "
+                         f"max_pool2d's int32 indices can name")
+    fast = _max_pool2d_2x2_numpy(x, window)
+    if fast is not None:
+        return fast
     # Separable, columns first: the first maximum of each window row, then the first row whose
     # maximum wins is the first maximum (and the first NaN) in row-major window order.
-    row_best, column_at = _window_max(x, window, 1)
-    out, row_at = _window_max(row_best, window, 0)
-    indices = row_at * x.shape[3] + np.take_along_axis(column_at, row_at, axis=2)
-    return out, indices.astype(np.int32)
+    row_best, column_at = _window_max(x, np.arange(w, dtype=np.int32), window, 1)
+    return _window_max(row_best, np.arange(h, dtype=np.int32)[:, None] * w + column_at, window, 0)
 
 
 def _check_plane(input_shape, window: _Window) -> None:
