@@ -352,9 +352,9 @@ def locate_dataset(name: str, split: str, root=None, download: bool = True,
     how.append(f"put the IDX files {', '.join(stems)} (gzipped or not) in a directory and pass --data-dir DIR "
                f"or set {DATA_ENV}=DIR")
     raise DatasetNotFoundError(
-        f"{info.title} ({split} split) was not found. Tried, in order:\n"
-        + "".join(f"  {i}. {t}\n" for i, t in enumerate(tried, 1))
-        + "To get it: " + "; or ".join(how) + "."
+        f"{info.title} ({split} split) was not found. Tried, in order: "
+        + "; ".join(f"{i}. {t}" for i, t in enumerate(tried, 1))
+        + ". To get it: " + "; or ".join(how) + "."
     )
 
 

@@ -193,6 +193,12 @@ class _EpochProgress:
     seconds: float = 0.0
 
 
+def print_flushed(line: str) -> None:
+    """The default log: each line reaches a pipe (mpiexec, tee, a CI log) when it is said, so a
+    process that its launcher kills has lost none of what it printed (the rank table above all)."""
+    print(line, flush=True)
+
+
 class Trainer:
     """Builds the model, optimizer and device-resident datasets of a :class:`TrainConfig`
     (resuming from ``config.resume`` if set); :meth:`fit` runs the remaining epochs.
@@ -200,7 +206,7 @@ class Trainer:
     Started by an MPI launcher, it is one rank of a data-parallel job (:mod:`gpuconv.distributed`):
     ``batch_size`` is per rank; rank 0 alone logs, owns the run directory and writes files."""
 
-    def __init__(self, config: TrainConfig, log=print):
+    def __init__(self, config: TrainConfig, log=print_flushed):
         self.config = config
         self.group = distributed.init_process_group(config.dist_timeout)
         main = self.group.is_main
@@ -570,7 +576,7 @@ def _silent(*args) -> None:
     """The log of ranks other than 0."""
 
 
-def train(config: TrainConfig | None = None, log=print, **overrides) -> list[dict]:
+def train(config: TrainConfig | None = None, log=print_flushed, **overrides) -> list[dict]:
     """Run a training job: ``train(TrainConfig(...))`` or ``train(model='lenet5', epochs=5, ...)``."""
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     return Trainer(config, log=log).fit()
