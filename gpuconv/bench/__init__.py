@@ -50,7 +50,8 @@ How to add ...
   :func:`~gpuconv.bench.contenders.contenders_for`. Rows, columns, JSON, chart follow.
 * a case: a spec dataclass in ``cases.py`` (``batch``, ``ops``, ``flops(op)``, ``bytes(op)``,
   ``describe()``) if the shapes are new, an entry in ``cases.SECTIONS`` (its place is its run
-  priority), and a branch for each new op in ``workloads.gpuconv_op`` and ``workloads.torch_op``.
+  priority), and a branch for each new op in ``workloads.gpuconv_op`` and ``workloads.torch_op``
+  (an op whose two APIs share PyTorch's signatures, as the convolutions do, shares one helper).
 * facts per row (the conv kernel chosen, the useful-MAC share): return them from the workload as
   ``Workload(make, run, extra={"kernel": ..., "useful_macs": 0.83})``; they land in the row's
   ``extra`` in results.json and as ``key: value`` in its note in results.md.

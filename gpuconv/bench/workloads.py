@@ -30,6 +30,21 @@ def normal_source(device: str, rng):
     return lambda *shape: generator.standard_normal(shape, dtype=np.float32)
 
 
+def conv_op(s: Conv, op: str, randn, conv2d, conv2d_input, conv2d_weight) -> tuple[Callable, Callable]:
+    """(make, run) of a convolution case through an API with PyTorch's signatures (gpuconv's
+    functional module, or ``torch.nn.functional.conv2d`` with ``torch.nn.grad``'s two gradients)."""
+    x_shape, y_shape = (s.batch, *s.in_chw), (s.batch, *s.out_chw)
+    conv = dict(stride=s.stride, padding=s.padding, dilation=s.dilation)
+    if op == "conv2d_forward":
+        return (lambda: (randn(*x_shape), randn(*s.weight_shape), randn(s.weight_shape[0])),
+                lambda x, w, b: conv2d(x, w, b, **conv))
+    if op == "conv2d_backward_data":
+        return (lambda: (randn(*s.weight_shape), randn(*y_shape)),
+                lambda w, gy: conv2d_input(x_shape, w, gy, **conv))
+    return (lambda: (randn(*x_shape), randn(*y_shape)),
+            lambda x, gy: conv2d_weight(x, s.weight_shape, gy, **conv))
+
+
 def gpuconv_op(case: Case, device: str, rng) -> tuple[Callable, Callable]:
     """(make one input set, run on a set) through gpuconv's API on NumPy or CuPy arrays."""
     from .. import functional as F
@@ -38,16 +53,7 @@ def gpuconv_op(case: Case, device: str, rng) -> tuple[Callable, Callable]:
     randn = normal_source(device, rng)
 
     if isinstance(s, Conv):
-        x_shape, y_shape = (s.batch, *s.in_chw), (s.batch, *s.out_chw)
-        conv = dict(stride=s.stride, padding=s.padding, dilation=s.dilation)
-        if op == "conv2d_forward":
-            return (lambda: (randn(*x_shape), randn(*s.weight_shape), randn(s.weight_shape[0])),
-                    lambda x, w, b: F.conv2d(x, w, b, **conv))
-        if op == "conv2d_backward_data":
-            return (lambda: (randn(*s.weight_shape), randn(*y_shape)),
-                    lambda w, gy: F.conv2d_input(x_shape, w, gy, **conv))
-        return (lambda: (randn(*x_shape), randn(*y_shape)),
-                lambda x, gy: F.conv2d_weight(x, s.weight_shape, gy, **conv))
+        return conv_op(s, op, randn, F.conv2d, F.conv2d_input, F.conv2d_weight)
     if isinstance(s, Pool):
         x_shape, y_shape = (s.batch, *s.in_chw), (s.batch, *s.out_chw)
         window = dict(kernel_size=s.kernel_size, stride=s.stride, padding=s.padding, ceil_mode=s.ceil_mode)
@@ -87,16 +93,7 @@ def torch_op(case: Case, torch, device: str) -> tuple[Callable, Callable]:
         return torch.randn(shape, device=device, dtype=torch.float32)
 
     if isinstance(s, Conv):
-        x_shape, y_shape = (s.batch, *s.in_chw), (s.batch, *s.out_chw)
-        conv = dict(stride=s.stride, padding=s.padding, dilation=s.dilation)
-        if op == "conv2d_forward":
-            return (lambda: (randn(*x_shape), randn(*s.weight_shape), randn(s.weight_shape[0])),
-                    lambda x, w, b: functional.conv2d(x, w, b, **conv))
-        if op == "conv2d_backward_data":
-            return (lambda: (randn(*s.weight_shape), randn(*y_shape)),
-                    lambda w, gy: torch.nn.grad.conv2d_input(x_shape, w, gy, **conv))
-        return (lambda: (randn(*x_shape), randn(*y_shape)),
-                lambda x, gy: torch.nn.grad.conv2d_weight(x, s.weight_shape, gy, **conv))
+        return conv_op(s, op, randn, functional.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight)
     if isinstance(s, Pool):
         x_shape, y_shape = (s.batch, *s.in_chw), (s.batch, *s.out_chw)
         k, st, p = list(s.kernel_size), list(s.stride), list(s.padding)
