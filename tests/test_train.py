@@ -254,10 +254,23 @@ def assert_same_run(a: train.Trainer, b: train.Trainer):
     assert a.optimizer.lr == b.optimizer.lr
 
 
+def uninterrupted(config: train.TrainConfig) -> train.Trainer:
+    """The reference: the same run, in a directory of its own, never stopped."""
+    trainer = train.Trainer(dataclasses.replace(config, out=config.out + "-straight"), log=quiet)
+    trainer.fit()
+    return trainer
+
+
+def resumed_from(config: train.TrainConfig, interrupted: train.Trainer) -> train.Trainer:
+    """``config`` resumed from ``interrupted``'s checkpoint and run to its end."""
+    trainer = train.Trainer(dataclasses.replace(config, resume=str(interrupted.checkpoint_path)), log=quiet)
+    trainer.fit()
+    return trainer
+
+
 @pytest.mark.parametrize("stop_at", [3, 8, 13])  # inside epoch 1, at its last step, inside epoch 2
 def test_an_interrupted_run_resumes_bit_for_bit(short, stop_at):
-    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
-    straight.fit()
+    straight = uninterrupted(short)
     first = train.Trainer(short, log=quiet)
     on_step(first, lambda n: n == stop_at and first.request_stop())
     with pytest.raises(train.TrainingInterrupted) as info:
@@ -280,20 +293,17 @@ def test_an_interrupted_run_resumes_bit_for_bit(short, stop_at):
 def test_an_interrupted_run_resumes_bit_for_bit_on_the_kernel_path(short, graph):
     """On 'emu', the Python 'cuda' runs, eagerly and with the step captured as a CUDA graph."""
     short = dataclasses.replace(short, device="emu", graph=graph, epochs=1)
-    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
-    straight.fit()
+    straight = uninterrupted(short)
     first = train.Trainer(short, log=quiet)
     on_step(first, lambda n: n == 3 and first.request_stop())
     with pytest.raises(train.TrainingInterrupted):
         first.fit()
-    resumed = train.Trainer(dataclasses.replace(short, resume=str(first.checkpoint_path)), log=quiet)
-    resumed.fit()
+    resumed = resumed_from(short, first)
     assert_same_run(resumed, straight)
 
 
 def test_fit_again_after_an_interruption_continues_in_memory(short):
-    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
-    straight.fit()
+    straight = uninterrupted(short)
     trainer = train.Trainer(short, log=quiet)
     on_step(trainer, lambda n: n == 5 and trainer.request_stop())
     with pytest.raises(train.TrainingInterrupted):
@@ -303,8 +313,7 @@ def test_fit_again_after_an_interruption_continues_in_memory(short):
 
 
 def test_an_interruption_during_evaluation_resumes_with_the_evaluation(short):
-    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
-    straight.fit()
+    straight = uninterrupted(short)
     first = train.Trainer(short, log=quiet)
     evaluate = first.evaluate
 
@@ -317,14 +326,12 @@ def test_an_interruption_during_evaluation_resumes_with_the_evaluation(short):
         first.fit()
     assert (info.value.epoch, info.value.step) == (1, 8)
     assert train.load_checkpoint(first.checkpoint_path)["history"] == []  # epoch 1 not evaluated yet
-    resumed = train.Trainer(dataclasses.replace(short, resume=str(first.checkpoint_path)), log=quiet)
-    resumed.fit()
+    resumed = resumed_from(short, first)
     assert_same_run(resumed, straight)
 
 
 def test_checkpoint_every_n_steps_survives_a_crash(short):
-    straight = train.Trainer(dataclasses.replace(short, out=short.out + "-straight"), log=quiet)
-    straight.fit()
+    straight = uninterrupted(short)
     config = dataclasses.replace(short, checkpoint_every=3)
     first = train.Trainer(config, log=quiet)
     saved = []
@@ -343,8 +350,7 @@ def test_checkpoint_every_n_steps_survives_a_crash(short):
         train.save_checkpoint = save
     # Global steps 3 and 6 inside epoch 1, the end of epoch 1 (step 8), then step 9 (global) = epoch 2, step 1.
     assert [p and (p["epoch"], p["step"]) for p in saved] == [(1, 3), (1, 6), None, (2, 1)]
-    resumed = train.Trainer(dataclasses.replace(config, resume=str(first.checkpoint_path)), log=quiet)
-    resumed.fit()
+    resumed = resumed_from(config, first)
     assert_same_run(resumed, straight)
 
 
