@@ -376,16 +376,16 @@ def test_quick_run_on_the_gpu_times_every_gpu_contender(tmp_path):
 def test_gpuconv_training_step_runs_as_the_trainer_does(monkeypatch):
     """int32 labels and no per-step label check: on 'cuda' that check is a device round trip,
     which the trainer does not make (its labels are checked once, when loaded)."""
-    from gpuconv import nn
+    from gpuconv import functional
 
     calls = []
-    loss_with_grad = nn.F.cross_entropy_with_grad
+    loss_with_grad = functional.cross_entropy_with_grad
 
     def spy(input, target, reduction="mean", *, validate_target=True):
         calls.append((target.dtype, validate_target))
         return loss_with_grad(input, target, reduction, validate_target=validate_target)
 
-    monkeypatch.setattr(nn.F, "cross_entropy_with_grad", spy)
+    monkeypatch.setattr(functional, "cross_entropy_with_grad", spy)
     rng = np.random.default_rng(0)
     for case in bench.training_cases(["lenet5"], epoch=True):
         spec = dataclasses.replace(case.spec, batch=8, images=16 if case.spec.images else 0)

@@ -29,7 +29,8 @@ def vgg():
     """VGG16 with lazily allocated zero weights: its tests read names and shapes only, and drawing
     138M random numbers would take most of this file's time (AlexNet's fixture covers the drawing)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nn, "_uniform", lambda shape, bound: np.zeros(shape, np.float32))
+        for layers in (nn.conv, nn.linear):
+            patch.setattr(layers, "_uniform", lambda shape, bound: np.zeros(shape, np.float32))
         return models.vgg16()
 
 
