@@ -12,7 +12,7 @@ from gpuconv.summary import summary
 def shapes_only(monkeypatch):
     """Build models with lazily allocated zero weights: a summary reads shapes, never values,
     and drawing VGG16's 138M random weights would dominate the test's time."""
-    for layers in (nn.conv, nn.linear):
+    for layers in (nn.conv, nn.linear):  # each layer module holds its own name for the initialiser
         monkeypatch.setattr(layers, "_uniform", lambda shape, bound: np.zeros(shape, np.float32))
 
 
