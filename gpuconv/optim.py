@@ -44,9 +44,9 @@ class _DeviceScalars:
     def write(self, values: tuple) -> None:
         """Copy ``values``, rounded to float32 as a kernel's float argument would be, into device
         memory, when they changed since the last write (the learning rate rarely does)."""
-        values = np.array(values, np.float32)
-        if self._last is None or not np.array_equal(self._last, values):
-            copy_to_device(self.array, values)
+        values = tuple(values)
+        if values != self._last:  # as given, not as float32: cheaper, and a rare extra write is harmless
+            copy_to_device(self.array, np.array(values, np.float32))
             self._last = values
 
 
