@@ -85,14 +85,20 @@ class _ArgumentCheck:
         self.casters = tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params)
         self.pointers = tuple(i for i, p in enumerate(params) if p.pointer)
         self.scalars = tuple(i for i, p in enumerate(params) if not p.pointer)
+        self._pointer_dtypes = tuple((i, params[i].dtype) for i in self.pointers)
         self._cast: dict[tuple, tuple] = {}
 
     def __call__(self, args) -> tuple:
         params = self.params
         if len(args) != len(params):
             raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
-        for i in self.pointers:
-            self._check_array(params[i], args[i])
+        try:  # the common case in one pass; a fault is then named parameter by parameter
+            arrays_fit = all(args[i].dtype == dtype and args[i].flags.c_contiguous for i, dtype in self._pointer_dtypes)
+        except AttributeError:
+            arrays_fit = False
+        if not arrays_fit:
+            for i in self.pointers:
+                self._check_array(params[i], args[i])
         scalars = tuple([args[i] for i in self.scalars])
         # The types are part of the key: -0.0 equals 0 but casts differently.
         key = (scalars, tuple(map(type, scalars)))
@@ -194,16 +200,33 @@ def _prepared(topic: str, kernel: str, grid, block, args, shared_mem, options):
     ``(check, cast args, device, grid, block, function, shared_mem)``."""
     check = _kernel_check(topic, kernel)
     args = check(tuple(args))
-    devices = {device_of(args[i]) for i in check.pointers}
-    if len(devices) != 1 or "cpu" in devices:
-        raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
-    (device,) = devices
+    device = _device_of_arrays(kernel, [args[i] for i in check.pointers])
     grid, block = _launch_shape(kernel, grid, block)
     function = _function(topic, kernel, device, tuple(options))
     shared_mem = int(shared_mem)
     if shared_mem > 48 * 1024:  # past 48 KiB, CUDA wants the kernel's explicit opt-in
         function.max_dynamic_shared_size_bytes = shared_mem
     return check, args, device, grid, block, function, shared_mem
+
+
+# The device of each array type met (EmuArray: 'emu', cupy.ndarray: 'cuda'), learnt from device_of.
+_device_of_type: dict[type, str] = {}
+
+
+def _device_of_arrays(kernel: str, arrays) -> str:
+    """The one device ('cuda' or 'emu') of a launch's arrays; a ValueError naming them otherwise."""
+    types = {type(a) for a in arrays}
+    if len(types) == 1:
+        (array_type,) = types
+        device = _device_of_type.get(array_type)
+        if device is None:
+            device = _device_of_type[array_type] = device_of(arrays[0])
+        if device != "cpu":
+            return device
+    devices = sorted({device_of(a) for a in arrays})
+    if len(devices) == 1 and devices[0] != "cpu":  # several array types of one device
+        return devices[0]
+    raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {devices}")
 
 
 def _issue(kernel, device, function, grid, block, args, shared_mem) -> None:
