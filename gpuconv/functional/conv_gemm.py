@@ -87,10 +87,14 @@ def _cost(tile, rows: int, columns: int) -> float:
 
 def choose_tile(rows: int, columns: int) -> tuple[tuple[int, int], str]:
     """The cheapest tile for a rows x columns output by :func:`_cost`; ties go to the larger tile
-    (fewer loads per multiply-add)."""
+    (fewer loads per multiply-add). M <= 64 takes one of the small tiles: a 128-row one would
+    waste half its rows, and only the small ones read unpadded weights (:data:`SCALAR_A_TILES`:
+    no re-layout launch for LeNet's K = 25 and 150, even at a batch so small that one wave of
+    any tile is enough)."""
     if rows <= NARROW_TILE[0]:
         return NARROW_TILE, f"M = {rows} <= {NARROW_TILE[0]}: the direct narrow kernel"
-    best = min(sorted(TILES, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
+    candidates = [t for t in TILES if t[0] <= 64] if rows <= 64 else TILES
+    best = min(sorted(candidates, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
     if best == (128, 128):
         return best, "large M and N"
     if best[0] < 128 and rows <= best[0]:

@@ -1,9 +1,20 @@
-"""Sequential and the backward walk over a chain of modules (with its ReLU folds)."""
+"""Sequential, the forward walk over a chain of modules (with its fusions) and the backward walk
+(with its ReLU folds)."""
 from __future__ import annotations
 
+from .. import graphs
+from ..device import device_of
 from .activation import ReLU
+from .conv import Conv2d
 from .module import Module
 from .pooling import MaxPool2d
+
+# Runs of modules that one op computes on 'cuda' and 'emu': their exact types -> the method of the
+# run's first module that takes the others and the input, returns the run's output and leaves
+# each module of the run what its backward needs (backward_chain then folds the ReLUs).
+FUSIONS = {
+    (Conv2d, ReLU, MaxPool2d): Conv2d.forward_relu_max_pool2d,
+}
 
 
 class Sequential(Module):
@@ -29,12 +40,45 @@ class Sequential(Module):
         return modules[index]
 
     def forward(self, x):
-        for module in self:
-            x = module(x)
-        return x
+        return forward_chain(list(self._modules.values()), x)
 
     def backward(self, grad_output):
         return backward_chain(list(self), grad_output, self.requires_input_grad)
+
+
+def forward_chain(modules, x):
+    """``modules`` run in order on ``x``; on 'cuda' and 'emu' each run of :data:`FUSIONS` as one op.
+    On 'cpu' every module runs on its own."""
+    fuse = device_of(x) != "cpu"
+    index = 0
+    while index < len(modules):
+        method, run = _fusion_at(modules, index) if fuse else (None, None)
+        if method is None:
+            x = modules[index](x)
+            index += 1
+        else:
+            x = _call_fused(method, run, x)
+            index += len(run)
+    return x
+
+
+def _fusion_at(modules, index):
+    """(the method, the run of modules) of the fusion that starts at ``modules[index]``, or Nones."""
+    for types, method in FUSIONS.items():
+        run = modules[index:index + len(types)]
+        if len(run) == len(types) and all(type(m) is t for m, t in zip(run, types)):
+            return method, run
+    return None, None
+
+
+def _call_fused(method, run, x):
+    """``method(*run, x)``, inside a graph capture with the first module's static buffers for it
+    (as ``Module.__call__`` gives a module's forward its own)."""
+    first = run[0]
+    if graphs.capturing() is None:
+        return method(*run, x)
+    with graphs.static_buffers(first, (method.__name__, first.training, getattr(x, "shape", None))):
+        return method(*run, x)
 
 
 def backward_chain(modules, grad_output, requires_input_grad: bool):

@@ -48,6 +48,21 @@ class Conv2d(Module):
         self._save(input=x)
         return out
 
+    def forward_relu_max_pool2d(self, relu, pool, x):
+        """``pool(relu(self(x)))`` in one op (``F.conv2d_relu_max_pool2d``, one kernel where it
+        applies), for ``Sequential``'s forward walk; ``relu`` is a ReLU, ``pool`` a MaxPool2d.
+        Each keeps what its backward needs: this layer its input, the pool its indices, input
+        shape and output. The ReLU keeps nothing (its output, the convolution's, is never
+        stored): its backward runs folded into the pool's (``backward_chain``)."""
+        self._check_input(x)
+        bias = None if self.bias is None else self.bias.data
+        out, indices = F.conv2d_relu_max_pool2d(x, self.weight.data, bias, *self._conv_args(), pool.kernel_size,
+                                                pool.stride, pool.padding, pool.ceil_mode, precision=self.precision)
+        self._save(input=x)
+        relu._ctx = None
+        pool._save(indices=indices, input_shape=self.output_shape(x.shape), output=out)
+        return out
+
     def backward(self, grad_output):
         x = self._saved()["input"]
         weight = self.weight.data
