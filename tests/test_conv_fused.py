@@ -169,6 +169,18 @@ def test_small_output_channel_counts_get_a_small_tile():
     assert conv_gemm.choose_tile(65, 1000)[0][0] == 128
 
 
+def test_small_tiles_read_the_weights_in_place(rng):
+    # K = 363: the 128-bit loads of the large tiles need a zero-padded copy, the small ones none
+    g = F.conv._geometry((1, 3, 12, 12), (2, 3, 11, 11), 1, 0, 1)
+    weight = to_device(rng.standard_normal((2, 3, 11, 11)).astype(np.float32), "emu")
+    for tile in conv_gemm.SCALAR_A_TILES:
+        rows, pitch = conv_gemm._weight_rows(weight, g, (0, 1, 11), (0, 1, 11), transpose=False, tile=tile)
+        assert pitch == 363 and np.shares_memory(rows, weight)
+    with gpuconv.profile() as prof:
+        _, pitch = conv_gemm._weight_rows(weight, g, (0, 1, 11), (0, 1, 11), transpose=False, tile=(128, 64))
+    assert pitch == 364 and prof.counts()["conv2d_weight_rows_v2"] == 1
+
+
 # --- Sequential's forward walk ------------------------------------------------------------
 
 

@@ -112,8 +112,8 @@ def _executed(tile, rows: int, columns: int, depth: int) -> int:
     return _padded(rows, tile[0]) * _padded(columns, tile[1]) * _padded(depth, BK)
 
 
-def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool, tile):
-    """The A operand of conv2d_gemm_v2 on ``tile`` from an OIHW weight: rows C_out (C_in when
+def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool, tile=None):
+    """The A operand of conv2d_gemm_v2 on ``tile`` (None: one with 128-bit loads) from an OIHW weight: rows C_out (C_in when
     ``transpose``), columns (channel, tap) over the tap grid ``rows_taps`` x ``cols_taps``
     ((first, step, count) along each axis); returns it with its pitch.
 
