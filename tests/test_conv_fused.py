@@ -15,6 +15,7 @@ from gpuconv.nn import containers
 from gpuconv.random import manual_seed
 
 FUSED = "conv2d_relu_max_pool2x2_v2_"
+BLOCK = (nn.Conv2d, nn.ReLU, nn.MaxPool2d)
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, pool padding, ceil_mode)
 CASES = {
@@ -184,7 +185,7 @@ def test_small_tiles_read_the_weights_in_place(rng):
 # --- Sequential's forward walk ------------------------------------------------------------
 
 
-def _lenet_step(fused: bool, device="emu", batch=3):
+def _lenet_step(fused: bool, monkeypatch, device="emu", batch=3):
     """Forward (profiled), loss, backward and an SGD step of LeNet-5: what every part produced."""
     manual_seed(0)
     model = models.lenet5().to(device)
@@ -193,24 +194,21 @@ def _lenet_step(fused: bool, device="emu", batch=3):
     y = to_device(rng.integers(0, 10, batch).astype(np.int32), device)
     criterion = nn.CrossEntropyLoss()
     optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    fusions = dict(containers.FUSIONS)
-    try:
+    with monkeypatch.context() as patch:
         if not fused:
-            containers.FUSIONS.clear()
+            patch.delitem(containers.FORWARD_FUSIONS, BLOCK)
         with gpuconv.profile() as prof:
             logits = model(x)
         loss = criterion(logits, y)
         model.backward(criterion.backward())
-    finally:
-        containers.FUSIONS.update(fusions)
     grads = [to_numpy(p.grad).copy() for p in model.parameters()]
     optimizer.step()
     return prof.counts(), [to_numpy(logits), to_numpy(loss), *grads, *(to_numpy(p.data) for p in model.parameters())]
 
 
-def test_lenet5_step_with_the_fusion_equals_the_unfused_step():
-    fused_counts, fused = _lenet_step(True)
-    unfused_counts, unfused = _lenet_step(False)
+def test_lenet5_step_with_the_fusion_equals_the_unfused_step(monkeypatch):
+    fused_counts, fused = _lenet_step(True, monkeypatch)
+    unfused_counts, unfused = _lenet_step(False, monkeypatch)
     for got, expected in zip(fused, unfused):
         np.testing.assert_array_equal(got, expected)
     # the two convolution blocks: 3 launches each -> 1, and no weight re-layout either way
@@ -241,7 +239,7 @@ def test_the_walk_leaves_each_layer_what_its_backward_needs(rng, monkeypatch):
     grad_input = block.backward(grad)
     weight_grad = to_numpy(conv.weight.grad).copy()
     # the same gradients as the modules run one by one
-    monkeypatch.setattr(containers, "FUSIONS", {})
+    monkeypatch.delitem(containers.FORWARD_FUSIONS, BLOCK)
     conv.zero_grad()
     np.testing.assert_array_equal(to_numpy(block(x)), to_numpy(out))
     assert relu._saved()["output"].shape == (2, 3, 5, 5)

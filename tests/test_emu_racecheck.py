@@ -123,10 +123,22 @@ def pooling_and_norm(rng, monkeypatch):
     ]
 
 
+def linear(rng, monkeypatch):
+    # 33 rows and 40 features: two tiles of 32 each way, a partial K tile
+    x, w, b, g = small(rng, 33, 40), small(rng, 7, 40), small(rng, 7), small(rng, 33, 7)
+    ex, ew, eb, eg = on_emu(x, w, b, g)
+    hand = F.linear_backward(eg, ex, ew, through_relu=True)
+    numpy = F.linear_backward(g, x, w, through_relu=True)
+    return [(F.linear(ex, ew, eb, activation="relu"), F.linear(x, w, b, activation="relu")), *zip(hand, numpy)]
+
+
 def loss(rng, monkeypatch):
     logits, target = small(rng, 5, 7), rng.integers(0, 7, 5)
-    return [(F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"))[1],
-             F.cross_entropy_with_grad(logits, target)[1])]
+    pairs = []
+    for reduction in ("mean", "none"):
+        ours = F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"), reduction)
+        pairs += zip(ours, F.cross_entropy_with_grad(logits, target, reduction))
+    return pairs
 
 
 def optimizers(rng, monkeypatch):
@@ -149,6 +161,7 @@ OPS = {
     "conv-tensorcore": conv_tensorcore,
     "elementwise": elementwise,
     "pooling-and-norm": pooling_and_norm,
+    "linear": linear,
     "loss": loss,
     "optimizers": optimizers,
 }

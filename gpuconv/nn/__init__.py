@@ -15,7 +15,7 @@ Each layer family lives in its own module: ``module`` (Parameter, Module), ``con
 Linear), ``dropout``, ``norm``, ``loss``.
 """
 from .activation import ReLU, Sigmoid, Tanh
-from .containers import Sequential, backward_chain, forward_chain  # noqa: F401 (used as nn.backward_chain)
+from .containers import Sequential, backward_chain  # noqa: F401 (used as nn.backward_chain)
 from .conv import Conv2d
 from .dropout import Dropout
 from .linear import Flatten, Linear

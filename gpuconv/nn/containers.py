@@ -1,20 +1,22 @@
-"""Sequential, the forward walk over a chain of modules (with its fusions) and the backward walk
-(with its ReLU folds)."""
+"""Sequential, its forward fusions, and the backward walk over a chain of modules (with its ReLU folds)."""
 from __future__ import annotations
 
 from .. import graphs
-from ..device import device_of
 from .activation import ReLU
 from .conv import Conv2d
+from .linear import Linear
 from .module import Module
 from .pooling import MaxPool2d
 
-# Runs of modules that one op computes on 'cuda' and 'emu': their exact types -> the method of the
-# run's first module that takes the others and the input, returns the run's output and leaves
-# each module of the run what its backward needs (backward_chain then folds the ReLUs).
-FUSIONS = {
-    (Conv2d, ReLU, MaxPool2d): Conv2d.forward_relu_max_pool2d,
+# Runs of module types that forward computes with one call of the first module's method, given
+# the input and the run's other modules (which keep what their own backward needs).
+FORWARD_FUSIONS = {
+    (Linear, ReLU): "forward_relu",  # the ReLU in the Linear's epilogue
+    (Conv2d, ReLU, MaxPool2d): "forward_relu_max_pool2d",  # one kernel on 'cuda'/'emu' (2x2/2 pools)
 }
+# A ReLU followed by one of these: backward through both is one call of the second's
+# ``backward_through_relu`` (the ReLU's mask folded into that kernel).
+RELU_BACKWARD_FOLDS = (MaxPool2d, Linear)
 
 
 class Sequential(Module):
@@ -40,45 +42,22 @@ class Sequential(Module):
         return modules[index]
 
     def forward(self, x):
-        return forward_chain(list(self._modules.values()), x)
+        modules = list(self._modules.values())
+        index = 0
+        while index < len(modules):
+            for run, method in FORWARD_FUSIONS.items():
+                if tuple(type(m) for m in modules[index:index + len(run)]) == run:
+                    first, rest = modules[index], modules[index + 1:index + len(run)]
+                    x = _call_captured(first, getattr(first, method), x, *rest)
+                    index += len(run)
+                    break
+            else:
+                x = modules[index](x)
+                index += 1
+        return x
 
     def backward(self, grad_output):
         return backward_chain(list(self), grad_output, self.requires_input_grad)
-
-
-def forward_chain(modules, x):
-    """``modules`` run in order on ``x``; on 'cuda' and 'emu' each run of :data:`FUSIONS` as one op.
-    On 'cpu' every module runs on its own."""
-    fuse = device_of(x) != "cpu"
-    index = 0
-    while index < len(modules):
-        method, run = _fusion_at(modules, index) if fuse else (None, None)
-        if method is None:
-            x = modules[index](x)
-            index += 1
-        else:
-            x = _call_fused(method, run, x)
-            index += len(run)
-    return x
-
-
-def _fusion_at(modules, index):
-    """(the method, the run of modules) of the fusion that starts at ``modules[index]``, or Nones."""
-    for types, method in FUSIONS.items():
-        run = modules[index:index + len(types)]
-        if len(run) == len(types) and all(type(m) is t for m, t in zip(run, types)):
-            return method, run
-    return None, None
-
-
-def _call_fused(method, run, x):
-    """``method(*run, x)``, inside a graph capture with the first module's static buffers for it
-    (as ``Module.__call__`` gives a module's forward its own)."""
-    first = run[0]
-    if graphs.capturing() is None:
-        return method(*run, x)
-    with graphs.static_buffers(first, (method.__name__, first.training, getattr(x, "shape", None))):
-        return method(*run, x)
 
 
 def backward_chain(modules, grad_output, requires_input_grad: bool):
@@ -100,8 +79,7 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
             return None
         if module.requires_input_grad != needs_input_grad:
             module.requires_input_grad = needs_input_grad
-        if index and needed[index - 1] and type(module) is MaxPool2d and type(modules[index - 1]) is ReLU:
-            # ReLU then max-pool: one backward kernel for both (the pool masks by its own output).
+        if index and needed[index - 1] and type(module) in RELU_BACKWARD_FOLDS and type(modules[index - 1]) is ReLU:
             grad_output = module._backward_captured(grad_output, module.backward_through_relu)
             index -= 2
             continue
@@ -110,3 +88,12 @@ def backward_chain(modules, grad_output, requires_input_grad: bool):
             return None
         index -= 1
     return grad_output
+
+
+def _call_captured(module, forward, x, *others):
+    """``forward(x, *others)``, a forward method of ``module``, with ``module``'s static buffers
+    inside a graph capture (as ``module(x)`` would)."""
+    if graphs.capturing() is None:
+        return forward(x, *others)
+    with graphs.static_buffers(module, (forward.__name__, module.training, getattr(x, "shape", None))):
+        return forward(x, *others)
