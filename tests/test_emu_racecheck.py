@@ -47,6 +47,8 @@ def conv_ops(rng):
         (F.conv2d_input(x.shape, ew, egy, padding=1), F.conv2d_input(x.shape, w, gy, padding=1)),
         (F.conv2d_weight(ex, w.shape, egy, padding=1), F.conv2d_weight(x, w.shape, gy, padding=1)),
         (F.conv2d_bias(egy), F.conv2d_bias(gy)),
+        *zip(F.conv2d_relu_max_pool2d(ex, ew, eb, padding=1, pool_padding=1, ceil_mode=True),
+             F.conv2d_relu_max_pool2d(x, w, b, padding=1, pool_padding=1, ceil_mode=True)),
     ]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import graphs
 from .activation import ReLU
+from .conv import Conv2d
 from .linear import Linear
 from .module import Module
 from .pooling import MaxPool2d
@@ -11,6 +12,7 @@ from .pooling import MaxPool2d
 # the input and the run's other modules (which keep what their own backward needs).
 FORWARD_FUSIONS = {
     (Linear, ReLU): "forward_relu",  # the ReLU in the Linear's epilogue
+    (Conv2d, ReLU, MaxPool2d): "forward_relu_max_pool2d",  # one kernel on 'cuda'/'emu' (2x2/2 pools)
 }
 # A ReLU followed by one of these: backward through both is one call of the second's
 # ``backward_through_relu`` (the ReLU's mask folded into that kernel).
