@@ -266,3 +266,12 @@ def test_a_launch_plan_checks_each_array_it_launches(rng):
         plan(to_numpy(x), out)
     with pytest.raises(KernelArgumentError, match="takes 2 arrays, got 1"):
         plan(x)
+
+
+def test_the_alternating_host_step_measure_reports_each_round():
+    pytest.importorskip("torch")
+    from gpuconv.bench.host import alternating_ratio
+
+    result = alternating_ratio(rounds=2, calls=2)
+    assert len(result["ratio"]) == 2 and result["device_ops"] == 20
+    assert all(r == g / t for r, g, t in zip(result["ratio"], result["gpuconv"], result["torch"]))
