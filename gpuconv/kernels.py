@@ -289,9 +289,10 @@ class LaunchPlan:
 
 
 def signature(*arrays) -> tuple | None:
-    """What a launch plan may depend on in its arrays: each one's type (its device), shape and dtype
-    (None for None). None where an argument is not an array, or not C-contiguous (no plan: a plan
-    launches the arrays themselves, where the full path makes contiguous copies)."""
+    """What a launch plan may depend on in its arrays: each one's type (its device: gpuconv runs on
+    one GPU, whose arrays share one type), shape and dtype (None for None). None where an argument
+    is not an array, or not C-contiguous (no plan: a plan launches the arrays themselves, where the
+    full path makes contiguous copies)."""
     try:
         if not all(a is None or a.flags.c_contiguous for a in arrays):
             return None
