@@ -174,6 +174,17 @@ __device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared,
         k_per_split, steps);
 }
 
+// An entry point's body: its static shared memory (declared in the kernel itself, not in the
+// template) and the call with every parameter. The signatures stay spelled out: the host reads
+// them from this file's text.
+#define BACKWARD_FILTER_V2(BM, BN, SAME_TAP_RUNS)                                                                   \
+    __shared__ __align__(16) conv::Shared<BM, BN> shared;                                                            \
+    backward_filter_v2<BM, BN, SAME_TAP_RUNS>(shared, x, grad_out, partials, bias_partials, batch, c_in, height,      \
+                                              width, c_out, kernel_h, kernel_w, stride_h, stride_w, pad_top,          \
+                                              pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride,        \
+                                              has_bias, d_a, d_b, d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap,       \
+                                              a_wrap_h, b_wrap_w, b_wrap_h)
+
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
@@ -181,11 +192,7 @@ conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __re
     long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    // Declared here, not in the template body: a kernel's own static shared variable.
-    __shared__ __align__(16) conv::Shared<128, 128> shared;
-    backward_filter_v2<128, 128, false>(shared, x, grad_out, partials, bias_partials, batch, c_in, height, width, c_out, kernel_h,
-        kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride, has_bias, d_a, d_b,
-        d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h);
+    BACKWARD_FILTER_V2(128, 128, false);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -195,11 +202,7 @@ conv2d_backward_filter_v2_128x128_c4(const float* __restrict__ x, const float* _
     long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    // Declared here, not in the template body: a kernel's own static shared variable.
-    __shared__ __align__(16) conv::Shared<128, 128> shared;
-    backward_filter_v2<128, 128, true>(shared, x, grad_out, partials, bias_partials, batch, c_in, height, width, c_out, kernel_h,
-        kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride, has_bias, d_a, d_b,
-        d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h);
+    BACKWARD_FILTER_V2(128, 128, true);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -209,11 +212,7 @@ conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __res
     long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    // Declared here, not in the template body: a kernel's own static shared variable.
-    __shared__ __align__(16) conv::Shared<128, 64> shared;
-    backward_filter_v2<128, 64, false>(shared, x, grad_out, partials, bias_partials, batch, c_in, height, width, c_out, kernel_h,
-        kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride, has_bias, d_a, d_b,
-        d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h);
+    BACKWARD_FILTER_V2(128, 64, false);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -223,11 +222,7 @@ conv2d_backward_filter_v2_128x64_c4(const float* __restrict__ x, const float* __
     long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    // Declared here, not in the template body: a kernel's own static shared variable.
-    __shared__ __align__(16) conv::Shared<128, 64> shared;
-    backward_filter_v2<128, 64, true>(shared, x, grad_out, partials, bias_partials, batch, c_in, height, width, c_out, kernel_h,
-        kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride, has_bias, d_a, d_b,
-        d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h);
+    BACKWARD_FILTER_V2(128, 64, true);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -237,11 +232,7 @@ conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __res
     long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    // Declared here, not in the template body: a kernel's own static shared variable.
-    __shared__ __align__(16) conv::Shared<64, 128> shared;
-    backward_filter_v2<64, 128, false>(shared, x, grad_out, partials, bias_partials, batch, c_in, height, width, c_out, kernel_h,
-        kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride, has_bias, d_a, d_b,
-        d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h);
+    BACKWARD_FILTER_V2(64, 128, false);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -251,11 +242,7 @@ conv2d_backward_filter_v2_64x128_c4(const float* __restrict__ x, const float* __
     long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    // Declared here, not in the template body: a kernel's own static shared variable.
-    __shared__ __align__(16) conv::Shared<64, 128> shared;
-    backward_filter_v2<64, 128, true>(shared, x, grad_out, partials, bias_partials, batch, c_in, height, width, c_out, kernel_h,
-        kernel_w, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride, has_bias, d_a, d_b,
-        d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h);
+    BACKWARD_FILTER_V2(64, 128, true);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
