@@ -20,10 +20,16 @@
 //   Limits: n_taps <= 256; batch*lattice_h*lattice_w, channels*n_taps, channels*src_h*src_w and
 //   rows*dst_h*dst_w below 2^31 - 128; gridDim.y <= 65535.
 
-#include "conv_tiles.cuh"
+#include "conv_pool_epilogue.cuh"
 
 // At least two blocks of 256 threads (three of 128, six of 64) per SM: at most 128 (168)
 // registers a thread.
+// How each tile reads A (RowMajorA): 128-bit loads of a re-laid copy for the large tiles, 32-bit
+// loads of the weights as they are for the small ones (see benchmarks/NOTES.md, issue 9).
+constexpr bool VECTOR_A_128x128 = true;
+constexpr bool VECTOR_A_128x64 = true;
+constexpr bool VECTOR_A_64x128 = false;
+constexpr bool VECTOR_A_32x128 = false;
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
@@ -34,10 +40,10 @@ conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ sr
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<128, 128> shared;
-    conv::lattice_gemm<128, 128>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<128, 128, VECTOR_A_128x128>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -49,10 +55,10 @@ conv2d_gemm_v2_128x64(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<128, 64> shared;
-    conv::lattice_gemm<128, 64>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<128, 64, VECTOR_A_128x64>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -64,10 +70,10 @@ conv2d_gemm_v2_64x128(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<64, 128> shared;
-    conv::lattice_gemm<64, 128>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<64, 128, VECTOR_A_64x128>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(64, 6)
@@ -79,10 +85,70 @@ conv2d_gemm_v2_32x128(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<32, 128> shared;
-    conv::lattice_gemm<32, 128>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<32, 128, VECTOR_A_32x128>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv2d_relu_max_pool2x2_v2_128x128(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<128, 128> shared;
+    conv::conv_relu_max_pool2x2<128, 128, VECTOR_A_128x128>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_relu_max_pool2x2_v2_128x64(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<128, 64> shared;
+    conv::conv_relu_max_pool2x2<128, 64, VECTOR_A_128x64>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_relu_max_pool2x2_v2_64x128(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<64, 128> shared;
+    conv::conv_relu_max_pool2x2<64, 128, VECTOR_A_64x128>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(64, 6)
+conv2d_relu_max_pool2x2_v2_32x128(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<32, 128> shared;
+    conv::conv_relu_max_pool2x2<32, 128, VECTOR_A_32x128>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
 }
 
 // Channels of A staged per pass: NARROW_STAGE k values, as many whole channels as fit.

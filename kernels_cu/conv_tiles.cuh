@@ -79,12 +79,16 @@ __device__ __forceinline__ bool inside(int h, int w, int height, int width)
 
 // A row-major M x K operand contiguous along K (the weights), with rows `pitch` floats apart.
 // Thread tid loads GROUPS runs of 4 consecutive k (k4 = tid % (BK/4) * 4) of rows
-// (tid + THREADS*g) / (BK/4),
-// each with one 128-bit load: the host passes a 16-byte aligned operand whose pitch is a multiple
-// of 4 and whose columns past K, up to the pitch, are zeros (the weights are re-laid so when not).
+// (tid + THREADS*g) / (BK/4).
+// VECTOR: each run with one 128-bit load: the host passes a 16-byte aligned operand whose pitch
+// is a multiple of 4 and whose columns past K, up to the pitch, are zeros. Otherwise (an OIHW
+// weight as it is, K % 4 != 0 or misaligned: LeNet's K = 25 and 150) four 32-bit loads, each
+// masked at K = pitch: 3 more loads and their predicates per run and K tile, where the 128-bit
+// path would need a re-laid copy of the weights (a launch per call, since the optimizer
+// updates them in place).
 // A row past M loads row M - 1 instead: it only feeds outputs the epilogue drops, and a predicate
 // fewer keeps the K loop within its registers.
-template <class T>
+template <class T, bool VECTOR = true>
 struct RowMajorA {
     static constexpr int GROUPS = T::BM * BK / 4 / T::THREADS;
     const float* a;
@@ -103,9 +107,17 @@ struct RowMajorA {
     __device__ __forceinline__ void fetch()
     {
 #pragma unroll
-        for (int g = 0; g < GROUPS; ++g)
-            v[g] = k < pitch ? __ldg(reinterpret_cast<const float4*>(a + (row[g] + k)))
-                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int g = 0; g < GROUPS; ++g) {
+            if (VECTOR) {
+                v[g] = k < pitch ? __ldg(reinterpret_cast<const float4*>(a + (row[g] + k)))
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            } else {
+                float e[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) e[j] = k + j < pitch ? __ldg(a + (row[g] + k + j)) : 0.0f;
+                v[g] = make_float4(e[0], e[1], e[2], e[3]);
+            }
+        }
     }
     __device__ __forceinline__ void advance() { k += BK; }
     __device__ __forceinline__ void store(float (&tile)[BK][T::A_PITCH]) const
@@ -134,9 +146,28 @@ __device__ __forceinline__ LatticePixel lattice_pixel(int n, int lattice_h, int 
     return {image, q, p - q * lattice_w};
 }
 
+// Where the columns of the forward and backward-data GEMMs gather: column n is lattice pixel
+// lattice_pixel(n): image `image`, at (row, col) of src before the tap offsets. locate() answers
+// false for a column that gathers nothing (past N here; other column orders, such as the pooled
+// one of conv_pool_epilogue.cuh, also for a pixel they skip).
+struct LatticeColumns {
+    int columns, lattice_h, lattice_w, step_h, step_w, origin_h, origin_w;
+
+    __device__ __forceinline__ bool locate(int n, int& image, int& row, int& col) const
+    {
+        if (n >= columns) return false;
+        const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
+        image = at.image;
+        row = origin_h + step_h * at.q;
+        col = origin_w + step_w * at.r;
+        return true;
+    }
+};
+
 // The B operand of the forward and backward-data GEMMs: rows k = (channel, tap), columns the
-// lattice pixels. Thread tid owns 4 consecutive columns (tid % (BN/4) * 4, decoded once) and
-// GROUPS rows (tid / (BN/4) + ROW_STEP*g), and stores each row's 4 values with one 128-bit store.
+// pixels that `Columns` (LatticeColumns or another order) names. Thread tid owns 4 consecutive
+// columns (tid % (BN/4) * 4, decoded once) and GROUPS rows (tid / (BN/4) + ROW_STEP*g), and
+// stores each row's 4 values with one 128-bit store.
 template <class T>
 struct PixelColumnsB {
     static constexpr int GROUPS = BK * T::BN / 4 / T::THREADS;
@@ -150,23 +181,22 @@ struct PixelColumnsB {
     int channels, n_taps, plane, src_h, src_w, d_channel, d_tap;
     float4 v[GROUPS];
 
-    __device__ __forceinline__ PixelColumnsB(const float* __restrict__ src_, const int4* taps_, int n0, int columns,
-                                             int lattice_h, int lattice_w, int step_h, int step_w, int origin_h,
-                                             int origin_w, int channels_, int n_taps_, int src_h_, int src_w_)
+    template <class Columns>
+    __device__ __forceinline__ PixelColumnsB(const float* __restrict__ src_, const int4* taps_, int n0,
+                                             const Columns& columns, int channels_, int n_taps_, int src_h_,
+                                             int src_w_)
         : src(src_), taps(taps_), col4(threadIdx.x % (T::BN / 4) * 4), row(threadIdx.x / (T::BN / 4)), channels(channels_),
           n_taps(n_taps_), plane(src_h_ * src_w_), src_h(src_h_), src_w(src_w_), d_channel(BK / n_taps_),
           d_tap(BK % n_taps_)
     {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int n = n0 + col4 + j;
-            row0[j] = col0[j] = OUTSIDE;
-            column[j] = 0;
-            if (n < columns) {
-                const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
-                row0[j] = origin_h + step_h * at.q;
-                col0[j] = origin_w + step_w * at.r;
-                column[j] = (at.image * channels * src_h + row0[j]) * src_w + col0[j];
+            int image;
+            if (columns.locate(n0 + col4 + j, image, row0[j], col0[j])) {
+                column[j] = (image * channels * src_h + row0[j]) * src_w + col0[j];
+            } else {
+                row0[j] = col0[j] = OUTSIDE;
+                column[j] = 0;
             }
         }
 #pragma unroll
@@ -386,57 +416,75 @@ struct TapChannelColumnsB {
 // Epilogue of the forward and backward-data GEMMs: C[m][n] (+ bias[m], then ReLU) into row m
 // (a channel) of an NCHW tensor at lattice pixel n. Each column is decoded once for its 8 rows.
 template <class T>
-__device__ __forceinline__ void store_lattice(float* __restrict__ dst, const float (&acc)[8][8],
-                                              const gemm::ThreadTile<T>& t, int m0, int n0, int rows, int columns,
-                                              int lattice_h, int lattice_w, int dst_h, int dst_w, int step_h,
-                                              int step_w, int origin_h, int origin_w,
-                                              const float* __restrict__ bias, bool relu)
-{
-    const long long dst_plane = (long long)dst_h * dst_w;
+struct StoreLattice {
+    float* dst;
+    int rows, columns, lattice_h, lattice_w, dst_h, dst_w, step_h, step_w, origin_h, origin_w;
+    const float* bias;  // nullptr: none
+    bool relu;
+
+    __device__ __forceinline__ void operator()(const float (&acc)[8][8], const gemm::ThreadTile<T>& t, int m0,
+                                               int n0) const
+    {
+        const long long dst_plane = (long long)dst_h * dst_w;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-        const int n = n0 + t.column(c);
-        if (n >= columns) continue;
-        const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
-        float* pixel = dst + (long long)at.image * rows * dst_plane + (long long)(origin_h + step_h * at.q) * dst_w +
-                       (origin_w + step_w * at.r);
+        for (int c = 0; c < 8; ++c) {
+            const int n = n0 + t.column(c);
+            if (n >= columns) continue;
+            const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
+            float* pixel = dst + (long long)at.image * rows * dst_plane + (long long)(origin_h + step_h * at.q) * dst_w +
+                           (origin_w + step_w * at.r);
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const int m = m0 + t.row(r);
-            if (m >= rows) continue;
-            float value = acc[r][c] + (bias ? __ldg(bias + m) : 0.0f);
-            // Not fmaxf(value, 0): it turns a NaN into 0, where PyTorch's ReLU propagates it.
-            if (relu && value < 0.0f) value = 0.0f;
-            pixel[m * dst_plane] = value;
+            for (int r = 0; r < 8; ++r) {
+                const int m = m0 + t.row(r);
+                if (m >= rows) continue;
+                float value = acc[r][c] + (bias ? __ldg(bias + m) : 0.0f);
+                // Not fmaxf(value, 0): it turns a NaN into 0, where PyTorch's ReLU propagates it.
+                if (relu && value < 0.0f) value = 0.0f;
+                pixel[m * dst_plane] = value;
+            }
         }
     }
-}
+};
 
-// The forward / backward-data kernel body: dst = A (rows x channels*n_taps) times the gathered B.
-template <int BM, int BN>
-__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, const float* __restrict__ src,
-                                             const float* __restrict__ bias, float* __restrict__ dst, int rows,
-                                             int channels, int n_taps, const TapGrid& taps, int src_h,
-                                             int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
-                                             int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
-                                             int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w,
-                                             int has_bias, int relu, int a_pitch)
+// The forward / backward-data kernel body: A (rows x channels*n_taps, 128-bit loads when
+// VECTOR_A, see RowMajorA) times B gathered from src at the pixels `columns` names, handed to
+// `epilogue(acc, thread tile, m0, n0)`.
+template <int BM, int BN, bool VECTOR_A, class Columns, class Epilogue>
+__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, int a_pitch,
+                                             int rows, const float* __restrict__ src, int channels, int n_taps,
+                                             const TapGrid& taps, int src_h, int src_w, const Columns& columns,
+                                             const Epilogue& epilogue)
 {
     using T = gemm::Tile<BM, BN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int columns = batch * lattice_h * lattice_w;
     const int depth = channels * n_taps;
     fill_tap_table(shared.taps, taps, n_taps, src_w);
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
-    RowMajorA<T> a_loader(a, m0, rows, a_pitch);
-    PixelColumnsB<T> b_loader(src, shared.taps, n0, columns, lattice_h, lattice_w, src_step_h, src_step_w,
-                              src_origin_h, src_origin_w, channels, n_taps, src_h, src_w);
+    RowMajorA<T, VECTOR_A> a_loader(a, m0, rows, a_pitch);
+    PixelColumnsB<T> b_loader(src, shared.taps, n0, columns, channels, n_taps, src_h, src_w);
     float acc[8][8];
     gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (depth + BK - 1) / BK, t);
-    store_lattice(dst, acc, t, m0, n0, rows, columns, lattice_h, lattice_w, dst_h, dst_w, dst_step_h, dst_step_w,
-                  dst_origin_h, dst_origin_w, has_bias ? bias : nullptr, relu != 0);
+    epilogue(acc, t, m0, n0);
+}
+
+// conv2d_gemm_v2's body: the lattice GEMM stored by StoreLattice.
+template <int BM, int BN, bool VECTOR_A>
+__device__ __forceinline__ void lattice_conv(Shared<BM, BN>& shared, const float* __restrict__ a,
+                                             const float* __restrict__ src, const float* __restrict__ bias,
+                                             float* __restrict__ dst, int rows, int channels, int n_taps,
+                                             const TapGrid& taps, int src_h, int src_w, int batch, int lattice_h,
+                                             int lattice_w, int src_step_h, int src_step_w, int src_origin_h,
+                                             int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
+                                             int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
+{
+    const int columns = batch * lattice_h * lattice_w;
+    const LatticeColumns lattice{columns, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w};
+    const StoreLattice<gemm::Tile<BM, BN>> store{dst, rows, columns, lattice_h, lattice_w, dst_h, dst_w, dst_step_h,
+                                                 dst_step_w, dst_origin_h, dst_origin_w, has_bias ? bias : nullptr,
+                                                 relu != 0};
+    lattice_gemm<BM, BN, VECTOR_A>(shared, a, a_pitch, rows, src, channels, n_taps, taps, src_h, src_w, lattice, store);
 }
 
 // The bias gradient's share of a backward-filter block: out[m] = sum of grad_out[k][m] over

@@ -47,6 +47,8 @@ def conv_ops(rng):
         (F.conv2d_input(x.shape, ew, egy, padding=1), F.conv2d_input(x.shape, w, gy, padding=1)),
         (F.conv2d_weight(ex, w.shape, egy, padding=1), F.conv2d_weight(x, w.shape, gy, padding=1)),
         (F.conv2d_bias(egy), F.conv2d_bias(gy)),
+        *zip(F.conv2d_relu_max_pool2d(ex, ew, eb, padding=1, pool_padding=1, ceil_mode=True),
+             F.conv2d_relu_max_pool2d(x, w, b, padding=1, pool_padding=1, ceil_mode=True)),
     ]
 
 
@@ -133,10 +135,22 @@ def pooling_and_norm(rng, monkeypatch):
     ]
 
 
+def linear(rng, monkeypatch):
+    # 33 rows and 40 features: two tiles of 32 each way, a partial K tile
+    x, w, b, g = small(rng, 33, 40), small(rng, 7, 40), small(rng, 7), small(rng, 33, 7)
+    ex, ew, eb, eg = on_emu(x, w, b, g)
+    hand = F.linear_backward(eg, ex, ew, through_relu=True)
+    numpy = F.linear_backward(g, x, w, through_relu=True)
+    return [(F.linear(ex, ew, eb, activation="relu"), F.linear(x, w, b, activation="relu")), *zip(hand, numpy)]
+
+
 def loss(rng, monkeypatch):
     logits, target = small(rng, 5, 7), rng.integers(0, 7, 5)
-    return [(F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"))[1],
-             F.cross_entropy_with_grad(logits, target)[1])]
+    pairs = []
+    for reduction in ("mean", "none"):
+        ours = F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"), reduction)
+        pairs += zip(ours, F.cross_entropy_with_grad(logits, target, reduction))
+    return pairs
 
 
 def optimizers(rng, monkeypatch):
@@ -159,6 +173,7 @@ OPS = {
     "conv-tensorcore": conv_tensorcore,
     "elementwise": elementwise,
     "pooling-and-norm": pooling_and_norm,
+    "linear": linear,
     "loss": loss,
     "optimizers": optimizers,
 }

@@ -411,6 +411,21 @@ def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilatio
 # Public API: check once, then dispatch.
 
 
+def check_conv2d(input, weight, bias, stride, padding, dilation, precision):
+    """``conv2d``'s argument checks: ``(geometry, device, precision resolved)``, or a clear error."""
+    check_array(input, "input", 4, "NCHW")
+    check_array(weight, "weight", 4, "OIHW")
+    if bias is not None:
+        check_array(bias, "bias", 1)
+    device = common_device(input=input, weight=weight, bias=bias)
+    check_same_dtype(input=input, weight=weight, bias=bias)
+    precision = resolve_precision(precision, input.dtype)
+    g = _geometry(input.shape, weight.shape, stride, padding, dilation)
+    if bias is not None and tuple(bias.shape) != (g.c_out,):
+        raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    return g, device, precision
+
+
 @ieee_arithmetic
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activation=None, precision=None):
     """2-D cross-correlation of ``input`` (N, C_in, H, W) with ``weight`` (C_out, C_in, KH, KW).
@@ -421,18 +436,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     ``gpuconv.set_float32_matmul_precision``) is the internal precision of float32 operands, see
     ``gpuconv.precision``. Returns (N, C_out, H_out, W_out) on the device of ``input``.
     """
-    check_array(input, "input", 4, "NCHW")
-    check_array(weight, "weight", 4, "OIHW")
-    if bias is not None:
-        check_array(bias, "bias", 1)
-    device = common_device(input=input, weight=weight, bias=bias)
-    check_same_dtype(input=input, weight=weight, bias=bias)
-    precision = resolve_precision(precision, input.dtype)
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    g = _geometry(input.shape, weight.shape, stride, padding, dilation)
-    if bias is not None and tuple(bias.shape) != (g.c_out,):
-        raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    g, device, precision = check_conv2d(input, weight, bias, stride, padding, dilation, precision)
     if g.batch == 0:  # as PyTorch: an empty output, and no kernel launched on an empty grid
         return empty(g.output_shape, input.dtype, device)
     if precision != "fp32":

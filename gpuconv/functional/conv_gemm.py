@@ -37,7 +37,11 @@ TILES = {(128, 128): (256, 2), (128, 64): (128, 3), (64, 128): (128, 3), (32, 12
 NARROW_TILE = (4, 256)
 # Measured by `gpuconv check-kernels --sass` (hot-loop FFMA share on sm_90): the cost model's
 # price of a tile's overhead.
-FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.76, (32, 128): 0.67}
+FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.75, (32, 128): 0.65}
+# The tiles whose kernels read A with 32-bit loads, at any pitch (conv2d_gemm.cu's VECTOR_A_*,
+# and the narrow kernel): the forward pass gives them the weights as they are, with no re-layout
+# launch; the large tiles' 128-bit loads need K % 4 == 0 and 16-byte alignment (see NOTES).
+SCALAR_A_TILES = frozenset({(64, 128), (32, 128), NARROW_TILE})
 # Offsets inside the v2 kernels are 32-bit ints, with a tile of headroom.
 INT_LIMIT = np.iinfo(np.int32).max - 128
 MAX_GRID_Y = 65535
@@ -83,10 +87,14 @@ def _cost(tile, rows: int, columns: int) -> float:
 
 def choose_tile(rows: int, columns: int) -> tuple[tuple[int, int], str]:
     """The cheapest tile for a rows x columns output by :func:`_cost`; ties go to the larger tile
-    (fewer loads per multiply-add)."""
+    (fewer loads per multiply-add). M <= 64 takes one of the small tiles: a 128-row one would
+    waste half its rows, and only the small ones read unpadded weights (:data:`SCALAR_A_TILES`:
+    no re-layout launch for LeNet's K = 25 and 150, even at a batch so small that one wave of
+    any tile is enough)."""
     if rows <= NARROW_TILE[0]:
         return NARROW_TILE, f"M = {rows} <= {NARROW_TILE[0]}: the direct narrow kernel"
-    best = min(sorted(TILES, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
+    candidates = [t for t in TILES if t[0] <= 64] if rows <= 64 else TILES
+    best = min(sorted(candidates, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
     if best == (128, 128):
         return best, "large M and N"
     if best[0] < 128 and rows <= best[0]:
@@ -104,18 +112,23 @@ def _executed(tile, rows: int, columns: int, depth: int) -> int:
     return _padded(rows, tile[0]) * _padded(columns, tile[1]) * _padded(depth, BK)
 
 
-def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool):
-    """The A operand of conv2d_gemm_v2 from an OIHW weight: rows C_out (C_in when ``transpose``),
-    columns (channel, tap) over the tap grid ``rows_taps`` x ``cols_taps`` ((first, step, count)
-    along each axis), the pitch a multiple of 4 and zeros past K. The plain forward weight
-    already is one when K % 4 == 0 and it is 16-byte aligned; otherwise a kernel re-lays it (a
-    kernel, not an array operation, so that a CUDA graph replays it after each weight update)."""
+def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool, tile=None):
+    """The A operand of conv2d_gemm_v2 on ``tile`` (None: one with 128-bit loads) from an OIHW weight: rows C_out (C_in when
+    ``transpose``), columns (channel, tap) over the tap grid ``rows_taps`` x ``cols_taps``
+    ((first, step, count) along each axis); returns it with its pitch.
+
+    The forward weight as it is where the tile reads A with 32-bit loads (:data:`SCALAR_A_TILES`),
+    or where it already suits 128-bit loads (K % 4 == 0, 16-byte aligned). Otherwise a kernel
+    re-lays it with the pitch a multiple of 4 and zeros past K (a kernel, not an array operation,
+    so that a CUDA graph replays it after each weight update); backward-data's transposed,
+    per-phase weight always is such a copy."""
     n_taps = rows_taps[2] * cols_taps[2]
     rows, depth = (g.c_in, g.c_out * n_taps) if transpose else (g.c_out, g.c_in * n_taps)
-    pitch = _padded(depth, 4)
     weight = contiguous(weight)
-    if not transpose and n_taps == g.kernel_h * g.kernel_w and pitch == depth and _address(weight) % 16 == 0:
-        return weight.reshape(rows, depth), pitch
+    if not transpose and n_taps == g.kernel_h * g.kernel_w:
+        if tile in SCALAR_A_TILES or (depth % 4 == 0 and _address(weight) % 16 == 0):
+            return weight.reshape(rows, depth), depth
+    pitch = _padded(depth, 4)
     out = empty((rows, pitch), np.float32, device_of(weight))
     kernels.launch("conv2d_gemm", "conv2d_weight_rows_v2", kernels.grid_stride_blocks(rows * pitch), kernels.BLOCK,
                    (weight, out, g.c_out, g.c_in, g.kernel_h, g.kernel_w, rows_taps[2], cols_taps[2], rows_taps[0],
@@ -186,6 +199,11 @@ def _launch_lattice(tile, a, pitch, src, tap_grid, n_taps, bias, dst, rows, chan
                     *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), pitch))
 
 
+def _forward_taps(g) -> tuple[int, ...]:
+    """Taps (i*dil_h, j*dil_w): the grid of kernel_w columns from (0, 0) in steps of the dilation."""
+    return g.kernel_w, 0, g.dilation_h, 0, g.dilation_w
+
+
 def plan_forward(g) -> Plan:
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
     if refusal:
@@ -198,14 +216,50 @@ def plan_forward(g) -> Plan:
 
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
     out = empty(g.output_shape, np.float32, device_of(x))
-    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False)
-    # Taps (i*dil_h, j*dil_w): the grid of kernel_w columns from (0, 0) in steps of the dilation.
-    tap_grid = (g.kernel_w, 0, g.dilation_h, 0, g.dilation_w)
-    _launch_lattice(plan.tile, a, pitch, contiguous(x), tap_grid, g.kernel_h * g.kernel_w,
+    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
+    _launch_lattice(plan.tile, a, pitch, contiguous(x), _forward_taps(g), g.kernel_h * g.kernel_w,
                     None if bias is None else contiguous(bias), out, g.c_out, g.c_in, (g.height, g.width),
                     (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w), (-g.pad_top, -g.pad_left),
                     (g.out_h, g.out_w), (1, 1), (0, 0), relu)
     return out
+
+
+def plan_relu_max_pool2x2(g, pool_out, pool_padding) -> Plan | str:
+    """conv2d_relu_max_pool2x2_v2 for a convolution of geometry ``g`` followed by a ReLU and a
+    2x2/2 max-pool of output ``pool_out`` (H, W) and ``pool_padding``: the plan, or why the
+    fused kernel cannot take it (the caller then runs the unfused kernels).
+
+    Its GEMM has 4 columns per pool window (conv_pool_epilogue.cuh), on the tile
+    :func:`choose_tile` picks for that N, the 32x128 one where it picks the narrow kernel.
+    """
+    forward = plan_forward(g)
+    if forward.version != 2:
+        return forward.reason
+    columns = 4 * g.batch * pool_out[0] * pool_out[1]
+    if columns > INT_LIMIT:
+        return "4 GEMM columns per pool window pass 32-bit offsets"
+    tile, reason = choose_tile(g.c_out, columns)
+    if tile == NARROW_TILE:
+        tile, reason = (32, 128), f"M = {g.c_out}: the smallest GEMM tile (no fused narrow kernel)"
+    useful = _macs(g) / _executed(tile, g.c_out, columns, g.patch_size)
+    return Plan("forward_relu_max_pool", 2, "conv2d_relu_max_pool2x2_v2", tile, 1, 1, useful, reason)
+
+
+def conv2d_relu_max_pool2x2_v2(x, weight, bias, g, pool_out, pool_padding, plan: Plan):
+    """(out, indices) of max_pool2d(relu(conv2d(x, weight, bias)), 2, 2, pool_padding, ...) as
+    planned by :func:`plan_relu_max_pool2x2`: one launch, the convolution output never stored."""
+    device = device_of(x)
+    out = empty((g.batch, g.c_out, *pool_out), np.float32, device)
+    indices = empty(out.shape, np.int32, device)
+    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
+    bm, bn = plan.tile
+    grid = (math.ceil(4 * g.batch * pool_out[0] * pool_out[1] / bn), math.ceil(g.c_out / bm))
+    kernels.launch("conv2d_gemm", f"conv2d_relu_max_pool2x2_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
+                   (a, contiguous(x), out if bias is None else contiguous(bias), out, indices, g.c_out, g.c_in,
+                    g.kernel_h * g.kernel_w, *_forward_taps(g), g.height, g.width, g.batch, g.out_h, g.out_w,
+                    g.stride_h, g.stride_w, -g.pad_top, -g.pad_left, *pool_out, *pool_padding, int(bias is not None),
+                    pitch))
+    return out, indices
 
 
 @dataclass(frozen=True)
@@ -274,7 +328,7 @@ def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
     for ph, pw in reached:
         (rows_taps, (shift_h, shift_h_step)), (cols_taps, (shift_w, shift_w_step)) = ph.tap_progression(), pw.tap_progression()
         # A = the weight as C_in x (C_out, phase taps); B gathers grad_out at (q - shift, r - shift).
-        a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True)
+        a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True, tile=plan.tile)
         tap_grid = (cols_taps[2], -shift_h, -shift_h_step, -shift_w, -shift_w_step)
         _launch_lattice(plan.tile, a, pitch, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input,
                         g.c_in, g.c_out, (g.out_h, g.out_w), (g.batch, ph.count, pw.count), (1, 1),

@@ -67,24 +67,34 @@ def _numpy(input, target, reduction, want_grad):
 
 
 def _kernel(input, target, reduction, device):
+    """The per-sample losses, the gradient and, for 'mean'/'sum', their reduction, in one launch
+    (None where the launch has nothing to reduce: no rows, or no classes)."""
     rows, classes = input.shape
     # astype rather than ascontiguousarray: it keeps an EmuArray on the emulated device.
     logits = input.astype(np.float32, order="C", copy=False)
     labels = target.astype(np.int32, order="C", copy=False)
     losses = empty((rows,), np.float32, device)
     grad = empty((rows, classes), np.float32, device)
-    grad_scale = 1.0 / rows if reduction == "mean" and rows else 1.0
-    if rows and classes:
-        kernels.launch("softmax_cross_entropy", "softmax_cross_entropy_v1", kernels.blocks_for(rows, _ROWS_PER_BLOCK), _BLOCK,
-                       (logits, labels, rows, classes, grad_scale, losses, grad))
-    return losses, grad
+    if not (rows and classes):
+        return losses, grad, None
+    reduce = reduction != "none"
+    total = empty((1,), np.float32, device) if reduce else losses  # not written without a reduction
+    grad_scale = 1.0 / rows if reduction == "mean" else 1.0
+    # One block sums the whole batch in a fixed order; without a sum the rows spread over blocks.
+    grid = 1 if reduce else kernels.blocks_for(rows, _ROWS_PER_BLOCK)
+    kernels.launch("softmax_cross_entropy", "softmax_cross_entropy_v2", grid, _BLOCK,
+                   (logits, labels, rows, classes, grad_scale, grad_scale, reduce, losses, grad, total))
+    return losses, grad, total.reshape(()) if reduce else None
 
 
-def _losses_and_grad(input, target, reduction, want_grad, validate_target):
+def _loss_and_grad(input, target, reduction, want_grad, validate_target):
+    """``(loss, grad)``: the losses reduced as asked, and their gradient (None if not wanted, on 'cpu')."""
     device = _check_arguments(input, target, reduction, validate_target)
     if device == "cpu":
-        return _numpy(input, target, reduction, want_grad)
-    return _kernel(input, target, reduction, device)
+        losses, grad = _numpy(input, target, reduction, want_grad)
+        return _reduce(losses, reduction), grad
+    losses, grad, reduced = _kernel(input, target, reduction, device)
+    return (_reduce(losses, reduction) if reduced is None else reduced), grad
 
 
 @ieee_arithmetic
@@ -96,7 +106,7 @@ def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bo
     ``validate_target=False`` skips the label range check, which costs a device-to-host round trip
     on 'cuda'; only for labels already checked (a bad label then gives NaN on the kernel devices).
     """
-    return _reduce(_losses_and_grad(input, target, reduction, False, validate_target)[0], reduction)
+    return _loss_and_grad(input, target, reduction, False, validate_target)[0]
 
 
 @ieee_arithmetic
@@ -105,15 +115,15 @@ def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_t
 
     For 'none' it is the gradient of each sample's own loss (the same as for 'sum').
     """
-    return _losses_and_grad(input, target, reduction, True, validate_target)[1]
+    return _loss_and_grad(input, target, reduction, True, validate_target)[1]
 
 
 @ieee_arithmetic
 def cross_entropy_with_grad(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the scores.
 
-    On 'cuda' and 'emu' every call of this module runs the one kernel that computes the loss and the
-    gradient together; a training step that needs both should call this rather than both functions.
+    On 'cuda' and 'emu' every call of this module runs the one kernel that computes the loss, its
+    gradient and the mean or sum together; a training step that needs both should call this
+    rather than both functions.
     """
-    losses, grad = _losses_and_grad(input, target, reduction, True, validate_target)
-    return _reduce(losses, reduction), grad
+    return _loss_and_grad(input, target, reduction, True, validate_target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from .. import functional as F
+from ..device import device_of
 from ..functional._checks import pair, positive_int
 from ..functional.conv import check_padding
 from ..precision import check as check_precision
@@ -46,6 +47,24 @@ class Conv2d(Module):
         bias = None if self.bias is None else self.bias.data
         out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), precision=self.precision)
         self._save(input=x)
+        return out
+
+    def forward_relu_max_pool2d(self, x, relu, pool):
+        """``pool(relu(self(x)))``, for ``Sequential``'s fusion table; ``relu`` is a ReLU, ``pool`` a
+        MaxPool2d. On 'cuda' and 'emu' one op (``F.conv2d_relu_max_pool2d``: one kernel where it
+        applies), leaving each what its backward needs: this layer its input, the pool its
+        indices, input shape and output; the ReLU nothing (its output, the convolution's, is
+        never stored): its backward runs folded into the pool's (``backward_chain``). On 'cpu'
+        the three layers run one by one."""
+        if device_of(x) == "cpu":
+            return pool(relu(self(x)))
+        self._check_input(x)
+        bias = None if self.bias is None else self.bias.data
+        out, indices = F.conv2d_relu_max_pool2d(x, self.weight.data, bias, *self._conv_args(), pool.kernel_size,
+                                                pool.stride, pool.padding, pool.ceil_mode, precision=self.precision)
+        self._save(input=x)
+        relu._ctx = None
+        pool._save(indices=indices, input_shape=self.output_shape(x.shape), output=out)
         return out
 
     def backward(self, grad_output):
