@@ -12,7 +12,7 @@
 //                   lattice = the input pixels of one phase, taps = only the kernel taps that
 //                   land on that phase (as negative offsets), A = the weight re-laid as
 //                   C_in x (C_out, phase taps), M = C_in: no zero tap is ever multiplied;
-//   backward-filter: the roles swap: K runs over the output pixels, N over (channel, tap).
+//   backward-filter: the roles swap: K runs over the output pixels, N over (tap, channel).
 //
 // The tap table sits in shared memory as int4 {dh*src_w + dw, dh, dw, 0}, filled once per
 // block, so a gather is one 128-bit shared load per K row, then per element an add, two
@@ -240,38 +240,64 @@ struct PixelColumnsB {
     }
 };
 
-// The K row of the backward-filter GEMM this thread loads, k = k_begin + tid % BK, as an output
-// pixel (image, oh, ow), stepped by BK without dividing: BK = d_image*plane + d_h*out_w + d_w,
-// with carries. Both backward-filter loaders read the same K row, so one walk serves both: the
-// A loader reads it, the B loader steps it.
-struct PixelWalk {
-    int k, k_end, image, oh, ow;
-    int out_h, out_w, d_image, d_h, d_w;
+// What a step of BK output pixels adds to PixelWalk's state, BK = d_image*plane + d_h*out_w +
+// d_w: the adds without carries (d_*), where the carries happen (ih_end, iw_end: oh reaching
+// out_h, ow reaching out_w), and what each carry adds on top (*_wrap). Computed by the host
+// (conv_gemm.filter_walk_steps) and passed as kernel parameters: the K loop reads them as
+// constant operands, so they take no registers.
+struct PixelSteps {
+    int d_a, d_b, d_ih, d_iw;  // d_image*c_out*plane + rest, d_image*C*H*W + d_ih*width + d_iw, d_h*s_h, d_w*s_w
+    int ih_end, iw_end;        // out_h*stride_h - pad_top, out_w*stride_w - pad_left
+    int ih_wrap, iw_wrap;      // out_h*stride_h, out_w*stride_w: subtracted at a carry
+    int a_wrap_h;              // (c_out - 1)*plane: the next image of grad_out
+    int b_wrap_w, b_wrap_h;    // stride_h*width - iw_wrap; C*H*W - ih_wrap*width
+};
 
-    __device__ __forceinline__ PixelWalk(int k_begin, int k_end_, int out_h_, int out_w_)
-        : k(k_begin + threadIdx.x % BK), k_end(k_end_), out_h(out_h_), out_w(out_w_)
+// The K row of the backward-filter GEMM this thread loads, k = k_begin + tid % BK, an output
+// pixel (image, oh, ow), held as the offsets the two loaders add to their columns: a_offset of
+// grad_out[image][0][oh][ow], b_offset of the input window's origin x[image][0][ih][iw] (ih =
+// oh*stride_h - pad_top, iw = ow*stride_w - pad_left), and ih, iw for the bounds tests. A step
+// is an add per value and a predicated add per carry (ow past out_w, oh past out_h, each at
+// most once a step): nothing is re-derived from (image, oh, ow) with multiplies. Both
+// backward-filter loaders read the same K row, so one walk serves both: the A loader reads it,
+// the B loader steps it.
+struct PixelWalk {
+    const PixelSteps& steps;
+    int k, k_end, a_offset, b_offset, ih, iw, stride_h, plane;
+
+    // a_channel: the grad_out channel whose offset a_offset includes (the A loader's first row).
+    __device__ __forceinline__ PixelWalk(const PixelSteps& steps_, int k_begin, int k_end_, int a_channel, int c_out,
+                                         int c_in, int height, int width, int out_h, int out_w, int stride_h_,
+                                         int stride_w, int pad_top, int pad_left)
+        : steps(steps_), k(k_begin + threadIdx.x % BK), k_end(k_end_), stride_h(stride_h_), plane(out_h * out_w)
     {
-        const int plane = out_h * out_w;
-        image = k / plane;
+        const int image = k / plane;
         const int p = k - image * plane;
-        oh = p / out_w;
-        ow = p - oh * out_w;
-        d_image = BK / plane;
-        const int rest = BK - d_image * plane;
-        d_h = rest / out_w;
-        d_w = rest - d_h * out_w;
+        const int oh = p / out_w;
+        const int ow = p - oh * out_w;
+        ih = oh * stride_h - pad_top;
+        iw = ow * stride_w - pad_left;
+        a_offset = (image * c_out + a_channel) * plane + p;
+        b_offset = (image * c_in * height + ih) * width + iw;
     }
     __device__ __forceinline__ bool valid() const { return k < k_end; }
     __device__ __forceinline__ void step()
     {
         k += BK;
-        ow += d_w;
-        const bool wrap_w = ow >= out_w;
-        ow -= wrap_w ? out_w : 0;
-        oh += d_h + wrap_w;
-        const bool wrap_h = oh >= out_h;
-        oh -= wrap_h ? out_h : 0;
-        image += d_image + wrap_h;
+        iw += steps.d_iw;
+        ih += steps.d_ih;
+        a_offset += steps.d_a;
+        b_offset += steps.d_b;
+        if (iw >= steps.iw_end) {
+            iw -= steps.iw_wrap;
+            ih += stride_h;
+            b_offset += steps.b_wrap_w;
+        }
+        if (ih >= steps.ih_end) {
+            ih -= steps.ih_wrap;
+            a_offset += steps.a_wrap_h;
+            b_offset += steps.b_wrap_h;
+        }
     }
 };
 
@@ -284,22 +310,22 @@ struct PixelRowsA {
     static constexpr int M_STEP = T::THREADS / BK;
     const float* grad;
     const PixelWalk& at;
-    int channels, first_offset, rows_left;  // rows_left: rows of this thread's first one on
+    int rows_left;  // rows from this thread's first one on
     float v[GROUPS];
 
+    // The walk's a_offset already includes this thread's first channel, first_row(m0).
+    __device__ __forceinline__ static int first_row(int m0) { return m0 + threadIdx.x / BK; }
     __device__ __forceinline__ PixelRowsA(const float* __restrict__ grad_, const PixelWalk& at_, int m0, int rows)
-        : grad(grad_), at(at_), channels(rows), first_offset((m0 + threadIdx.x / BK) * at_.out_h * at_.out_w),
-          rows_left(rows - m0 - threadIdx.x / BK)
+        : grad(grad_), at(at_), rows_left(rows - first_row(m0))
     {
     }
     __device__ __forceinline__ void fetch()
     {
-        const int plane = at.out_h * at.out_w;
-        const int pixel = at.image * channels * plane + at.oh * at.out_w + at.ow + first_offset;
+        const int pixel = at.a_offset;
         const bool k_ok = at.valid();
 #pragma unroll
         for (int g = 0; g < GROUPS; ++g)
-            v[g] = k_ok && M_STEP * g < rows_left ? __ldg(grad + (pixel + M_STEP * g * plane)) : 0.0f;
+            v[g] = k_ok && M_STEP * g < rows_left ? __ldg(grad + (pixel + M_STEP * g * at.plane)) : 0.0f;
     }
     __device__ __forceinline__ void advance() {}  // the B loader steps the shared walk
     __device__ __forceinline__ void store(float (&tile)[BK][T::A_PITCH]) const
@@ -309,17 +335,20 @@ struct PixelRowsA {
     }
 };
 
-// Column n = channel*n_taps + t of a backward-filter block, as ChannelTapColumnsB reads it:
-// {offset of (channel, tap t) from a window's origin, dh, dw, 0}; past N, a tap never inside.
+// The backward-filter GEMM orders its N columns tap-major, n = t*c_in + channel (the weight's
+// OIHW index is channel*n_taps + t; the epilogue maps back), so that runs of consecutive
+// columns are one tap over consecutive channels: when c_in % 4 == 0 every thread's run of 4
+// shares one bounds test. Column n's table entry, as ChannelTapColumnsB reads it: {offset of
+// (channel, tap t) from a window's origin, dh, dw, 0}; past N, a tap never inside.
 template <int BN>
-__device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], const TapGrid& taps, int n0, int columns,
+__device__ __forceinline__ void fill_tap_channel_columns(int4 (&table)[BN], const TapGrid& taps, int n0, int c_in,
                                                          int n_taps, int height, int width)
 {
     for (int c = threadIdx.x; c < BN; c += blockDim.x) {
         const int n = n0 + c;
         int4 entry = make_int4(0, OUTSIDE, OUTSIDE, 0);
-        if (n < columns) {
-            const int channel = n / n_taps, t = n - channel * n_taps;
+        if (n < c_in * n_taps) {
+            const int t = n / c_in, channel = n - t * c_in;
             const int2 d = taps.offset(t);
             entry.y = d.x;
             entry.z = d.y;
@@ -329,40 +358,49 @@ __device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], cons
     }
 }
 
-// The B operand of the backward-filter GEMM: x gathered as (output pixels) x (channel, tap).
+// The B operand of the backward-filter GEMM: x gathered as (output pixels) x (tap, channel).
 // Thread tid loads its walk's K row for GROUPS runs of 4 consecutive columns,
 // tid / BK * 4 + COLUMN_STEP*g; the lanes of a warp cover 8 consecutive pixels of 4 runs, and
-// B's padded pitch keeps their 128-bit stores on distinct banks.
-template <class T>
-struct ChannelTapColumnsB {
+// B's padded pitch keeps their 128-bit stores on distinct banks. A column's table entry is one
+// 128-bit shared load at a constant offset from this thread's first; predicated loads, no
+// branch. SAME_TAP_RUNS (c_in % 4 == 0): a run is one tap of 4 consecutive channels, one table
+// entry and one bounds test for its 4 loads, which sit a channel plane apart.
+template <class T, bool SAME_TAP_RUNS>
+struct TapChannelColumnsB {
     static constexpr int GROUPS = BK * T::BN / 4 / T::THREADS;
     static constexpr int COLUMN_STEP = T::THREADS / BK * 4;
     const float* x;
     PixelWalk& at;
-    const int4* columns;
-    int channels, height, width, stride_h, stride_w, pad_top, pad_left;
+    const int4* columns;  // this thread's first column
+    int height, width;
     float4 v[GROUPS];
 
-    __device__ __forceinline__ ChannelTapColumnsB(const float* __restrict__ x_, PixelWalk& at_, const int4* columns_,
-                                                  int channels_, int height_, int width_, int stride_h_,
-                                                  int stride_w_, int pad_top_, int pad_left_)
-        : x(x_), at(at_), columns(columns_), channels(channels_), height(height_), width(width_),
-          stride_h(stride_h_), stride_w(stride_w_), pad_top(pad_top_), pad_left(pad_left_)
+    __device__ __forceinline__ TapChannelColumnsB(const float* __restrict__ x_, PixelWalk& at_, const int4* columns_,
+                                                  int height_, int width_)
+        : x(x_), at(at_), columns(columns_ + threadIdx.x / BK * 4), height(height_), width(width_)
     {
     }
     __device__ __forceinline__ static int column(int g) { return threadIdx.x / BK * 4 + COLUMN_STEP * g; }
     __device__ __forceinline__ void fetch()
     {
-        const int ih0 = at.oh * stride_h - pad_top, iw0 = at.ow * stride_w - pad_left;
-        const int window = (at.image * channels * height + ih0) * width + iw0;
-        const bool k_ok = at.valid();
+        // A K row past the end tests as outside every column, so no element needs a third test.
+        const int ih = at.valid() ? at.ih : OUTSIDE;
 #pragma unroll
         for (int g = 0; g < GROUPS; ++g) {
             float e[4];
+            if (SAME_TAP_RUNS) {
+                const int4 c = columns[COLUMN_STEP * g];
+                const bool in = inside(ih + c.y, at.iw + c.z, height, width);
+                const int offset = at.b_offset + c.x, plane = height * width;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int4 c = columns[column(g) + j];
-                e[j] = k_ok && inside(ih0 + c.y, iw0 + c.z, height, width) ? __ldg(x + (window + c.x)) : 0.0f;
+                for (int j = 0; j < 4; ++j) e[j] = in ? __ldg(x + (offset + j * plane)) : 0.0f;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int4 c = columns[COLUMN_STEP * g + j];
+                    e[j] = 0.0f;
+                    if (inside(ih + c.y, at.iw + c.z, height, width)) e[j] = __ldg(x + (at.b_offset + c.x));
+                }
             }
             v[g] = make_float4(e[0], e[1], e[2], e[3]);
         }
@@ -449,14 +487,43 @@ __device__ __forceinline__ void lattice_conv(Shared<BM, BN>& shared, const float
     lattice_gemm<BM, BN, VECTOR_A>(shared, a, a_pitch, rows, src, channels, n_taps, taps, src_h, src_w, lattice, store);
 }
 
+// The bias gradient's share of a backward-filter block: out[m] = sum of grad_out[k][m] over
+// the output pixels k in [k_begin, k_end), for the block's rows m0 <= m < m0 + BM. Run after the
+// K loop by the blocks of the first column tile only (a pass over their A rows, 1 / (column
+// tiles) of the A reads the K loop made), so the weight-gradient GEMM's hot loop carries no
+// bias column. Warp w sums rows w, w + warps, ...; its lanes take every 32nd pixel of each
+// image's run (consecutive lanes, consecutive addresses), then a fixed shuffle tree adds the
+// lanes: the same order on every run.
+template <int BM>
+__device__ __forceinline__ void bias_partial_sums(const float* __restrict__ grad_out, float* __restrict__ out, int m0,
+                                                  int c_out, int k_begin, int k_end, int plane)
+{
+    const int warps = blockDim.x / gemm::WARP, lane = threadIdx.x % gemm::WARP;
+    const int first_image = k_begin / plane, last_image = (k_end - 1) / plane;
+    for (int m = m0 + threadIdx.x / gemm::WARP; m < min(m0 + BM, c_out); m += warps) {
+        float sum = 0.0f;
+        for (int image = first_image; image <= last_image; ++image) {
+            const int start = image * plane;
+            const float* row = grad_out + ((long long)image * c_out + m) * plane;
+            for (int p = max(k_begin - start, 0) + lane; p < min(k_end - start, plane); p += gemm::WARP)
+                sum += __ldg(row + p);
+        }
+#pragma unroll
+        for (int offset = gemm::WARP / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+        if (lane == 0) out[m] = sum;
+    }
+}
+
 // The backward-filter kernel body: block z's partial sum over K indices [k_begin, k_end) of
 // grad_w (rows x columns, OIHW) into partials[z], plain stores (the reduce kernel adds them).
-template <int BM, int BN>
+template <int BM, int BN, bool SAME_TAP_RUNS>
 __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, const float* __restrict__ x,
                                                      const float* __restrict__ grad_out, const TapGrid& taps,
-                                                     float* __restrict__ partials, int batch, int c_in, int height,
+                                                     float* __restrict__ partials, float* __restrict__ bias_partials,
+                                                     long long split_stride, int batch, int c_in, int height,
                                                      int width, int c_out, int n_taps, int stride_h, int stride_w,
-                                                     int pad_top, int pad_left, int out_h, int out_w, int k_per_split)
+                                                     int pad_top, int pad_left, int out_h, int out_w, int k_per_split,
+                                                     const PixelSteps& steps)
 {
     using T = gemm::Tile<BM, BN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
@@ -464,25 +531,33 @@ __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, con
     const int k_begin = blockIdx.z * k_per_split;
     // Not min(K, k_begin + k_per_split): that sum can pass 2^31 for the last split.
     const int k_end = k_begin + min(k_per_split, batch * out_h * out_w - k_begin);
-    fill_channel_tap_columns(shared.columns, taps, n0, columns, n_taps, height, width);
+    fill_tap_channel_columns(shared.columns, taps, n0, c_in, n_taps, height, width);
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
-    PixelWalk walk(k_begin, k_end, out_h, out_w);
+    PixelWalk walk(steps, k_begin, k_end, PixelRowsA<T>::first_row(m0), c_out, c_in, height, width, out_h, out_w,
+                   stride_h, stride_w, pad_top, pad_left);
     PixelRowsA<T> a_loader(grad_out, walk, m0, c_out);
-    ChannelTapColumnsB<T> b_loader(x, walk, shared.columns, c_in, height, width, stride_h, stride_w, pad_top, pad_left);
+    TapChannelColumnsB<T, SAME_TAP_RUNS> b_loader(x, walk, shared.columns, height, width);
     float acc[8][8];
-    gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (k_end - k_begin + BK - 1) / BK, t);
+    // Four K tiles a trip: what a trip re-derives (shared addresses the registers could not keep)
+    // is spread over twice the tiles of the forward kernel's two.
+    gemm::mainloop<4>(acc, shared.tiles, a_loader, b_loader, (k_end - k_begin + BK - 1) / BK, t);
 
-    float* partial = partials + (long long)blockIdx.z * c_out * columns;
+    if (bias_partials != nullptr && blockIdx.x == 0)
+        bias_partial_sums<BM>(grad_out, bias_partials + blockIdx.z * split_stride, m0, c_out, k_begin, k_end,
+                              out_h * out_w);
+    float* partial = partials + blockIdx.z * split_stride;
 #pragma unroll
-    for (int r = 0; r < 8; ++r) {
-        const int m = m0 + t.row(r);
-        if (m >= c_out) continue;
+    for (int c = 0; c < 8; ++c) {
+        const int n = n0 + t.column(c);
+        if (n >= columns) continue;
+        const int tap = n / c_in;
+        const int weight = (n - tap * c_in) * n_taps + tap;  // the OIHW column of (tap, channel)
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const int n = n0 + t.column(c);
-            if (n < columns) partial[(long long)m * columns + n] = acc[r][c];
+        for (int r = 0; r < 8; ++r) {
+            const int m = m0 + t.row(r);
+            if (m < c_out) partial[(long long)m * columns + weight] = acc[r][c];
         }
     }
 }

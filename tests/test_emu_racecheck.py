@@ -58,12 +58,24 @@ def conv_v1(rng, monkeypatch):
     return conv_ops(rng)
 
 
+def filter_with_bias(rng):
+    # C_in 4: the backward-filter kernels whose columns run over 4 channels of one tap (_c4),
+    # with the bias gradient from the same launch, in one split and in three.
+    x, gy = small(rng, 2, 4, 5, 5), small(rng, 2, 3, 5, 5)
+    ex, egy = on_emu(x, gy)
+    expected = (F.conv2d_weight(x, (3, 4, 3, 3), gy, padding=1), F.conv2d_bias(gy))
+    return [(got, want) for got, want in zip(F.conv2d_weight(ex, (3, 4, 3, 3), egy, padding=1, bias_grad=True), expected)]
+
+
 def conv_v2_tile(tile):
     def ops(rng, monkeypatch):
         monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
-        if tile in conv_gemm.FILTER_TILES:
-            monkeypatch.setattr(conv_gemm, "FILTER_TILES", (tile,))
-        return conv_ops(rng)
+        if tile not in conv_gemm.FILTER_TILES:
+            return conv_ops(rng)
+        monkeypatch.setattr(conv_gemm, "FILTER_TILES", (tile,))
+        pairs = conv_ops(rng) + filter_with_bias(rng)
+        monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: 3)
+        return pairs + filter_with_bias(rng)
 
     return ops
 

@@ -358,12 +358,17 @@ def _conv2d_input_v2(weight, grad_output, g: _Geometry):
     return conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
 
 
-def _conv2d_weight_v2(x, grad_output, g: _Geometry, out):
+def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None):
+    """The weight gradient; with ``grad_bias`` (a checked (C_out,) array) also the bias gradient
+    into it, from the same launch (version 1, where the plan falls back, runs its bias kernel)."""
     plan = conv_gemm.plan_backward_filter(g)
     if plan.version == 1:
-        return _conv2d_weight_kernel(x, grad_output, g, out)
+        grad_weight = _conv2d_weight_kernel(x, grad_output, g, out)
+        if grad_bias is not None:
+            _conv2d_bias_kernel(grad_output, grad_bias)
+        return grad_weight
     grad_weight = output_array(out, "out", g.weight_shape, np.float32, device_of(x))
-    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight)
+    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight, grad_bias)
 
 
 _FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel, 2: _conv2d_v2}
@@ -468,12 +473,17 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
 
 
 @ieee_arithmetic
-def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None):
+def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None,
+                  bias_grad=False, bias_out=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
     ``out``: an array of ``weight_shape`` on the input's device to write the gradient into.
     ``precision`` as for ``conv2d``.
+    ``bias_grad=True`` also returns the bias gradient (what ``conv2d_bias`` computes), as
+    ``(grad_weight, grad_bias)``, written into ``bias_out`` (a (C_out,) array) if given: the
+    default FP32 kernel sums it in the weight-gradient launch (no second kernel); other versions
+    and precisions run ``conv2d_bias``.
     The default FP32 kernel (version 2) writes each K split's partial sums to a workspace and adds
     them in a fixed order, so the result is bit-identical from run to run; version 1 adds them
     with float ``atomicAdd`` (the last bits vary, as cuDNN's non-deterministic algorithms).
@@ -486,13 +496,25 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     precision = resolve_precision(precision, input.dtype)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    grad_bias = output_array(bias_out, "bias_out", (g.c_out,), grad_output.dtype, device) if bias_grad else None
+    if bias_out is not None and not bias_grad:
+        raise ValueError("bias_out is given but bias_grad is False: pass bias_grad=True to compute the bias gradient")
     if g.batch == 0:  # as PyTorch: nothing to sum, a zero gradient
-        return zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
+        grad_weight = zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
+        return (grad_weight, zero_(grad_bias)) if bias_grad else grad_weight
+    implementation = _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)
+    if precision == "fp32" and bias_grad and implementation is _conv2d_weight_v2:
+        return _conv2d_weight_v2(input, grad_output, g, out, grad_bias), grad_bias
     if precision != "fp32":
         if device != "cpu":
-            return conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
-        input, grad_output = round_operand(input, precision), round_operand(grad_output, precision)
-    return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
+            grad_weight = conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
+            return (grad_weight, conv2d_bias(grad_output, out=grad_bias)) if bias_grad else grad_weight
+        input, rounded = round_operand(input, precision), round_operand(grad_output, precision)
+    else:
+        rounded = grad_output
+    grad_weight = implementation(input, rounded, g, out)
+    # The bias gradient sums the unrounded grad_output, as conv2d_bias does.
+    return (grad_weight, conv2d_bias(grad_output, out=grad_bias)) if bias_grad else grad_weight
 
 
 @ieee_arithmetic

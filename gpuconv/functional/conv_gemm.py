@@ -345,11 +345,22 @@ def _filter_splits(tile, g) -> int:
     k_tiles = math.ceil(g.batch * g.out_h * g.out_w / BK)
     tiles = math.ceil(g.c_out / tile[0]) * math.ceil(g.patch_size / tile[1])
     target = SMS * TILES[tile][1] * WAVES
-    by_memory = max(1, WORKSPACE_BYTES // (4 * g.c_out * g.patch_size))
+    by_memory = max(1, WORKSPACE_BYTES // (4 * g.c_out * (g.patch_size + 1)))
     return max(1, min(k_tiles, math.ceil(target / tiles), by_memory))
 
 
 FILTER_TILES = ((128, 128), (128, 64), (64, 128))  # 32x128 would spill: 4 columns x 3 registers x 4 runs
+# Hot-loop FFMA share of conv2d_backward_filter_v2 on sm_90 (`gpuconv check-kernels --sass`), for
+# C_in % 4 == 0 (the _c4 kernels: a thread's 4 columns are one tap of 4 channels, one bounds test)
+# and for other C_in (a bounds test per column).
+FILTER_FFMA_SHARE = {
+    True: {(128, 128): 0.82, (128, 64): 0.79, (64, 128): 0.80},
+    False: {(128, 128): 0.80, (128, 64): 0.77, (64, 128): 0.76},
+}
+
+
+def _same_tap_runs(g) -> bool:
+    return g.c_in % 4 == 0
 
 
 def plan_backward_filter(g) -> Plan:
@@ -358,26 +369,58 @@ def plan_backward_filter(g) -> Plan:
     if refusal:
         return plan_v1("backward_filter", g, refusal)
     # Split K fills the GPU whatever the tile, so pick the tile that wastes least padding.
-    tile = min(FILTER_TILES, key=lambda t: (_executed(t, g.c_out, g.patch_size, BK) / FFMA_SHARE[t], -t[0] * t[1]))
+    share = FILTER_FFMA_SHARE[_same_tap_runs(g)]
+    tile = min(FILTER_TILES, key=lambda t: (_executed(t, g.c_out, g.patch_size, BK) / share[t], -t[0] * t[1]))
     splits = _filter_splits(tile, g)
     k_per_split = _padded(math.ceil(depth / splits), BK)
     splits = math.ceil(depth / k_per_split)
     executed = _padded(g.c_out, tile[0]) * _padded(g.patch_size, tile[1]) * splits * k_per_split
     reason = f"least padding of {g.c_out}x{g.patch_size}; K split to fill {WAVES} waves of {SMS} SMs"
+    if _same_tap_runs(g):
+        reason += f"; C_in {g.c_in} in runs of 4 channels"
     return Plan("backward_filter", 2, "conv2d_backward_filter_v2", tile, 1, splits, _macs(g) / executed, reason)
 
 
-def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight):
+def filter_walk_steps(g) -> tuple[int, ...]:
+    """conv_tiles.cuh's PixelSteps for this geometry: what one step of BK output pixels adds to a
+    backward-filter thread's pixel offsets, where its carries happen and what they add."""
+    plane = g.out_h * g.out_w
+    d_image, rest = divmod(BK, plane)
+    d_h, d_w = divmod(rest, g.out_w)
+    x_image = g.c_in * g.height * g.width
+    d_ih, d_iw = d_h * g.stride_h, d_w * g.stride_w
+    ih_wrap, iw_wrap = g.out_h * g.stride_h, g.out_w * g.stride_w
+    return (d_image * g.c_out * plane + rest, d_image * x_image + d_ih * g.width + d_iw, d_ih, d_iw,
+            ih_wrap - g.pad_top, iw_wrap - g.pad_left, ih_wrap, iw_wrap, (g.c_out - 1) * plane,
+            g.stride_h * g.width - iw_wrap, x_image - ih_wrap * g.width)
+
+
+def filter_kernel(plan: Plan, g) -> str:
+    """The entry point of conv2d_backward_filter.cu that runs ``plan``."""
+    bm, bn = plan.tile
+    return f"conv2d_backward_filter_v2_{bm}x{bn}" + ("_c4" if _same_tap_runs(g) else "")
+
+
+def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight, grad_bias=None):
+    """grad_weight (and grad_bias, when given: the bias gradient from the same launch, summed by
+    the blocks of the first column tile) as ``plan`` says; bit-identical from run to run."""
     device = device_of(x)
     depth = g.batch * g.out_h * g.out_w
     k_per_split = _padded(math.ceil(depth / plan.splits), BK)
     bm, bn = plan.tile
     size = g.c_out * g.patch_size
-    partials = grad_weight if plan.splits == 1 else empty((plan.splits, size), np.float32, device)
+    stride = size + (g.c_out if grad_bias is not None else 0)  # one split's weights, then its biases
+    if plan.splits == 1:
+        partials, bias_partials = grad_weight, grad_bias
+    else:
+        workspace = empty((plan.splits * stride,), np.float32, device)
+        partials, bias_partials = workspace, workspace[size:]
     grid = (math.ceil(g.patch_size / bn), math.ceil(g.c_out / bm), plan.splits)
-    kernels.launch("conv2d_backward_filter", f"conv2d_backward_filter_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
-                   (contiguous(x), contiguous(grad_output), partials, *g.kernel_sizes(), k_per_split))
+    has_bias = grad_bias is not None
+    kernels.launch("conv2d_backward_filter", filter_kernel(plan, g), grid, TILES[plan.tile][0],
+                   (contiguous(x), contiguous(grad_output), partials, bias_partials if has_bias else partials,
+                    *g.kernel_sizes(), k_per_split, stride, int(has_bias), *filter_walk_steps(g)))
     if plan.splits > 1:
-        kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(size), kernels.BLOCK,
-                       (partials, grad_weight, plan.splits, size))
+        kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(stride), kernels.BLOCK,
+                       (partials, grad_weight, grad_bias if has_bias else grad_weight, plan.splits, stride, size))
     return grad_weight

@@ -43,10 +43,21 @@ class Conv2d(Module):
         return self.stride, self.padding, self.dilation
 
     def forward(self, x):
+        return self._forward(x, activation=None)
+
+    def _forward(self, x, activation):
         self._check_input(x)
         bias = None if self.bias is None else self.bias.data
-        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), precision=self.precision)
+        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), activation=activation, precision=self.precision)
         self._save(input=x)
+        return out
+
+    def forward_relu(self, x, relu):
+        """``relu(self(x))`` with the ReLU in the convolution's epilogue (one kernel), for
+        ``Sequential``'s fusion table; ``relu``, the ReLU that follows, keeps its output for its
+        backward."""
+        out = self._forward(x, activation="relu")
+        relu._save(output=out)
         return out
 
     def forward_relu_max_pool2d(self, x, relu, pool):
@@ -70,10 +81,17 @@ class Conv2d(Module):
     def backward(self, grad_output):
         x = self._saved()["input"]
         weight = self.weight.data
+        bias_grad = self.bias is not None and self.bias.requires_grad
         if self.weight.requires_grad:
-            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(),
-                                                        out=self.weight.grad_destination(), precision=self.precision))
-        if self.bias is not None and self.bias.requires_grad:
+            # With the bias: one call, which the default kernel serves with one launch.
+            grads = F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(), out=self.weight.grad_destination(),
+                                    precision=self.precision, bias_grad=bias_grad,
+                                    bias_out=self.bias.grad_destination() if bias_grad else None)
+            grad_weight, grad_bias = grads if bias_grad else (grads, None)
+            self.weight.accumulate_grad(grad_weight)
+            if bias_grad:
+                self.bias.accumulate_grad(grad_bias)
+        elif bias_grad:
             self.bias.accumulate_grad(F.conv2d_bias(grad_output, out=self.bias.grad_destination()))
         if not self.requires_input_grad:
             return None
