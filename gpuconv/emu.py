@@ -373,6 +373,8 @@ class EmuFunction:
         self._entry = entry
         self._max_dynamic_shared = max(DEFAULT_SHARED_LIMIT - static_shared_bytes, 0)
         self._passed_launches: dict = {}
+        # Per parameter: the array dtype of a pointer, or the exact NumPy scalar type of a value.
+        self._expected = tuple((p.pointer, p.dtype, p.dtype.type) for p in params)
 
     @property
     def max_dynamic_shared_size_bytes(self) -> int:
@@ -424,6 +426,10 @@ class EmuFunction:
 
     def _check_args(self, args) -> tuple:
         args = tuple(args)
+        if len(args) == len(self._expected) and all(
+                (isinstance(arg, np.ndarray) and arg.dtype == dtype and arg.flags.c_contiguous) if pointer
+                else type(arg) is scalar for (pointer, dtype, scalar), arg in zip(self._expected, args)):
+            return args  # the common case, checked in one pass; otherwise the loop below names the fault
         if len(args) != len(self.params):
             raise EmuArgumentError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
         for param, arg in zip(self.params, args):
