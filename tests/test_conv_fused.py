@@ -295,3 +295,19 @@ def test_a_conv_relu_pair_runs_as_one_launch(device, rng, monkeypatch):
         np.testing.assert_array_equal(got, expected)
     if device != "cpu":
         assert "relu_forward_v1" not in fused_counts and unfused_counts["relu_forward_v1"] == 2
+
+
+@pytest.mark.parametrize("tile", [(32, 128), (128, 64)])
+def test_a_misaligned_weight_view(tile, monkeypatch, rng):
+    # an OIHW view 4 bytes into its buffer: read in place by 32-bit loads, re-laid for 128-bit ones
+    monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
+    case = (2, 4, 7, 6, 16, 3, 1, 0, 1, 1, False)  # K = 36: only the misalignment asks for a copy
+    x, w, b = _arrays(rng, case)
+    buffer = to_device(np.concatenate([[0.0], w.ravel()]).astype(np.float32), "emu")
+    view = buffer[1:].reshape(w.shape)
+    assert conv_gemm._address(view) % 16 != 0
+    x, b = to_device(x, "emu"), to_device(b, "emu")
+    with gpuconv.profile() as prof:
+        got = _fused(x, view, b, case)
+    assert ("conv2d_weight_rows_v2" in prof.counts()) == (tile not in conv_gemm.SCALAR_A_TILES)
+    _assert_identical(got, _unfused(x, to_device(w, "emu"), b, case))
