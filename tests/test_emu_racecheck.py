@@ -312,3 +312,44 @@ def test_removing_any_barrier_is_caught(raced, tmp_path, source, line):
             return
         outcomes.append(key)
     pytest.fail(f"removing the __syncthreads() at kernels_cu/{source}:{line} went unnoticed by {outcomes}")
+
+
+# --- __threadfence() as the race detector models it: the last-block ticket pattern -----------
+
+TICKET_SOURCE = r"""
+// Each block writes its partial sum, takes a ticket; the last block to arrive adds the partials.
+extern "C" __global__ void last_block_sum(const float* in, float* partials, float* out, int* ticket)
+{
+    if (threadIdx.x != 0) return;
+    float sum = 0.0f;
+    for (int i = 0; i < 4; ++i) sum += in[blockIdx.x * 4 + i];
+    partials[blockIdx.x] = sum;
+    RELEASE_FENCE;
+    const int arrived = atomicAdd(ticket, 1);
+    if (arrived != (int)gridDim.x - 1) return;
+    ACQUIRE_FENCE;
+    float total = 0.0f;
+    for (unsigned b = 0; b < gridDim.x; ++b) total += partials[b];
+    out[0] = total;
+    atomicExch(ticket, 0);
+}
+"""
+
+
+@pytest.mark.parametrize("release, acquire", [(True, True), (False, True), (True, False)],
+                         ids=["both fences", "no fence before the ticket", "no fence after it"])
+def test_threadfence_orders_the_last_block_ticket_and_its_absence_is_a_race(release, acquire):
+    defines = "".join(f"#define {name} {'__threadfence()' if on else '((void)0)'}\n"
+                      for name, on in (("RELEASE_FENCE", release), ("ACQUIRE_FENCE", acquire)))
+    name = f"ticket_{int(release)}{int(acquire)}.cu"
+    function = emu.EmuModule(source=defines + TICKET_SOURCE, name=name).get_function("last_block_sum")
+    values = np.arange(16, dtype=np.float32)
+    args = [to_device(values, "emu"), to_device(np.zeros(4, np.float32), "emu"),
+            to_device(np.zeros(1, np.float32), "emu"), to_device(np.zeros(1, np.int32), "emu")]
+    with emu.racecheck():
+        if release and acquire:
+            function((4, 1, 1), (32, 1, 1), args)
+            assert to_numpy(args[2])[0] == values.sum() and to_numpy(args[3])[0] == 0
+            return
+        with pytest.raises(emu.EmuRaceError, match="data race"):
+            function((4, 1, 1), (32, 1, 1), args)
