@@ -60,11 +60,19 @@ def conv_v1(rng, monkeypatch):
 
 def filter_with_bias(rng):
     # C_in 4: the backward-filter kernels whose columns run over 4 channels of one tap (_c4),
-    # with the bias gradient from the same launch, in one split and in three.
+    # with the bias gradient from the same launch (in one split and in three, the splits added
+    # by the last block of each tile: version 3, the default).
     x, gy = small(rng, 2, 4, 5, 5), small(rng, 2, 3, 5, 5)
     ex, egy = on_emu(x, gy)
     expected = (F.conv2d_weight(x, (3, 4, 3, 3), gy, padding=1), F.conv2d_bias(gy))
     return [(got, want) for got, want in zip(F.conv2d_weight(ex, (3, 4, 3, 3), egy, padding=1, bias_grad=True), expected)]
+
+
+def filter_reduce_kernel(rng, monkeypatch):
+    # Version 2: the splits added by conv2d_split_k_reduce_v2, weights and biases.
+    monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_FILTER", "2")
+    monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: 3)
+    return filter_with_bias(rng)
 
 
 def conv_v2_tile(tile):
@@ -170,6 +178,7 @@ OPS = {
     "conv-v1": conv_v1,
     **{f"conv-v2-{a}x{b}": conv_v2_tile((a, b)) for a, b in conv_gemm.TILES},
     "conv-v2-narrow": conv_v2_narrow,
+    "conv-v2-filter-reduce-kernel": filter_reduce_kernel,
     "conv-tensorcore": conv_tensorcore,
     "elementwise": elementwise,
     "pooling-and-norm": pooling_and_norm,
@@ -353,3 +362,40 @@ def test_threadfence_orders_the_last_block_ticket_and_its_absence_is_a_race(rele
             return
         with pytest.raises(emu.EmuRaceError, match="data race"):
             function((4, 1, 1), (32, 1, 1), args)
+
+
+FENCES = [(source.name, text.count("\n", 0, m.start()) + 1)
+          for source in sorted(kernels.kernel_dir().iterdir()) if source.suffix in (".cu", ".cuh")
+          for text in [source.read_text()] for m in re.finditer(r"^(?!\s*//).*\b__threadfence\(\)", text, re.M)]
+
+
+def test_backward_filter_has_its_ticket_fences():
+    assert [f for f, _ in FENCES].count("conv_tiles.cuh") == 2
+
+
+@pytest.mark.parametrize("source, line", FENCES, ids=[f"{f}:{n}" for f, n in FENCES])
+def test_removing_a_fence_of_the_split_k_ticket_is_caught(tmp_path, monkeypatch, source, line):
+    """Either __threadfence() of backward-filter's last-block reduce removed: a split launch (C_in
+    4, three splits, the bias too) replayed under the race detector reports the race between a
+    block's partial sums and the last block's reads of them."""
+    copy = tmp_path / "kernels_cu"
+    shutil.copytree(kernels.kernel_dir(), copy)
+    lines = (copy / source).read_text().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1].replace("__threadfence()", "((void)0)", 1)
+    (copy / source).write_text("".join(lines))
+    launched = []
+    original = emu.EmuFunction.__call__
+
+    def recording(self, grid, block, args, shared_mem=0):
+        launched.append((self.name, grid, block, _copies(args)))
+        return original(self, grid, block, args, shared_mem=shared_mem)
+
+    monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(emu.EmuFunction, "__call__", recording)
+        filter_with_bias(np.random.default_rng(5))
+    (kernel, grid, block, args), = [call for call in launched if call[0].startswith("conv2d_backward_filter_v2_")]
+    assert grid[2] == 3 and kernel.endswith("_c4")
+    function = emu.EmuModule(path=copy / "conv2d_backward_filter.cu").get_function(kernel)
+    with emu.racecheck(), pytest.raises(emu.EmuRaceError, match="data race"):
+        function(grid, block, args)
