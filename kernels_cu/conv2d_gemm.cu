@@ -11,14 +11,26 @@
 //   zeros outside src; bias only when has_bias, act = ReLU when relu (NaN propagates).
 //   with the taps the grid t = a*taps_w + b: dh[t] = tap_h0 + a*tap_h_step, dw[t] = tap_w0 +
 //   b*tap_w_step, n_taps = taps_h*taps_w.
-//   Layout: a (rows, a_pitch) row-major, a_pitch >= channels*n_taps a multiple of 4, zeros past
-//   channels*n_taps, 16-byte aligned (read with 128-bit loads; conv2d_weight_rows_v2 makes one);
-//   src (batch, channels, src_h, src_w) NCHW; bias (rows); dst (batch, rows, dst_h, dst_w) NCHW,
-//   only the lattice pixels written. float32, C-contiguous.
+//   Layout: a (rows, a_pitch) row-major, a_pitch >= channels*n_taps; for the 128-row tiles
+//   (VECTOR_A below) a multiple of 4 with zeros past channels*n_taps, 16-byte aligned (read with
+//   128-bit loads; conv2d_weight_rows_v2 makes one), for the others any such pitch (the OIHW
+//   weight itself); src (batch, channels, src_h, src_w) NCHW; bias (rows); dst (batch, rows,
+//   dst_h, dst_w) NCHW, only the lattice pixels written. float32, C-contiguous.
 //   Launch: grid (ceil(batch*lattice_h*lattice_w / BN), ceil(rows / BM)), block BM*BN/64
 //   (256 for 128x128, 128 for 128x64 and 64x128, 64 for 32x128), no dynamic shared memory.
 //   Limits: n_taps <= 256; batch*lattice_h*lattice_w, channels*n_taps, channels*src_h*src_w and
 //   rows*dst_h*dst_w below 2^31 - 128; gridDim.y <= 65535.
+//
+// conv2d_relu_max_pool2x2_v2_<BM>x<BN>
+//   out[n][m][i][j] = max over (dy, dx) in {0, 1}^2 with (q, r) = (2i - pad_h + dy, 2j - pad_w + dx)
+//   inside the conv_h x conv_w convolution output of relu(bias[m] + the forward sum above at
+//   lattice pixel (n, q, r)), indices[n][m][i][j] = q*conv_w + r of the first maximum in
+//   row-major window order (a NaN wins): max_pool2d(relu(conv2d(...)), 2, 2, pad, ceil_mode),
+//   the convolution output never stored (see conv_pool_epilogue.cuh). The forward taps and
+//   lattice as above (src_step = stride, src_origin = -padding); out, indices (batch, rows,
+//   pool_h, pool_w) NCHW, float32 and int32; a as above.
+//   Launch: grid (ceil(4*batch*pool_h*pool_w / BN), ceil(rows / BM)), block as above.
+//   Limits: as above with 4*batch*pool_h*pool_w for the lattice; pad_h, pad_w <= 1.
 
 #include "conv_pool_epilogue.cuh"
 

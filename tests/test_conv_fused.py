@@ -17,6 +17,12 @@ from gpuconv.random import manual_seed
 FUSED = "conv2d_relu_max_pool2x2_v2_"
 BLOCK = (nn.Conv2d, nn.ReLU, nn.MaxPool2d)
 
+
+def _without_conv_fusions(monkeypatch):
+    """Sequential's forward as before the fusions of convolutions: each module on its own."""
+    monkeypatch.delitem(containers.FORWARD_FUSIONS, BLOCK)
+    monkeypatch.delitem(containers.FORWARD_FUSIONS, BLOCK[:2])
+
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, pool padding, ceil_mode)
 CASES = {
     "odd-output-drops-a-row-and-column": (2, 3, 9, 9, 6, 3, 1, 1, 1, 0, False),
@@ -196,7 +202,7 @@ def _lenet_step(fused: bool, monkeypatch, device="emu", batch=3):
     optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with monkeypatch.context() as patch:
         if not fused:
-            patch.delitem(containers.FORWARD_FUSIONS, BLOCK)
+            _without_conv_fusions(patch)
         with gpuconv.profile() as prof:
             logits = model(x)
         loss = criterion(logits, y)
@@ -239,7 +245,7 @@ def test_the_walk_leaves_each_layer_what_its_backward_needs(rng, monkeypatch):
     grad_input = block.backward(grad)
     weight_grad = to_numpy(conv.weight.grad).copy()
     # the same gradients as the modules run one by one
-    monkeypatch.delitem(containers.FORWARD_FUSIONS, BLOCK)
+    _without_conv_fusions(monkeypatch)
     conv.zero_grad()
     np.testing.assert_array_equal(to_numpy(block(x)), to_numpy(out))
     assert relu._saved()["output"].shape == (2, 3, 5, 5)
@@ -266,3 +272,42 @@ def test_a_captured_fused_forward_replays_into_its_static_buffers(rng):
     x[...] = to_device(rng.standard_normal(x.shape).astype(np.float32), "emu")
     graph.replay()
     np.testing.assert_array_equal(to_numpy(out), to_numpy(block(x)))  # eager, on the new input
+
+
+def test_a_conv_relu_pair_runs_as_one_launch(device, rng, monkeypatch):
+    # AlexNet's blocks: conv + ReLU before an LRN or a 3x3/2 pool (the latter: the triple's fallback)
+    manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.LocalResponseNorm(3),
+                          nn.Conv2d(4, 5, 3), nn.ReLU(), nn.MaxPool2d(3, 2)).to(device)
+    x = to_device(rng.standard_normal((2, 2, 9, 9)).astype(np.float32), device)
+    grad = to_device(rng.standard_normal((2, 5, 3, 3)).astype(np.float32), device)
+
+    def run():
+        with gpuconv.profile() as prof:
+            out = model(x)
+        return prof.counts(), to_numpy(out), to_numpy(model.backward(grad)), to_numpy(model[0].weight.grad)
+
+    fused_counts, *fused = run()
+    model.zero_grad()
+    _without_conv_fusions(monkeypatch)
+    unfused_counts, *unfused = run()
+    for got, expected in zip(fused, unfused):
+        np.testing.assert_array_equal(got, expected)
+    if device != "cpu":
+        assert "relu_forward_v1" not in fused_counts and unfused_counts["relu_forward_v1"] == 2
+
+
+@pytest.mark.parametrize("tile", [(32, 128), (128, 64)])
+def test_a_misaligned_weight_view(tile, monkeypatch, rng):
+    # an OIHW view 4 bytes into its buffer: read in place by 32-bit loads, re-laid for 128-bit ones
+    monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
+    case = (2, 4, 7, 6, 16, 3, 1, 0, 1, 1, False)  # K = 36: only the misalignment asks for a copy
+    x, w, b = _arrays(rng, case)
+    buffer = to_device(np.concatenate([[0.0], w.ravel()]).astype(np.float32), "emu")
+    view = buffer[1:].reshape(w.shape)
+    assert conv_gemm._address(view) % 16 != 0
+    x, b = to_device(x, "emu"), to_device(b, "emu")
+    with gpuconv.profile() as prof:
+        got = _fused(x, view, b, case)
+    assert ("conv2d_weight_rows_v2" in prof.counts()) == (tile not in conv_gemm.SCALAR_A_TILES)
+    _assert_identical(got, _unfused(x, to_device(w, "emu"), b, case))

@@ -28,7 +28,10 @@ def _arrays(rng, rows, in_features, out_features):
 
 
 def _library_path(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("gpuconv.functional.linear"), "HAND_GEMM_MAX_FLOPS", -1)
+    module = importlib.import_module("gpuconv.functional.linear")
+    monkeypatch.setattr(module, "HAND_GEMM_MAX_FLOPS", -1)
+    for plans in ("_forward_plans", "_backward_plans"):  # the choice is made once per signature
+        monkeypatch.setattr(module, plans, gpuconv.kernels.PlanCache())
 
 
 @pytest.mark.parametrize("rows, in_features, out_features", SHAPES)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import kernels
 from ..device import array_module, common_device, contiguous, empty
 from ..dispatch import device_call
@@ -24,13 +26,18 @@ from .activation import relu, relu_backward
 __all__ = ["linear", "linear_backward", "uses_hand_gemm", "HAND_GEMM_MAX_FLOPS"]
 
 # The hand GEMM up to this many FLOPs per product (2 * rows * in_features * out_features), cuBLAS
-# above. Unmeasured on a GPU, so set by arithmetic: 2^27 (134 MFLOP, about 3 us of an H100's FP32
+# above (decided once per argument signature, with its launch plan). Unmeasured on a GPU, so set by
+# arithmetic: 2^27 (134 MFLOP, about 3 us of an H100's FP32
 # FFMA peak, the order of a launch) keeps LeNet-5's largest layer (400 x 120) on the hand kernel
 # up to batch 1398 and sends AlexNet's 9216 x 4096 to cuBLAS from batch 2 (at batch 1, 75 MFLOP,
 # a matrix-vector product either way). benchmarks/NOTES.md says what a GPU should measure.
 HAND_GEMM_MAX_FLOPS = 2 ** 27
 _TILE = 32  # kernels_cu/linear.cu's output tile
 _THREADS = 256
+# Launch plans of the hand kernels per argument signature (types, shapes, dtypes: kernels.signature)
+# and options: a steady-state call checks its arrays against its signature and launches.
+_forward_plans = kernels.PlanCache()
+_backward_plans = kernels.PlanCache()
 
 
 def uses_hand_gemm(rows: int, in_features: int, out_features: int) -> bool:
@@ -50,13 +57,22 @@ def _tiles(extent: int) -> int:
     return -(-extent // _TILE)
 
 
-@ieee_arithmetic
 def linear(input, weight, bias=None, *, activation=None):
     """``input @ weight.T + bias`` for ``input`` (*, in_features) and ``weight`` (out_features, in_features).
 
     ``activation='relu'`` applies the ReLU to the result (in the same kernel where the layer
     takes the hand GEMM), as ``conv2d``'s.
     """
+    key = kernels.signature(input, weight, bias)
+    plan = _forward_plans.lookup((key, activation)) if key is not None else None
+    if plan is None:
+        return _linear(input, weight, bias, activation, key)
+    return plan(input, weight, weight if bias is None else bias)[0]
+
+
+@ieee_arithmetic
+def _linear(input, weight, bias, activation, key):
+    """:func:`linear` checked in full; the launch plan of the hand kernel kept for ``key``."""
     _check_weight(input, weight)
     if bias is not None:
         check_array(bias, "bias", 1)
@@ -73,9 +89,13 @@ def linear(input, weight, bias=None, *, activation=None):
     if device != "cpu" and uses_hand_gemm(rows, in_features, out_features):
         if rows:
             weight = contiguous(weight)
-            kernels.launch("linear", "linear_forward_v1", (_tiles(out_features), _tiles(rows)), _THREADS,
-                           (contiguous(input), weight, weight if bias is None else contiguous(bias), rows,
-                            in_features, out_features, bias is not None, activation == "relu", output))
+            args = (contiguous(input), weight, weight if bias is None else contiguous(bias), rows, in_features,
+                    out_features, bias is not None, activation == "relu", output)
+            plan = kernels.LaunchPlan("linear", "linear_forward_v1", (_tiles(out_features), _tiles(rows)), _THREADS,
+                                      args)
+            plan(*args[:3], output)
+            if key is not None:
+                _forward_plans.remember((key, activation), kernels.OpPlan(plan, [(output.shape, output.dtype)]))
         return output
     xp = array_module(input)
     device_call("matmul", device, lambda: xp.matmul(input, weight.T, out=output))
@@ -86,7 +106,6 @@ def linear(input, weight, bias=None, *, activation=None):
     return output
 
 
-@ieee_arithmetic
 def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weight_grad: bool = True,
                     bias_grad: bool = True, weight_out=None, bias_out=None, through_relu: bool = False):
     """``(grad_input, grad_weight, grad_bias)`` of :func:`linear`; ``grad_bias`` whether or not it had one.
@@ -97,6 +116,23 @@ def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weig
     ``through_relu=True`` says ``input`` is the output of a ReLU: ``grad_input`` is then the
     gradient w.r.t. that ReLU's input (``relu_backward(grad_input, input)``, folded in).
     """
+    wanted = (bool(input_grad), bool(weight_grad), bool(bias_grad), bool(through_relu))
+    key = kernels.signature(grad_output, input, weight, weight_out, bias_out)
+    plan = _backward_plans.lookup((key, wanted)) if key is not None else None
+    if plan is None:
+        return _linear_backward(grad_output, input, weight, wanted, weight_out, bias_out, key)
+    device = plan.device
+    grad_input = empty(input.shape, np.float32, device) if input_grad else None
+    grad_weight = (empty(weight.shape, np.float32, device) if weight_out is None else weight_out) if weight_grad else None
+    grad_bias = (empty(weight.shape[:1], np.float32, device) if bias_out is None else bias_out) if bias_grad else None
+    plan(grad_output, input, weight, *_or_unused(grad_output, grad_input, grad_weight, grad_bias))
+    return grad_input, grad_weight, grad_bias
+
+
+@ieee_arithmetic
+def _linear_backward(grad_output, input, weight, wanted, weight_out, bias_out, key):
+    """:func:`linear_backward` checked in full; the launch plan of the hand kernel kept for ``key``."""
+    input_grad, weight_grad, bias_grad, through_relu = wanted
     _check_weight(input, weight)
     check_array(grad_output, "grad_output")
     expected = tuple(input.shape[:-1]) + (weight.shape[0],)
@@ -111,7 +147,9 @@ def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weig
     grad_bias = output_array(bias_out, "bias_out", (out_features,), dtype, device) if bias_grad else None
     rows = math.prod(input.shape[:-1])
     if device != "cpu" and uses_hand_gemm(rows, in_features, out_features):
-        _hand_backward(grad_output, input, weight, through_relu, grad_input, grad_weight, grad_bias)
+        plan = _hand_backward(grad_output, input, weight, through_relu, grad_input, grad_weight, grad_bias)
+        if plan is not None and key is not None:
+            _backward_plans.remember((key, wanted), plan)
         return grad_input, grad_weight, grad_bias
     xp = array_module(input)
     # Every leading dimension is a batch dimension of the weight's gradient.
@@ -128,8 +166,14 @@ def linear_backward(grad_output, input, weight, *, input_grad: bool = True, weig
     return grad_input, grad_weight, grad_bias
 
 
+def _or_unused(grad_output, *outputs):
+    # grad_output stands for an output not asked for: the kernel never writes it
+    return tuple(grad_output if out is None else out for out in outputs)
+
+
 def _hand_backward(grad_output, input, weight, through_relu, grad_input, grad_weight, grad_bias):
-    """The three gradients (those not None) in one launch of linear_backward_v1."""
+    """The three gradients (those not None) in one launch of linear_backward_v1; its plan (None
+    when there is nothing to launch)."""
     out_features, in_features = weight.shape
     rows = math.prod(input.shape[:-1])
     input_tiles = _tiles(rows) * _tiles(in_features) if grad_input is not None else 0
@@ -137,11 +181,11 @@ def _hand_backward(grad_output, input, weight, through_relu, grad_input, grad_we
     weight_to = in_features + 1 if grad_bias is not None else in_features
     weight_tiles = _tiles(out_features) * _tiles(weight_to - weight_from)
     if not input_tiles + weight_tiles:
-        return
-    grad_output = contiguous(grad_output)
-    unused = grad_output  # stands for an output not asked for: the kernel never writes it
-    kernels.launch("linear", "linear_backward_v1", input_tiles + weight_tiles, _THREADS,
-                   (grad_output, contiguous(input), contiguous(weight), rows, in_features, out_features,
-                    input_tiles, bool(through_relu), weight_from, weight_to,
-                    unused if grad_input is None else grad_input, unused if grad_weight is None else grad_weight,
-                    unused if grad_bias is None else grad_bias))
+        return None
+    arrays = (contiguous(grad_output), contiguous(input), contiguous(weight),
+              *_or_unused(contiguous(grad_output), grad_input, grad_weight, grad_bias))
+    plan = kernels.LaunchPlan("linear", "linear_backward_v1", input_tiles + weight_tiles, _THREADS,
+                              (*arrays[:3], rows, in_features, out_features, input_tiles, bool(through_relu),
+                               weight_from, weight_to, *arrays[3:]))
+    plan(*arrays)
+    return plan

@@ -9,10 +9,12 @@ from .module import Module
 from .pooling import MaxPool2d
 
 # Runs of module types that forward computes with one call of the first module's method, given
-# the input and the run's other modules (which keep what their own backward needs).
+# the input and the run's other modules (which keep what their own backward needs). Where runs
+# of several lengths match, the longest wins.
 FORWARD_FUSIONS = {
     (Linear, ReLU): "forward_relu",  # the ReLU in the Linear's epilogue
     (Conv2d, ReLU, MaxPool2d): "forward_relu_max_pool2d",  # one kernel on 'cuda'/'emu' (2x2/2 pools)
+    (Conv2d, ReLU): "forward_relu",  # the ReLU in the convolution's epilogue
 }
 # A ReLU followed by one of these: backward through both is one call of the second's
 # ``backward_through_relu`` (the ReLU's mask folded into that kernel).
@@ -43,9 +45,10 @@ class Sequential(Module):
 
     def forward(self, x):
         modules = list(self._modules.values())
+        fusions = sorted(FORWARD_FUSIONS.items(), key=lambda item: -len(item[0]))  # the longest run wins
         index = 0
         while index < len(modules):
-            for run, method in FORWARD_FUSIONS.items():
+            for run, method in fusions:
                 if tuple(type(m) for m in modules[index:index + len(run)]) == run:
                     first, rest = modules[index], modules[index + 1:index + len(run)]
                     x = _call_captured(first, getattr(first, method), x, *rest)

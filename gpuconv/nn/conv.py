@@ -43,10 +43,21 @@ class Conv2d(Module):
         return self.stride, self.padding, self.dilation
 
     def forward(self, x):
+        return self._forward(x, activation=None)
+
+    def _forward(self, x, activation):
         self._check_input(x)
         bias = None if self.bias is None else self.bias.data
-        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), precision=self.precision)
+        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), activation=activation, precision=self.precision)
         self._save(input=x)
+        return out
+
+    def forward_relu(self, x, relu):
+        """``relu(self(x))`` with the ReLU in the convolution's epilogue (one kernel), for
+        ``Sequential``'s fusion table; ``relu``, the ReLU that follows, keeps its output for its
+        backward."""
+        out = self._forward(x, activation="relu")
+        relu._save(output=out)
         return out
 
     def forward_relu_max_pool2d(self, x, relu, pool):
