@@ -153,6 +153,8 @@ struct RowMajorSource {
     int pitch;
 
     __device__ __forceinline__ KernelTaps kernel_taps() const { return NO_KERNEL_TAPS; }
+    // A[m][k] on its own (the narrow kernel's staging); the loader reads tiles of them.
+    __device__ __forceinline__ float element(int m, int k, int, int) const { return __ldg(a + ((long long)m * pitch + k)); }
     template <class T>
     __device__ __forceinline__ RowMajorA<T, VECTOR> loader(int m0, int rows, int, int, const int4*) const
     {
@@ -224,6 +226,15 @@ struct TransposedWeightSource {
     KernelTaps taps;
 
     __device__ __forceinline__ KernelTaps kernel_taps() const { return taps; }
+    // A[m][k] on its own, for rows m < rows (C_in) and n_taps per channel: with divisions, for
+    // code outside a K loop (the narrow kernel's staging).
+    __device__ __forceinline__ float element(int m, int k, int rows, int n_taps) const
+    {
+        const int channel = k / n_taps;
+        const int2 ij = taps.grid.offset(k - channel * n_taps);
+        const int kernel_plane = kernel_h * taps.kernel_w;
+        return __ldg(w + (((channel * rows + m) * kernel_plane) + ij.x * taps.kernel_w + ij.y));
+    }
     template <class T>
     __device__ __forceinline__ TransposedWeightA<T> loader(int m0, int rows, int channels, int n_taps,
                                                            const int4* table) const

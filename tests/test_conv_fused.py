@@ -338,11 +338,13 @@ def test_backward_data_reads_the_weight_in_place(kernel_device, index, tile, mon
 
     monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
     x, weight, _, grad_output, args, (_, dx, _, _) = _problem(index)
+    if tile == conv_gemm.NARROW_TILE and x.shape[1] > tile[0]:
+        pytest.skip(f"C_in {x.shape[1]}: more rows than the narrow kernel has")
     wd, god = _on(kernel_device, weight, grad_output)
     got, counts = _input_gradient(wd, god, x.shape, args, True, monkeypatch)
     _assert_close(got, dx, weight.shape[0] * weight[0, 0].size, kernel_device)
     plan = conv_gemm.plan_backward_data(F.conv._geometry(x.shape, weight.shape, **args))
-    assert counts[f"conv2d_gemm_v2_{tile[0]}x{tile[1]}_transposed_weight"] == plan.launches, counts
+    assert counts[f"{conv_gemm._lattice_kernel(tile)}_transposed_weight"] == plan.launches, counts
     assert "conv2d_weight_rows_v2" not in counts, counts
     relaid, relaid_counts = _input_gradient(wd, god, x.shape, args, False, monkeypatch)
     assert relaid_counts["conv2d_weight_rows_v2"] == plan.launches

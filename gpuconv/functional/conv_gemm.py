@@ -43,10 +43,11 @@ FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.75, (32, 128): 0.6
 # launch; the large tiles' 128-bit loads need K % 4 == 0 and 16-byte alignment (see NOTES).
 SCALAR_A_TILES = frozenset({(64, 128), (32, 128), NARROW_TILE})
 # The tiles whose backward-data GEMM reads the OIHW weight in place along C_out
-# (conv2d_gemm_v2_<tile>_transposed_weight: 32-bit loads, a tap table lookup per K row), with no
+# (conv2d_gemm_v2_<tile>_transposed_weight: 32-bit loads, a tap table lookup per K row; the
+# narrow kernel's conv2d_gemm_narrow_v2_transposed_weight stages its A so), with no
 # per-call transposed re-layout launch. The large tiles keep 128-bit loads of the re-laid copy:
 # in place, 128x128 spills 16 B and 128x64 loses 4 points of FFMA share (benchmarks/NOTES.md).
-IN_PLACE_DATA_TILES = frozenset({(64, 128), (32, 128)})
+IN_PLACE_DATA_TILES = frozenset({(64, 128), (32, 128), NARROW_TILE})
 # Offsets inside the v2 kernels are 32-bit ints, with a tile of headroom.
 INT_LIMIT = np.iinfo(np.int32).max - 128
 MAX_GRID_Y = 65535
@@ -337,7 +338,7 @@ def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
     grad_input = (empty if every_pixel else zeros)(g.input_shape, np.float32, device_of(grad_output))
     grad_output = contiguous(grad_output)
     in_place = plan.tile in IN_PLACE_DATA_TILES
-    kernel = f"conv2d_gemm_v2_{plan.tile[0]}x{plan.tile[1]}_transposed_weight" if in_place else None
+    kernel = f"{_lattice_kernel(plan.tile)}_transposed_weight" if in_place else None
     if in_place:
         weight = contiguous(weight)
     for ph, pw in reached:
