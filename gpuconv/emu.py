@@ -424,12 +424,22 @@ class EmuFunction:
             self._passed_launches[key] = self._check_launch(grid, block, shared_mem)
         return self._passed_launches[key]
 
+    def _args_fit(self, args) -> bool:
+        """Whether every argument is what its parameter takes: the common case, in one pass."""
+        if len(args) != len(self._expected):
+            return False
+        for (pointer, dtype, scalar), arg in zip(self._expected, args):
+            if pointer:
+                if not (isinstance(arg, np.ndarray) and arg.dtype == dtype and arg.flags.c_contiguous):
+                    return False
+            elif type(arg) is not scalar:
+                return False
+        return True
+
     def _check_args(self, args) -> tuple:
         args = tuple(args)
-        if len(args) == len(self._expected) and all(
-                (isinstance(arg, np.ndarray) and arg.dtype == dtype and arg.flags.c_contiguous) if pointer
-                else type(arg) is scalar for (pointer, dtype, scalar), arg in zip(self._expected, args)):
-            return args  # the common case, checked in one pass; otherwise the loop below names the fault
+        if self._args_fit(args):
+            return args  # otherwise the loop below names the fault
         if len(args) != len(self.params):
             raise EmuArgumentError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
         for param, arg in zip(self.params, args):

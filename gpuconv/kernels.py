@@ -92,11 +92,7 @@ class _ArgumentCheck:
         params = self.params
         if len(args) != len(params):
             raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
-        try:  # the common case in one pass; a fault is then named parameter by parameter
-            arrays_fit = all(args[i].dtype == dtype and args[i].flags.c_contiguous for i, dtype in self._pointer_dtypes)
-        except AttributeError:
-            arrays_fit = False
-        if not arrays_fit:
+        if not self._arrays_fit(args):  # then named parameter by parameter
             for i in self.pointers:
                 self._check_array(params[i], args[i])
         scalars = tuple([args[i] for i in self.scalars])
@@ -111,6 +107,17 @@ class _ArgumentCheck:
         for i, value in zip(self.scalars, cast):
             out[i] = value
         return tuple(out)
+
+    def _arrays_fit(self, args) -> bool:
+        """Whether every array argument has its parameter's dtype and is C-contiguous: the common
+        case, in one pass."""
+        try:
+            for i, dtype in self._pointer_dtypes:
+                if args[i].dtype != dtype or not args[i].flags.c_contiguous:
+                    return False
+        except AttributeError:
+            return False
+        return True
 
     def _check_array(self, param: Param, arg) -> None:
         dtype = getattr(arg, "dtype", None)

@@ -164,12 +164,14 @@ template <int BM, int BN, bool SAME_TAP_RUNS>
 __device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared, const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     const conv::PixelSteps steps{d_a, d_b, d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h};
     conv::weight_gradient_gemm<BM, BN, SAME_TAP_RUNS>(
-        shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, has_bias ? bias_partials : nullptr, split_stride, batch,
+        shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, has_bias ? bias_partials : nullptr, split_stride,
+        grad_weight, grad_bias, gridDim.z > 1 && last_block_reduce ? tickets : nullptr, batch,
         c_in, height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w,
         k_per_split, steps);
 }
@@ -182,14 +184,16 @@ __device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared,
     backward_filter_v2<BM, BN, SAME_TAP_RUNS>(shared, x, grad_out, partials, bias_partials, batch, c_in, height,      \
                                               width, c_out, kernel_h, kernel_w, stride_h, stride_w, pad_top,          \
                                               pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride,        \
-                                              has_bias, d_a, d_b, d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap,       \
+                                              has_bias, grad_weight, grad_bias, tickets, last_block_reduce, d_a, d_b,  \
+                                              d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap,                           \
                                               a_wrap_h, b_wrap_w, b_wrap_h)
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     BACKWARD_FILTER_V2(128, 128, false);
@@ -199,7 +203,8 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 conv2d_backward_filter_v2_128x128_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     BACKWARD_FILTER_V2(128, 128, true);
@@ -209,7 +214,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
 conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     BACKWARD_FILTER_V2(128, 64, false);
@@ -219,7 +225,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
 conv2d_backward_filter_v2_128x64_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     BACKWARD_FILTER_V2(128, 64, true);
@@ -229,7 +236,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
 conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     BACKWARD_FILTER_V2(64, 128, false);
@@ -239,7 +247,8 @@ extern "C" __global__ void __launch_bounds__(128, 3)
 conv2d_backward_filter_v2_64x128_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
     float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
     int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
     int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
     BACKWARD_FILTER_V2(64, 128, true);

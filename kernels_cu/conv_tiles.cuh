@@ -82,6 +82,7 @@ struct Shared {
         int4 taps[MAX_TAPS];
         int4 columns[BN];
     };
+    int last_split;  // backward-filter: this block arrived last at its tile (reduces the splits)
 };
 
 __device__ __forceinline__ bool inside(int h, int w, int height, int width)
@@ -625,13 +626,65 @@ __device__ __forceinline__ void bias_partial_sums(const float* __restrict__ grad
     }
 }
 
+// The split-K reduce without a second launch: a block that has written its partials takes a
+// ticket for its output tile; the last of the tile's gridDim.z blocks to arrive sums every
+// split's partials of the tile, in split order (the additions of conv2d_split_k_reduce_v2, so
+// the same bits), into grad_weight (and grad_bias), and resets the ticket for the next launch.
+// The fence before the ticket makes this block's partials visible before its ticket (release);
+// the fence after it orders the last block's reads after every ticket it counted (acquire); the
+// partials are read volatile, past the incoherent L1. Not inlined: the K loop's register
+// allocation then never sees this code (inlined, it made the loop spill).
+template <int BM, int BN>
+__device__ __noinline__ void reduce_splits_if_last(int* last_split, const float* partials, const float* bias_partials,
+                                                   long long split_stride, float* grad_weight, float* grad_bias,
+                                                   int* tickets, int columns, int c_in, int c_out, int n_taps)
+{
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
+        const int arrived = atomicAdd(ticket, 1);
+        __threadfence();
+        *last_split = arrived == (int)gridDim.z - 1;
+        if (*last_split) atomicExch(ticket, 0);
+    }
+    __syncthreads();
+    if (!*last_split) return;
+    const gemm::ThreadTile<gemm::Tile<BM, BN>> t;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const volatile float* split = partials;
+    for (int c = 0; c < 8; ++c) {
+        const int n = n0 + t.column(c);
+        if (n >= columns) continue;
+        const int tap = n / c_in;
+        const int weight = (n - tap * c_in) * n_taps + tap;
+        for (int r = 0; r < 8; ++r) {
+            const int m = m0 + t.row(r);
+            if (m >= c_out) continue;
+            const long long i = (long long)m * columns + weight;
+            float sum = 0.0f;
+            for (int z = 0; z < (int)gridDim.z; ++z) sum += split[z * split_stride + i];
+            grad_weight[i] = sum;
+        }
+    }
+    if (bias_partials == nullptr || blockIdx.x != 0) return;
+    const volatile float* bias_split = bias_partials;
+    for (int m = m0 + threadIdx.x; m < min(m0 + BM, c_out); m += blockDim.x) {
+        float sum = 0.0f;
+        for (int z = 0; z < (int)gridDim.z; ++z) sum += bias_split[z * split_stride + m];
+        grad_bias[m] = sum;
+    }
+}
+
 // The backward-filter kernel body: block z's partial sum over K indices [k_begin, k_end) of
 // grad_w (rows x columns, OIHW) into partials[z], plain stores (the reduce kernel adds them).
 template <int BM, int BN, bool SAME_TAP_RUNS>
 __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, const float* __restrict__ x,
                                                      const float* __restrict__ grad_out, const TapGrid& taps,
                                                      float* __restrict__ partials, float* __restrict__ bias_partials,
-                                                     long long split_stride, int batch, int c_in, int height,
+                                                     long long split_stride, float* __restrict__ grad_weight,
+                                                     float* __restrict__ grad_bias, int* __restrict__ tickets,
+                                                     int batch, int c_in, int height,
                                                      int width, int c_out, int n_taps, int stride_h, int stride_w,
                                                      int pad_top, int pad_left, int out_h, int out_w, int k_per_split,
                                                      const PixelSteps& steps)
@@ -671,6 +724,9 @@ __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, con
             if (m < c_out) partial[(long long)m * columns + weight] = acc[r][c];
         }
     }
+    if (tickets != nullptr)
+        reduce_splits_if_last<BM, BN>(&shared.last_split, partials, bias_partials, split_stride, grad_weight, grad_bias,
+                                      tickets, columns, c_in, c_out, n_taps);
 }
 
 }  // namespace conv

@@ -432,7 +432,7 @@ def test_v2_bias_gradient_from_the_weight_gradient_launch(index, splits, monkeyp
     launched = prof.counts()
     assert not any(name.startswith("conv2d_bias_grad") for name in launched)
     plan = conv_gemm.plan_backward_filter(conv_module._geometry(x.shape, weight.shape, **args))
-    assert launched.get("conv2d_split_k_reduce_v2", 0) == (plan.splits > 1)
+    assert "conv2d_split_k_reduce_v2" not in launched  # version 3: the last block of a tile adds the splits
     assert (plan.splits > 1) == (splits > 1 and index in (1, 5, 8))
     _assert_close(grad_weight, dw, grad_output[:, 0].size, "emu")
     _assert_close(grad_bias, db, grad_output[:, 0].size, "emu")
@@ -576,7 +576,7 @@ def test_conv2d_plan_names_the_kernel_for_each_version(monkeypatch):
     shapes, args = ((128, 3, 224, 224), (96, 3, 11, 11)), dict(stride=4, padding=2)
     for op in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter"):
         monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}", raising=False)
-        assert F.conv2d_plan(op, *shapes, **args).version == 2
+        assert F.conv2d_plan(op, *shapes, **args).version == (3 if op == "conv2d_backward_filter" else 2)
         monkeypatch.setenv(f"GPUCONV_KERNEL_{op.upper()}", "1")
         plan = F.conv2d_plan(op, *shapes, **args)
         assert (plan.version, plan.kernel, plan.tile) == (1, f"{op}_v1", (64, 64))
@@ -627,16 +627,21 @@ def test_v2_weight_gradient_is_bit_identical_in_any_block_order(order, monkeypat
     def weight_gradient(version, block_order, xd=xd, god=god, weight_shape=weight.shape, args=args):
         monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_FILTER", version)
         with emu.block_order(*block_order):
-            grads = F.conv2d_weight(xd, weight_shape, god, **args, bias_grad=version == "2")
-        return np.concatenate([to_numpy(a).ravel() for a in (grads if version == "2" else [grads])]).view(np.uint32)
+            grads = F.conv2d_weight(xd, weight_shape, god, **args, bias_grad=version != "1")
+        return np.concatenate([to_numpy(a).ravel() for a in (grads if version != "1" else [grads])]).view(np.uint32)
 
     name, _, seed = order.partition(":")
     other = (name, int(seed or 0))
     np.testing.assert_array_equal(weight_gradient("2", ("forward", 0)), weight_gradient("2", other))
+    # Version 3 (the splits added by the last block of each tile, whichever block that is): the
+    # same bits as the reduce kernel's, in any block order.
+    np.testing.assert_array_equal(weight_gradient("3", ("forward", 0)), weight_gradient("2", ("forward", 0)))
+    np.testing.assert_array_equal(weight_gradient("3", other), weight_gradient("2", ("forward", 0)))
     # C_in 16: the _c4 kernel, split over K as well.
     x16, w16, _, go16, args16, _ = _problem(12)
     on16 = dict(zip(("xd", "god"), _on("emu", x16, go16)), weight_shape=w16.shape, args=args16)
     assert conv_gemm.plan_backward_filter(conv_module._geometry(x16.shape, w16.shape, **args16)).splits > 1
     np.testing.assert_array_equal(weight_gradient("2", ("forward", 0), **on16), weight_gradient("2", other, **on16))
+    np.testing.assert_array_equal(weight_gradient("3", other, **on16), weight_gradient("2", other, **on16))
     monkeypatch.setattr(conv_module, "_TARGET_BLOCKS", 4096)  # v1: many splits adding into each element
     assert (weight_gradient("1", ("forward", 0)) != weight_gradient("1", other)).any()

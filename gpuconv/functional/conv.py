@@ -8,7 +8,9 @@ Two implementations of every op sit side by side:
 * the implicit-GEMM CUDA kernels of ``kernels_cu/conv2d_*.cu``: version 1 (64x64 tiles) and
   version 2 (the default on 'cuda' and 'emu': the block-tile GEMM core of ``gemm_core.cuh``, with
   a tile chosen per shape, backward-data split into stride phases, backward-filter split over K
-  with a deterministic reduction; planned in :mod:`.conv_gemm`). ``GPUCONV_KERNEL_CONV2D_FORWARD=1``
+  with a deterministic reduction; planned in :mod:`.conv_gemm`); backward-filter's default is
+  version 3, version 2 with the split-K reduce done by the last block of each tile (the same
+  bits, one launch). ``GPUCONV_KERNEL_CONV2D_FORWARD=1``
   and friends select an older version, ``=0`` the baseline.
 
 Padding is carried as (top, left) plus the output size, never as a symmetric amount, so PyTorch's
@@ -358,10 +360,11 @@ def _conv2d_input_v2(weight, grad_output, g: _Geometry):
     return conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
 
 
-def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None):
+def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None, last_block_reduce=False):
     """The weight gradient; with ``grad_bias`` (a checked (C_out,) array) also the bias gradient
-    into it, from the same launch (version 1, where the plan falls back, runs its bias kernel)."""
-    plan = conv_gemm.plan_backward_filter(g)
+    into it, from the same launch (version 1, where the plan falls back, runs its bias kernel).
+    ``last_block_reduce``: version 3, the splits added by the last block of each tile."""
+    plan = conv_gemm.plan_backward_filter(g, last_block_reduce)
     if plan.version == 1:
         grad_weight = _conv2d_weight_kernel(x, grad_output, g, out)
         if grad_bias is not None:
@@ -373,9 +376,13 @@ def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None):
 
 _FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel, 2: _conv2d_v2}
 _BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel, 2: _conv2d_input_v2}
-_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2}
+def _conv2d_weight_v3(x, grad_output, g: _Geometry, out, grad_bias=None):
+    return _conv2d_weight_v2(x, grad_output, g, out, grad_bias, last_block_reduce=True)
+
+
+_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2, 3: _conv2d_weight_v3}
 _BIAS_GRAD = {0: _conv2d_bias_sum, 1: _conv2d_bias_kernel}
-_DEFAULT_VERSION = {"conv2d_forward": 2, "conv2d_backward_data": 2, "conv2d_backward_filter": 2, "conv2d_bias_grad": 1}
+_DEFAULT_VERSION = {"conv2d_forward": 2, "conv2d_backward_data": 2, "conv2d_backward_filter": 3, "conv2d_bias_grad": 1}
 
 
 def _implementation(device: str, op: str, versions: dict):
@@ -397,13 +404,16 @@ def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilatio
         raise ValueError(f"op must be one of {sorted(_PLANS)}, got {op!r}")
     g = _geometry(_shape4(input_shape, "input_shape"), _shape4(weight_shape, "weight_shape"), stride, padding,
                   dilation)
-    version = kernels.select_version(op, {0: 0, 1: 1, 2: 2}, default=_DEFAULT_VERSION[op])
+    versions = {0: 0, 1: 1, 2: 2, 3: 3} if op == "conv2d_backward_filter" else {0: 0, 1: 1, 2: 2}
+    version = kernels.select_version(op, versions, default=_DEFAULT_VERSION[op])
     name = op.removeprefix("conv2d_")
     if version == 0:
         # cuBLAS's own tiling is not counted: the product it is given has exactly the conv's MACs.
         return conv_gemm.Plan(name, 0, "im2col + cuBLAS", None, 1, 1, 1.0, "version 0")
     if version == 1:
         return conv_gemm.plan_v1(name, g, "version 1")
+    if op == "conv2d_backward_filter":
+        return conv_gemm.plan_backward_filter(g, last_block_reduce=version == 3)
     return _PLANS[op](g)
 
 
@@ -503,8 +513,8 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
         grad_weight = zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
         return (grad_weight, zero_(grad_bias)) if bias_grad else grad_weight
     implementation = _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)
-    if precision == "fp32" and bias_grad and implementation is _conv2d_weight_v2:
-        return _conv2d_weight_v2(input, grad_output, g, out, grad_bias), grad_bias
+    if precision == "fp32" and bias_grad and implementation in (_conv2d_weight_v2, _conv2d_weight_v3):
+        return implementation(input, grad_output, g, out, grad_bias), grad_bias
     if precision != "fp32":
         if device != "cpu":
             grad_weight = conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)

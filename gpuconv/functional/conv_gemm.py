@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..device import contiguous, device_of, empty, zeros
+from ..device import _fresh, contiguous, device_of, empty, zeros
 
 # An H100 / H200 SXM: the wave model behind the tile choice and the backward-filter split.
 SMS = 132
@@ -383,7 +383,9 @@ def _same_tap_runs(g) -> bool:
     return g.c_in % 4 == 0
 
 
-def plan_backward_filter(g) -> Plan:
+def plan_backward_filter(g, last_block_reduce: bool = True) -> Plan:
+    """Version 3 (``last_block_reduce``): the last block of each output tile to finish adds the
+    splits; version 2: a second kernel does."""
     depth = g.batch * g.out_h * g.out_w
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
     if refusal:
@@ -398,7 +400,10 @@ def plan_backward_filter(g) -> Plan:
     reason = f"least padding of {g.c_out}x{g.patch_size}; K split to fill {WAVES} waves of {SMS} SMs"
     if _same_tap_runs(g):
         reason += f"; C_in {g.c_in} in runs of 4 channels"
-    return Plan("backward_filter", 2, "conv2d_backward_filter_v2", tile, 1, splits, _macs(g) / executed, reason)
+    if splits > 1:
+        reason += "; the last block of a tile adds its splits" if last_block_reduce else "; a reduce kernel adds the splits"
+    return Plan("backward_filter", 3 if last_block_reduce else 2, "conv2d_backward_filter_v2", tile, 1, splits,
+                _macs(g) / executed, reason)
 
 
 def filter_walk_steps(g) -> tuple[int, ...]:
@@ -421,9 +426,27 @@ def filter_kernel(plan: Plan, g) -> str:
     return f"conv2d_backward_filter_v2_{bm}x{bn}" + ("_c4" if _same_tap_runs(g) else "")
 
 
+# Per device, the split-K tickets of conv2d_backward_filter_v2 (one int per output tile): zero
+# when no launch runs, since the last block of a tile resets its ticket. Kept across calls (no
+# zero-fill per call, no allocation in a graph capture after the first); dropped when a launch
+# fails, which may leave tickets taken.
+_TICKETS: dict = {}
+
+
+def _tickets(device: str, count: int):
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.size < count:
+        tickets = _fresh(_padded(max(count, 1), 1024), np.int32, device)
+        tickets.fill(0)
+        _TICKETS[device] = tickets
+    return tickets
+
+
 def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight, grad_bias=None):
     """grad_weight (and grad_bias, when given: the bias gradient from the same launch, summed by
-    the blocks of the first column tile) as ``plan`` says; bit-identical from run to run."""
+    the blocks of the first column tile) as ``plan`` says; bit-identical from run to run, and the
+    same bits whether a reduce kernel (version 2) or the last block of each tile (3) adds the
+    splits."""
     device = device_of(x)
     depth = g.batch * g.out_h * g.out_w
     k_per_split = _padded(math.ceil(depth / plan.splits), BK)
@@ -437,10 +460,17 @@ def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight, grad_b
         partials, bias_partials = workspace, workspace[size:]
     grid = (math.ceil(g.patch_size / bn), math.ceil(g.c_out / bm), plan.splits)
     has_bias = grad_bias is not None
-    kernels.launch("conv2d_backward_filter", filter_kernel(plan, g), grid, TILES[plan.tile][0],
-                   (contiguous(x), contiguous(grad_output), partials, bias_partials if has_bias else partials,
-                    *g.kernel_sizes(), k_per_split, stride, int(has_bias), *filter_walk_steps(g)))
-    if plan.splits > 1:
+    last_block_reduce = plan.version == 3
+    tickets = _tickets(device, grid[0] * grid[1])
+    try:
+        kernels.launch("conv2d_backward_filter", filter_kernel(plan, g), grid, TILES[plan.tile][0],
+                       (contiguous(x), contiguous(grad_output), partials, bias_partials if has_bias else partials,
+                        *g.kernel_sizes(), k_per_split, stride, int(has_bias), grad_weight,
+                        grad_bias if has_bias else grad_weight, tickets, int(last_block_reduce), *filter_walk_steps(g)))
+    except BaseException:
+        _TICKETS.pop(device, None)
+        raise
+    if plan.splits > 1 and not last_block_reduce:
         kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(stride), kernels.BLOCK,
                        (partials, grad_weight, grad_bias if has_bias else grad_weight, plan.splits, stride, size))
     return grad_weight
