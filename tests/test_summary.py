@@ -12,7 +12,8 @@ from gpuconv.summary import summary
 def shapes_only(monkeypatch):
     """Build models with lazily allocated zero weights: a summary reads shapes, never values,
     and drawing VGG16's 138M random weights would dominate the test's time."""
-    monkeypatch.setattr(nn, "_uniform", lambda shape, bound: np.zeros(shape, np.float32))
+    for layers in (nn.conv, nn.linear):  # each layer module holds its own name for the initialiser
+        monkeypatch.setattr(layers, "_uniform", lambda shape, bound: np.zeros(shape, np.float32))
 
 
 def conv_macs(c_in, c_out, k, out_hw):

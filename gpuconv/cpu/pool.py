@@ -1,0 +1,326 @@
+"""Max and average pooling in the NumPy executor's batch-innermost (C, H, W, N) layout.
+
+Each function gives what its NCHW counterpart in :mod:`gpuconv.functional.pool` gives for
+``x.transpose(3, 0, 1, 2)`` (PyTorch's rules: output size and ``ceil_mode``, windows clipped to
+the input, the first maximum in row-major window order, NaN propagating and winning, the average's
+divisor). A shifted window of a (C, H, W, N) array is a strided view whose innermost runs are N
+contiguous floats, so every pass is one NumPy call over whole views. Inputs, ``out=`` and
+``indices_out=`` may be views with any strides (half the batch for a thread, say): they are
+written in place, never copied to C order.
+
+Max-pool indices are tap codes: ``dh * kw + dw``, the argmax's offset in its window counted from
+the window's top-left corner (padding included), in the smallest unsigned dtype that holds
+``kh * kw`` (uint8 up to 15x15), so the all-ones code names no tap. :func:`indices_nchw` turns
+them into PyTorch's int64 flat indices.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..functional._checks import check_array, ieee_arithmetic
+from ..functional.activation import select
+from ..functional.pool import _Window, _avg_divisor, _window, _window_sums, _window_sums_transposed
+
+__all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype"]
+
+# Above this many window taps reaching the input, max_pool2d_backward scatters the gradients with
+# one bincount rather than one masked pass per tap.
+_MAX_TAP_PASSES = 16
+
+
+def _check_input(x, name: str):
+    check_array(x, name, 4, "(C, H, W, N)")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (the (C, H, W, N) layout is the NumPy path's), "
+                        f"got {type(x).__name__} of shape {tuple(x.shape)}")
+    return x
+
+
+def _check_shape(input_shape) -> tuple[int, int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise ValueError(f"input_shape must be 4 non-negative ints (C, H, W, N), got {input_shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def _geometry(shape, kernel_size, stride, padding, ceil_mode, name: str = "input") -> _Window:
+    c, h, w, n = shape
+    return _window((n, c, h, w), kernel_size, stride, padding, ceil_mode,
+                   name=f"{name} (C, H, W, N) = {tuple(shape)}, in NCHW terms")
+
+
+def _output_shape(shape, window: _Window) -> tuple[int, int, int, int]:
+    return shape[0], *window.out, shape[3]
+
+
+def _workspace(array, shape, dtype, name: str):
+    """``array`` checked as a caller-owned result buffer of ``shape`` and ``dtype``, or a new one."""
+    if array is None:
+        return np.empty(shape, dtype)
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
+        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+    if not array.flags.writeable:
+        raise ValueError(f"{name} of shape {tuple(shape)} is read-only")
+    return array
+
+
+def _check_like(array, name: str, shape, dtype) -> None:
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
+        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+
+
+def _along(axis: int, index):
+    """An index of a (C, H, W, N) array selecting ``index`` along rows (axis 0) or columns (axis 1)."""
+    return (slice(None),) * (1 + axis) + (index,)
+
+
+def _on_axis(vector, axis: int):
+    """A vector over rows (axis 0) or columns (axis 1), shaped to broadcast against (C, H, W, N)."""
+    return np.reshape(vector, (1, -1, 1, 1) if axis == 0 else (1, 1, -1, 1))
+
+
+def _taps(window: _Window, axis: int, size: int):
+    """``(offset, outputs, inputs)`` for every window offset along ``axis`` that reaches the input
+    (``_Window.taps``, in increasing offset, with the offset itself)."""
+    stride, padding = window.stride[axis], window.padding[axis]
+    for outputs, inputs in window.taps(axis, size):
+        yield inputs.start - outputs.start * stride + padding, outputs, inputs
+
+
+def code_dtype(kernel_size) -> np.dtype:
+    """The dtype of :func:`max_pool2d`'s tap codes for a ``(kh, kw)`` kernel."""
+    kh, kw = kernel_size
+    return np.dtype(np.min_scalar_type(kh * kw))
+
+
+# ------------------------------------------------------------------------------------------ max
+
+
+def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
+    """The 2x2/2 pool without padding (an odd last row or column dropped) as four strided views of
+    ``x``: a compare and a maximum per window row, one of each between the rows, the codes from
+    the compares' outcomes. False (nothing written) for any other geometry. A compare cannot see
+    a window's first NaN: the caller checks the output for NaN."""
+    if window.kernel != (2, 2) or window.stride != (2, 2) or window.padding != (0, 0):
+        return False
+    oh, ow = window.out
+    if (oh, ow) != (x.shape[1] // 2, x.shape[2] // 2):  # ceil_mode added a window past the input
+        return False
+    top, bottom = slice(0, 2 * oh, 2), slice(1, 2 * oh, 2)
+    left, right = slice(0, 2 * ow, 2), slice(1, 2 * ow, 2)
+    top_left, top_right = x[:, top, left], x[:, top, right]
+    bottom_left, bottom_right = x[:, bottom, left], x[:, bottom, right]
+    # A later position wins only when strictly greater (PyTorch's first maximum). The earlier
+    # operand goes second: NumPy's maximum returns its second operand of an equal pair, so a 0.0
+    # tied with an earlier -0.0 comes out as -0.0, the pixel the code names.
+    right_in_top = np.greater(top_right, top_left)
+    top_max = np.maximum(top_right, top_left)
+    right_in_bottom = np.greater(bottom_right, bottom_left)
+    np.maximum(bottom_right, bottom_left, out=out)
+    bottom_wins = np.greater(out, top_max)
+    np.maximum(out, top_max, out=out)
+    column = np.bitwise_xor(right_in_top, right_in_bottom, out=right_in_bottom)  # the winning row's column
+    column &= bottom_wins
+    column ^= right_in_top
+    np.left_shift(bottom_wins.view(np.uint8), 1, out=codes)
+    codes |= column.view(np.uint8)
+    return True
+
+
+def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aware: bool) -> None:
+    """``best``: every window's first maximum of ``source`` along ``axis``; ``codes``: the code of
+    the tap it came from, ``tap_codes(offsets, inputs)`` giving the candidates' codes (strictly
+    increasing with the offset, so a later winner's code is the maximum of the two)."""
+    taps = list(_taps(window, axis, source.shape[1 + axis]))
+    offset, outputs, inputs = taps[0]
+    if outputs == slice(0, window.out[axis]):  # the first tap starts every window
+        np.copyto(best, source[_along(axis, inputs)])
+        np.copyto(codes, tap_codes(codes.dtype.type(offset), inputs))
+        taps = taps[1:]
+    else:  # windows start at different taps: from -inf and the code of each window's first input
+        best.fill(-np.inf)
+        starts = window.starts(axis)
+        np.copyto(codes, tap_codes(_on_axis(np.maximum(-starts, 0), axis), np.maximum(starts, 0)), casting="unsafe")
+    for offset, outputs, inputs in taps:
+        candidate, current = source[_along(axis, inputs)], best[_along(axis, outputs)]
+        wins = np.greater(candidate, current)
+        if nan_aware:  # a first NaN wins too
+            wins |= np.isnan(candidate) & ~np.isnan(current)
+        np.maximum(candidate, current, out=current)
+        window_codes = codes[_along(axis, outputs)]
+        np.maximum(window_codes, np.multiply(wins, tap_codes(codes.dtype.type(offset), inputs)), out=window_codes)
+
+
+def _max_pool2d_separable(x, window: _Window, out, codes, nan_aware: bool) -> None:
+    """Columns first, then rows: the first maximum of each window row, then the first row whose
+    maximum wins, is the first maximum in row-major window order (and the first NaN, nan_aware)."""
+    c, h, _, n = x.shape
+    column_best = np.empty((c, h, window.out[1], n), x.dtype)
+    column_codes = np.empty(column_best.shape, codes.dtype)
+    _max_pass(x, window, 1, column_best, column_codes, lambda offsets, inputs: offsets, nan_aware)
+    kw = window.kernel[1]
+    _max_pass(column_best, window, 0, out, codes,
+              lambda offsets, inputs: offsets * kw + column_codes[:, inputs], nan_aware)
+
+
+@ieee_arithmetic
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *, relu: bool = False,
+               out=None, indices_out=None):
+    """Max pooling of a (C, H, W, N) ``x``: ``(out, indices)``, ``indices`` the tap codes (module
+    docstring). ``relu=True`` returns ``max(pool(x), 0)``, which is ``pool(max(x, 0))`` (indices
+    still the pool's of ``x``). ``out`` and ``indices_out`` are result buffers to write into."""
+    _check_input(x, "input")
+    window = _geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+    shape = _output_shape(x.shape, window)
+    out = _workspace(out, shape, x.dtype, "out")
+    codes = _workspace(indices_out, shape, code_dtype(window.kernel), "indices_out")
+    if out.size:
+        if not _max_pool2d_2x2(x, window, out, codes):
+            _max_pool2d_separable(x, window, out, codes, nan_aware=False)
+        if np.isnan(np.max(out)):  # some window holds a NaN: the compares did not find the first
+            _max_pool2d_separable(x, window, out, codes, nan_aware=True)
+    if relu:
+        np.maximum(out, 0, out=out)
+    return out, codes
+
+
+def _check_codes(indices, shape, window: _Window) -> None:
+    _check_like(indices, "indices", shape, code_dtype(window.kernel))
+    taps = window.kernel[0] * window.kernel[1]
+    if indices.size and int(np.max(indices)) >= taps:
+        raise ValueError(f"indices of shape {tuple(shape)} must be tap codes below {taps} for kernel_size="
+                         f"{window.kernel}, got {int(np.max(indices))}")
+
+
+def _argmax_rows_columns(indices, window: _Window):
+    """The input row and column (int64, may be outside the input for a bad code) each code names."""
+    codes = indices.astype(np.int64)
+    kw = window.kernel[1]
+    return codes // kw + _on_axis(window.starts(0), 0), codes % kw + _on_axis(window.starts(1), 1)
+
+
+def indices_nchw(indices, input_shape, output_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
+    """:func:`max_pool2d`'s tap codes as the int64 (N, C, H_out, W_out) in-plane flat indices
+    ``h * W + w`` that PyTorch's ``max_pool2d(..., return_indices=True)`` gives for the NCHW input."""
+    input_shape = _check_shape(input_shape)
+    window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
+    shape = _output_shape(input_shape, window)
+    if tuple(output_shape) != shape:
+        raise ValueError(f"output_shape {tuple(output_shape)} is not the pooling output {shape} of input_shape {input_shape}")
+    _check_codes(indices, shape, window)
+    rows, columns = _argmax_rows_columns(indices, window)
+    rows *= input_shape[2]
+    rows += columns
+    return np.ascontiguousarray(rows.transpose(3, 0, 1, 2))
+
+
+def _blocked_codes(codes, relu_output):
+    """``codes`` with the all-ones code (no tap's) where ``relu_output <= 0`` (or NaN): the ReLU
+    passes no gradient there."""
+    blocked = np.subtract(np.greater(relu_output, 0), codes.dtype.type(1), dtype=codes.dtype)
+    return np.bitwise_or(blocked, codes, out=blocked)
+
+
+def _max_pool2d_backward_taps(grad_output, codes, grad_input, window: _Window, row_taps, column_taps) -> None:
+    """One masked pass per tap: each window's gradient to the tap its code names. Taps run from
+    the last to the first, so an input pixel shared by overlapping windows sums their gradients in
+    the windows' row-major order (PyTorch's), from zero."""
+    overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
+    tiled = all(p == 0 and k == s and o * k == size for p, k, s, o, size
+                in zip(window.padding, window.kernel, window.stride, window.out, grad_input.shape[1:3]))
+    if not tiled:  # some pixels are in no window (or overlapping windows accumulate)
+        grad_input.fill(0)
+    bits = np.dtype(f"i{grad_output.itemsize}")
+    gradient_bits, kw = grad_output.view(bits), window.kernel[1]
+    for row_offset, output_rows, input_rows in reversed(row_taps):
+        for column_offset, output_columns, input_columns in reversed(column_taps):
+            here = (slice(None), output_rows, output_columns)
+            # all-ones or all-zeros words: a bitwise AND selects exactly (an inf elsewhere stays out)
+            mask = np.negative(np.equal(codes[here], row_offset * kw + column_offset).view(np.int8), dtype=bits)
+            target = grad_input[:, input_rows, input_columns]
+            if overlapping:
+                target += np.bitwise_and(gradient_bits[here], mask, out=mask).view(grad_input.dtype)
+            else:
+                np.bitwise_and(gradient_bits[here], mask, out=target.view(bits))
+
+
+def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window) -> None:
+    """One bincount over every window's argmax pixel (in the output's order: row-major windows)."""
+    c, h, w, n = grad_input.shape
+    rows, columns = _argmax_rows_columns(codes, window)
+    if grad_output.size and (rows.min() < 0 or rows.max() >= h or columns.min() < 0 or columns.max() >= w):
+        raise ValueError(f"indices of shape {tuple(codes.shape)} name pixels outside the input of shape {grad_input.shape}")
+    target = ((np.arange(c).reshape(-1, 1, 1, 1) * h + rows) * w + columns) * n + np.arange(n)
+    summed = np.bincount(target.ravel(), weights=grad_output.ravel(), minlength=grad_input.size)
+    np.copyto(grad_input, summed.reshape(grad_input.shape), casting="same_kind")
+
+
+@ieee_arithmetic
+def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0,
+                        ceil_mode: bool = False, *, relu_output=None, out=None):
+    """Gradient of :func:`max_pool2d` w.r.t. its (C, H, W, N) input of ``input_shape``, given its
+    tap codes ``indices``; ``relu_output``: the pool's output when ``relu=True`` was used (no
+    gradient where it is <= 0). ``out``: the result buffer to write into."""
+    _check_input(grad_output, "grad_output")
+    input_shape = _check_shape(input_shape)
+    window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
+    shape = _output_shape(input_shape, window)
+    if grad_output.shape != shape:
+        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
+                         f"of input_shape {input_shape}")
+    _check_codes(indices, shape, window)
+    if relu_output is not None:
+        _check_like(relu_output, "relu_output", shape, grad_output.dtype)
+    grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
+    if grad_input.size == 0:
+        return grad_input
+    row_taps, column_taps = list(_taps(window, 0, input_shape[1])), list(_taps(window, 1, input_shape[2]))
+    if len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES:
+        codes = indices if relu_output is None else _blocked_codes(indices, relu_output)
+        _max_pool2d_backward_taps(grad_output, codes, grad_input, window, row_taps, column_taps)
+    else:
+        if relu_output is not None:
+            grad_output = select(relu_output > 0, grad_output)
+        _max_pool2d_backward_scatter(grad_output, indices, grad_input, window)
+    return grad_input
+
+
+# ------------------------------------------------------------------------------------------ avg
+# Through the NCHW path's separable window sums, on a leading axis of one: (1, C, H, W, N) puts
+# rows and columns where they expect them, with the batch carried along innermost.
+
+
+def _divisor(window: _Window, input_shape, count_include_pad: bool, dtype):
+    c, h, w, n = input_shape
+    return _avg_divisor(window, (n, c, h, w), count_include_pad).astype(dtype)[:, :, None]
+
+
+@ieee_arithmetic
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True,
+               *, out=None):
+    """Average pooling of a (C, H, W, N) ``x`` with PyTorch's divisor; ``out``: the result buffer."""
+    _check_input(x, "input")
+    window = _geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+    out = _workspace(out, _output_shape(x.shape, window), x.dtype, "out")
+    sums = _window_sums(_window_sums(x[None], window, 1), window, 0)[0]
+    return np.divide(sums, _divisor(window, x.shape, bool(count_include_pad), x.dtype), out=out)
+
+
+@ieee_arithmetic
+def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                        count_include_pad: bool = True, *, out=None):
+    """Gradient of :func:`avg_pool2d` w.r.t. its (C, H, W, N) input of ``input_shape``."""
+    _check_input(grad_output, "grad_output")
+    input_shape = _check_shape(input_shape)
+    window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
+    shape = _output_shape(input_shape, window)
+    if grad_output.shape != shape:
+        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
+                         f"of input_shape {input_shape}")
+    grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
+    share = grad_output / _divisor(window, input_shape, bool(count_include_pad), grad_output.dtype)
+    rows = _window_sums_transposed(share[None], window, 0, input_shape[1])
+    np.copyto(grad_input, _window_sums_transposed(rows, window, 1, input_shape[2])[0])
+    return grad_input
