@@ -177,7 +177,11 @@ class ConvStage(Stage):
             saved["cols_hold_input"] = True
         grad_weight = grads(weight)
         if grad_weight is not None:
-            np.matmul(flat_grad, cols.T, out=grad_weight.reshape(g.c_out, -1))
+            # cols (K, P) @ grad.T (P, C_out), then transposed: OpenBLAS runs this orientation up to
+            # 3x faster than grad (C_out, P) @ cols.T when P is long (AlexNet's conv1: 68 against 213 ms).
+            transposed = ws.array("grad_weight_t", (g.patch_size, g.c_out), grad.dtype)
+            np.matmul(cols, flat_grad.T, out=transposed)
+            np.copyto(grad_weight.reshape(g.c_out, -1), transposed.T)
         grad_bias = grads(bias)
         if grad_bias is not None:
             np.sum(flat_grad, axis=1, out=grad_bias)
