@@ -121,16 +121,22 @@ def test_float64_executor_matches_the_float64_module_path(name, two_lanes):
     assert_close(ours[1], reference_input, 1e-12, "input gradient")
 
 
-def test_lanes_match_one_pass(monkeypatch):
+@pytest.mark.parametrize("classifier_in_lanes", [True, False])
+def test_lanes_match_one_pass(classifier_in_lanes, monkeypatch):
+    """Two lanes (every stage in them, or the features only, as for a large model) against one."""
+    if not classifier_in_lanes:
+        monkeypatch.setattr(executor_module, "SPLIT_MAX_PARAMETERS", 0)
     model = build("small-alexnet")
     x, y = batch(model, 9)
     monkeypatch.setattr(threads, "blas_threads", lambda: 2)
     split = step(model, x, y, executor=True)
-    assert len(model._executed_by._last[0]) == 2
+    lanes, whole = model._executed_by._last[:2]
+    assert len(lanes) == 2 and (whole is None) == classifier_in_lanes
     monkeypatch.setattr(threads, "blas_threads", lambda: 1)
-    whole = step(model, x, y, executor=True)
+    one = step(model, x, y, executor=True)
     assert len(model._executed_by._last[0]) == 1
-    assert_same_step(split, whole, 2e-6)
+    assert_same_step(split, one, 2e-6)
+    assert_same_step(split, step(model, x, y, executor=False), 2e-5)
 
 
 def test_input_gradient_and_frozen_parameters(two_lanes):

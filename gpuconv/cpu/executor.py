@@ -2,9 +2,10 @@
 
 The input is converted NCHW -> (C, H, W, N) once (straight into the first convolution's padded
 buffer), every stage runs in that layout, and only the logits (and an input gradient, if one is
-asked for) go back to batch-major. Small models split the batch into two lanes, each a Python
-thread with its own workspaces and OpenBLAS on one thread; their parameter gradients are added
-at the end. Large models run one lane and let BLAS keep its threads.
+asked for) go back to batch-major. The batch is split into two lanes, each a Python thread with
+its own workspaces and OpenBLAS on one thread (NumPy releases the GIL in its loops and BLAS
+calls); the lanes' parameter gradients are added at the end. A large model runs only its
+features in the lanes and its classifier once on the whole batch, with BLAS's threads.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ __all__ = ["ModelExecutor", "executor_for", "enabled", "ENV_SWITCH"]
 
 ENV_SWITCH = "GPUCONV_CPU_EXECUTOR"
 
-# Batch split into lanes only for models with at most this many parameters: each lane reads every
-# weight and writes a whole weight gradient that the lanes then add, which for AlexNet's 58M
-# classifier weights costs more than the second thread gains.
+# The classifier runs in the lanes too only for models with at most this many parameters: each
+# lane reads every weight and writes a whole weight gradient that the lanes then add, which for
+# AlexNet's 58M classifier weights costs more than the second thread gains.
 SPLIT_MAX_PARAMETERS = 4_000_000
 # Workspace sets kept per lane: the training batch and the last, partial one of an epoch (or an
 # evaluation batch) each keep theirs instead of reallocating every step.
@@ -67,11 +68,19 @@ class _Lane:
         self.index, self.rows = index, rows
         self.workspaces = [Workspace() for _ in range(stage_count)]
         self.own = Workspace()
-        self.grad_target = None  # this lane's array for a parameter's gradient (set per backward)
+        self.grad_target = None  # (parameter) -> this lane's array for its gradient (set per backward)
+        self.written = {}  # parameter -> the gradient this lane wrote for it in the last backward
 
 
 class ModelExecutor:
-    """Runs a ConvNet's ``forward`` and ``backward`` on its stages (see :mod:`gpuconv.cpu`)."""
+    """Runs a ConvNet's ``forward`` and ``backward`` on its stages (see :mod:`gpuconv.cpu`).
+
+    With two or more BLAS threads and a batch of two or more, the batch is split into two lanes,
+    each on its own thread with BLAS single-threaded. A small model runs every stage in the
+    lanes; a large one only the features (and the flatten): the lanes' features are joined into
+    one (F, N) array and the classifier runs once on the whole batch with BLAS's threads, so its
+    large weights are read once and their gradients not added across lanes.
+    """
 
     def __init__(self, model):
         self.model = model
@@ -80,29 +89,37 @@ class ModelExecutor:
         for stage in self.stages:  # every size fits (an Unsupported or a ValueError here, not mid-step)
             shape = stage.output_shape(shape)
         self.parameters = [p for stage in self.stages for p in stage.parameters() if p is not None]
-        self.split = sum(p.numel() for p in self.parameters) <= SPLIT_MAX_PARAMETERS
-        self._lanes: OrderedDict = OrderedDict()  # (lane count, batch) -> lanes
+        small = sum(p.numel() for p in self.parameters) <= SPLIT_MAX_PARAMETERS
+        flatten = next(i for i, stage in enumerate(self.stages) if isinstance(stage, stage_types.FlattenStage))
+        # How many leading stages run in lanes when there are several.
+        self.lane_stages = len(self.stages) if small else flatten + 1
+        self._plans: OrderedDict = OrderedDict()  # (lane count, batch) -> (lanes, whole-batch lane or None)
         self._gradients = Workspace()  # lane 0's gradients where a parameter accumulates into its .grad
-        self._last = None  # the lanes of the last forward: what backward runs on
+        self._last = None  # the plan of the last forward and its input shape: what backward runs on
 
-    def _lane_count(self, batch: int) -> int:
-        if not self.split or batch < 2:
-            return 1
-        return min(2, threads.blas_threads())
-
-    def _lanes_for(self, batch: int) -> list[_Lane]:
-        count = self._lane_count(batch)
+    def _plan(self, batch: int):
+        """``(lanes, whole)``: the lanes of the batch and, when only the leading ``lane_stages``
+        run in them, the lane of the whole batch that runs the rest (else None)."""
+        count = 1 if batch < 2 else min(2, threads.blas_threads())
         key = (count, batch)
-        lanes = self._lanes.pop(key, None)
-        if lanes is None:
+        plan = self._plans.pop(key, None)
+        if plan is None:
             bounds = [batch * i // count for i in range(count + 1)]
             lanes = [_Lane(i, slice(a, b), len(self.stages)) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        self._lanes[key] = lanes
-        while len(self._lanes) > _KEPT_BATCH_SIZES:
-            self._lanes.popitem(last=False)
-        return lanes
+            whole = None
+            if count > 1 and self.lane_stages < len(self.stages):
+                whole = _Lane(0, slice(0, batch), len(self.stages))
+            plan = lanes, whole
+        self._plans[key] = plan
+        while len(self._plans) > _KEPT_BATCH_SIZES:
+            self._plans.popitem(last=False)
+        return plan
 
-    def _run(self, work, lanes) -> None:
+    def _in_lanes(self, whole) -> range:
+        return range(self.lane_stages if whole is not None else len(self.stages))
+
+    @staticmethod
+    def _run(work, lanes) -> None:
         def quietly(lane):
             with np.errstate(all="ignore"):  # NaN and inf pass silently, as through the module path
                 work(lane)
@@ -118,12 +135,14 @@ class ModelExecutor:
     def forward(self, x) -> np.ndarray:
         """The logits (N, classes) of an NCHW float32 batch: a fresh array."""
         batch = x.shape[0]
-        lanes = self._lanes_for(batch)
-        shape = tuple(x.shape)
+        lanes, whole = self._plan(batch)
+        in_lanes = self._in_lanes(whole)
+        shapes = [tuple(x.shape)]  # batch-major, as the module path sees them (a dropout mask is drawn in it)
         for stage in self.stages:
-            stage.start_step(shape, x.dtype, self.model.training)
-            shape = self._batch_major_shape(stage, shape)
-        logits = np.empty(shape, x.dtype)
+            stage.start_step(shapes[-1], x.dtype, self.model.training)
+            shapes.append(self._batch_major_shape(stage, shapes[-1]))
+        logits = np.empty(shapes[-1], x.dtype)
+        joined = None if whole is None else whole.own.array("joined", shapes[len(in_lanes)][::-1], x.dtype)
 
         def forward_lane(lane):
             y = x[lane.rows].transpose(1, 2, 3, 0)  # (C, H, W, n), converted by the first stage's copy
@@ -131,19 +150,28 @@ class ModelExecutor:
                 buffer = lane.own.array("input", y.shape, y.dtype)
                 np.copyto(buffer, y)
                 y = buffer
-            for stage, ws in zip(self.stages, lane.workspaces):
-                y = stage.forward(ws, y, lane.rows)
-            logits[lane.rows] = y.T
+            for i in in_lanes:
+                y = self.stages[i].forward(lane.workspaces[i], y, lane.rows)
+            if joined is None:
+                logits[lane.rows] = y.T
+            else:
+                joined[:, lane.rows] = y
 
         self._run(forward_lane, lanes)
-        self._last = (lanes, tuple(x.shape))
-        self._logits_shape = logits.shape
+        if whole is not None:
+            def forward_whole(lane):
+                y = joined
+                for i in range(len(in_lanes), len(self.stages)):
+                    y = self.stages[i].forward(lane.workspaces[i], y, lane.rows)
+                logits[...] = y.T
+
+            self._run(forward_whole, [whole])
+        self._last = (lanes, whole, tuple(x.shape), logits.shape)
         return logits
 
     @staticmethod
     def _batch_major_shape(stage, shape):
-        """The batch-major shape of ``stage``'s output for a batch-major input ``shape`` (what the
-        module path would see: a dropout's mask is drawn in it)."""
+        """The batch-major shape of ``stage``'s output for a batch-major input ``shape``."""
         moved = stage.output_shape((*shape[1:], shape[0]))
         return (moved[-1], *moved[:-1])
 
@@ -155,41 +183,62 @@ class ModelExecutor:
         ``requires_input_grad`` is False."""
         if self._last is None:
             raise RuntimeError(f"{type(self.model).__name__}.backward() called before forward()")
-        lanes, input_shape = self._last
-        if tuple(grad_output.shape) != self._logits_shape:
-            raise ValueError(f"grad_output must have the logits' shape {self._logits_shape} (the last forward's "
+        lanes, whole, input_shape, logits_shape = self._last
+        if tuple(grad_output.shape) != logits_shape:
+            raise ValueError(f"grad_output must have the logits' shape {logits_shape} (the last forward's "
                              f"input was {input_shape}), got {tuple(grad_output.shape)}")
         trains = [stage.trains() for stage in self.stages]
         needs = [requires_input_grad or any(trains[:i]) for i in range(len(self.stages))]
-        targets = self._gradient_targets(lanes)
+        targets = self._gradient_targets(lanes, whole)
         grad_input = np.empty(input_shape, grad_output.dtype) if requires_input_grad else None
+        in_lanes = self._in_lanes(whole)
 
-        def backward_lane(lane):
-            rows = grad_output[lane.rows].T
-            grad = lane.own.array("grad", rows.shape, rows.dtype)
-            np.copyto(grad, rows)
-            for i in reversed(range(len(self.stages))):
+        def walk(lane, grad, indices):
+            """Backward through the stages ``indices`` (in reverse); None once nothing before needs more."""
+            for i in reversed(indices):
                 if not (needs[i] or trains[i]):
-                    return
+                    return None
                 grad = self.stages[i].backward(lane.workspaces[i], grad, needs[i], lane.grad_target)
                 if not needs[i]:
-                    return
-            grad_input[lane.rows] = grad.transpose(3, 0, 1, 2)
+                    return None
+            return grad
 
-        self._run(backward_lane, lanes)
+        def start(lane, rows):
+            grad = lane.own.array("grad", rows.shape, rows.dtype)
+            np.copyto(grad, rows)
+            return grad
+
+        top = None
+        if whole is not None:
+            def backward_whole(lane):
+                nonlocal top
+                top = walk(lane, start(lane, grad_output.T), range(len(in_lanes), len(self.stages)))
+
+            self._run(backward_whole, [whole])
+
+        def backward_lane(lane):
+            grad = start(lane, grad_output[lane.rows].T if whole is None else top[:, lane.rows])
+            grad = walk(lane, grad, in_lanes)
+            if grad is not None:
+                grad_input[lane.rows] = grad.transpose(3, 0, 1, 2)
+
+        if whole is None or top is not None:
+            self._run(backward_lane, lanes)
+        for lane in lanes[1:]:
+            for param, gradient in lane.written.items():
+                targets[param] += gradient
         for param, target in targets.items():
-            for lane in lanes[1:]:
-                target += lane.grad_target(param)
             param.accumulate_grad(target)
         return grad_input
 
-    def _gradient_targets(self, lanes) -> dict:
-        """``{parameter: array}`` for every trainable parameter: where lane 0 writes its gradient
-        and the other lanes' are added, then handed to ``accumulate_grad``: the optimizer's slot
-        (``grad_destination``), a fresh array for a first gradient, or a workspace when the
-        gradient is added to one the parameter already holds."""
-        targets = {}
+    def _gradient_targets(self, lanes, whole) -> dict:
+        """``{parameter: array}`` for every trainable parameter: where lane 0 (and the whole-batch
+        lane) writes its gradient and the other lanes' are added, then handed to
+        ``accumulate_grad``: the optimizer's slot (``grad_destination``), a fresh array for a first
+        gradient, or a workspace when the gradient is added to one the parameter already holds."""
+        targets, names = {}, {}
         for index, param in enumerate(self.parameters):
+            names[param] = str(index)
             if not param.requires_grad:
                 continue
             target = param.grad_destination()
@@ -199,11 +248,17 @@ class ModelExecutor:
                 else:
                     target = self._gradients.array(str(index), param.shape, param.dtype)
             targets[param] = target
-        lane_arrays = {id(p): i for i, p in enumerate(self.parameters)}
-        for lane in lanes:
+        for lane in lanes + ([whole] if whole is not None else []):
+            lane.written = {}
             if lane.index == 0:
-                lane.grad_target = lambda p, targets=targets: targets.get(p)
+                lane.grad_target = targets.get
             else:
-                lane.grad_target = (lambda p, lane=lane: None if p not in targets else
-                                    lane.own.array(f"grad {lane_arrays[id(p)]}", p.shape, p.dtype))
+                def own_target(param, lane=lane):
+                    if param not in targets:
+                        return None
+                    gradient = lane.own.array(f"grad {names[param]}", param.shape, param.dtype)
+                    lane.written[param] = gradient
+                    return gradient
+
+                lane.grad_target = own_target
         return targets
