@@ -115,6 +115,16 @@ class ModelExecutor:
             self._plans.popitem(last=False)
         return plan
 
+    def describe(self, batch: int) -> str:
+        """How a batch of ``batch`` runs: lanes, what runs in them, BLAS threads."""
+        lanes, whole = self._plan(batch)
+        if len(lanes) == 1:
+            return f"one lane, BLAS on {threads.blas_threads()} threads"
+        if whole is None:
+            return f"{len(lanes)} lanes of the whole model, BLAS on 1 thread each"
+        return (f"{len(lanes)} lanes of the features (BLAS on 1 thread each), the classifier on the whole batch "
+                f"(BLAS on {threads.blas_threads()} threads)")
+
     def _in_lanes(self, whole) -> range:
         return range(self.lane_stages if whole is not None else len(self.stages))
 
