@@ -3,6 +3,9 @@ every parameter gradient to float32 rounding and against float64 references, dro
 frozen parameters, accumulation, optimizer steps, lanes, and which models it declines."""
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -248,3 +251,21 @@ def test_the_checker_catches_a_wrong_col2im(monkeypatch):
     monkeypatch.setattr(executor_module.stage_types.conv_ops, "col2im", dropping_one_offset)
     with pytest.raises(AssertionError, match="features.0"):
         assert_same_step(step(model, x, y, executor=True), reference, 2e-5)
+
+
+def test_a_forked_child_runs_lanes_of_its_own(two_lanes):
+    model = build("lenet5")
+    x, y = batch(model, 4)
+    expected = step(model, x, y, executor=True)[0]  # the parent's worker thread now exists
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its step ends (within a minute) and matches
+        ok = False
+        try:
+            signal.alarm(60)  # a child waiting on the parent's threads would hang: it dies instead
+            ok = np.array_equal(step(model, x, y, executor=True)[0], expected)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

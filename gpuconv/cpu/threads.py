@@ -6,6 +6,7 @@ it found when the ``with`` block ends.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,3 +66,13 @@ def _pool(count: int) -> ThreadPoolExecutor:
                 _workers.shutdown(wait=False)
             _workers, _worker_count = ThreadPoolExecutor(count, thread_name_prefix="gpuconv-cpu"), count
         return _workers
+
+
+def _forget_workers() -> None:
+    """In a forked child: the parent's worker threads do not exist there, so a submit would wait
+    forever; the child starts its own on first use."""
+    global _lock, _workers, _worker_count
+    _lock, _workers, _worker_count = threading.Lock(), None, 0
+
+
+os.register_at_fork(after_in_child=_forget_workers)
