@@ -333,3 +333,19 @@ def test_bad_arguments_are_clear_errors(rng):
         cpu_pool.indices_nchw(codes, x.shape, (2, 3, 3, 3), 2)
     with pytest.raises(ValueError, match="saved must be"):
         cpu_norm.local_response_norm_backward(x, x, x, x[:1], 5)
+
+
+@pytest.mark.parametrize("block_planes", [1, 2, 3])
+def test_local_response_norm_in_channel_blocks_is_the_whole_computation(rng, monkeypatch, block_planes):
+    """Blocks of channels (sized for the cache) recompute their edges' squares: the same sums."""
+    x = chwn(3 * rng.standard_normal((3, 8, 3, 2)))[:, :, :, ::2]  # a strided view too
+    g = rng.standard_normal(x.shape)
+    out, saved = cpu_norm.local_response_norm(x, 5, 0.1, 0.75, 2.0)
+    grad = cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 0.1, 0.75, 2.0)
+    monkeypatch.setattr(cpu_norm, "_BLOCK_BYTES", block_planes * x[0].nbytes)
+    blocked_out, blocked_saved = cpu_norm.local_response_norm(x, 5, 0.1, 0.75, 2.0)
+    np.testing.assert_array_equal(blocked_out, out)
+    np.testing.assert_array_equal(blocked_saved, saved)
+    np.testing.assert_array_equal(cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 0.1, 0.75, 2.0), grad)
+    want = F.local_response_norm_backward(nchw(g), nchw(x), nchw(out), 5, 0.1, 0.75, 2.0)
+    np.testing.assert_allclose(nchw(grad), want, rtol=1e-12, atol=1e-12)

@@ -15,6 +15,8 @@ them into PyTorch's int64 flat indices.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..functional._checks import check_array, ieee_arithmetic
@@ -26,6 +28,23 @@ __all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "a
 # Above this many window taps reaching the input, max_pool2d_backward scatters the gradients with
 # one bincount rather than one masked pass per tap.
 _MAX_TAP_PASSES = 16
+
+
+_scratch_buffers = threading.local()
+
+
+def scratch(name: str, shape, dtype, zero: bool = False):
+    """A reusable temporary of ``shape`` and ``dtype``, one per ``name`` and thread, grown as
+    needed: a fresh multi-MB array per call costs its page faults every training step (and the
+    threads' munmaps contend). Never returned to a caller; names are unique per use."""
+    buffers = _scratch_buffers.__dict__
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if name not in buffers or buffers[name].size < nbytes:
+        buffers[name] = np.empty(nbytes, np.uint8)
+    array = buffers[name][:nbytes].view(dtype).reshape(shape)
+    if zero:
+        array.fill(0)
+    return array
 
 
 def _check_input(x, name: str):
@@ -89,6 +108,17 @@ def _taps(window: _Window, axis: int, size: int):
         yield inputs.start - outputs.start * stride + padding, outputs, inputs
 
 
+def _contiguous(view, scratch):
+    """``view`` itself if C-contiguous, else copied into the front of the flat ``scratch``. NumPy's
+    ufuncs run several times slower on strided inputs (runs of N or W_out * N floats: a shifted
+    window) than on contiguous ones, and a copy costs less than that difference."""
+    if view.flags.c_contiguous:
+        return view
+    copy = scratch[:view.size].reshape(view.shape)
+    np.copyto(copy, view)
+    return copy
+
+
 def code_dtype(kernel_size) -> np.dtype:
     """The dtype of :func:`max_pool2d`'s tap codes for a ``(kh, kw)`` kernel."""
     kh, kw = kernel_size
@@ -110,17 +140,19 @@ def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
         return False
     top, bottom = slice(0, 2 * oh, 2), slice(1, 2 * oh, 2)
     left, right = slice(0, 2 * ow, 2), slice(1, 2 * ow, 2)
-    top_left, top_right = x[:, top, left], x[:, top, right]
-    bottom_left, bottom_right = x[:, bottom, left], x[:, bottom, right]
+    quads = scratch("2x2 quads", (4, *out.shape), x.dtype)  # contiguous copies (see _contiguous)
+    for quad, (rows, columns) in zip(quads, ((top, left), (top, right), (bottom, left), (bottom, right))):
+        np.copyto(quad, x[:, rows, columns])
+    top_left, top_right, bottom_left, bottom_right = quads
     # A later position wins only when strictly greater (PyTorch's first maximum). The earlier
     # operand goes second: NumPy's maximum returns its second operand of an equal pair, so a 0.0
     # tied with an earlier -0.0 comes out as -0.0, the pixel the code names.
     right_in_top = np.greater(top_right, top_left)
-    top_max = np.maximum(top_right, top_left)
+    top_max = np.maximum(top_right, top_left, out=top_left)
     right_in_bottom = np.greater(bottom_right, bottom_left)
-    np.maximum(bottom_right, bottom_left, out=out)
-    bottom_wins = np.greater(out, top_max)
-    np.maximum(out, top_max, out=out)
+    bottom_max = np.maximum(bottom_right, bottom_left, out=bottom_left)
+    bottom_wins = np.greater(bottom_max, top_max)
+    np.maximum(bottom_max, top_max, out=out)
     column = np.bitwise_xor(right_in_top, right_in_bottom, out=right_in_bottom)  # the winning row's column
     column &= bottom_wins
     column ^= right_in_top
@@ -129,7 +161,7 @@ def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
     return True
 
 
-def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aware: bool) -> None:
+def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aware: bool, name: str) -> None:
     """``best``: every window's first maximum of ``source`` along ``axis``; ``codes``: the code of
     the tap it came from, ``tap_codes(offsets, inputs)`` giving the candidates' codes (strictly
     increasing with the offset, so a later winner's code is the maximum of the two)."""
@@ -143,8 +175,9 @@ def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aw
         best.fill(-np.inf)
         starts = window.starts(axis)
         np.copyto(codes, tap_codes(_on_axis(np.maximum(-starts, 0), axis), np.maximum(starts, 0)), casting="unsafe")
+    copies = scratch(name, best.size, best.dtype)
     for offset, outputs, inputs in taps:
-        candidate, current = source[_along(axis, inputs)], best[_along(axis, outputs)]
+        candidate, current = _contiguous(source[_along(axis, inputs)], copies), best[_along(axis, outputs)]
         wins = np.greater(candidate, current)
         if nan_aware:  # a first NaN wins too
             wins |= np.isnan(candidate) & ~np.isnan(current)
@@ -157,12 +190,12 @@ def _max_pool2d_separable(x, window: _Window, out, codes, nan_aware: bool) -> No
     """Columns first, then rows: the first maximum of each window row, then the first row whose
     maximum wins, is the first maximum in row-major window order (and the first NaN, nan_aware)."""
     c, h, _, n = x.shape
-    column_best = np.empty((c, h, window.out[1], n), x.dtype)
-    column_codes = np.empty(column_best.shape, codes.dtype)
-    _max_pass(x, window, 1, column_best, column_codes, lambda offsets, inputs: offsets, nan_aware)
+    column_best = scratch("column maxima", (c, h, window.out[1], n), x.dtype)
+    column_codes = scratch("column codes", column_best.shape, codes.dtype)
+    _max_pass(x, window, 1, column_best, column_codes, lambda offsets, inputs: offsets, nan_aware, "column taps")
     kw = window.kernel[1]
     _max_pass(column_best, window, 0, out, codes,
-              lambda offsets, inputs: offsets * kw + column_codes[:, inputs], nan_aware)
+              lambda offsets, inputs: offsets * kw + column_codes[:, inputs], nan_aware, "row taps")
 
 
 @ieee_arithmetic
@@ -223,27 +256,74 @@ def _blocked_codes(codes, relu_output):
     return np.bitwise_or(blocked, codes, out=blocked)
 
 
+def _phase_slots(phase: int, stride: int, padding: int, size: int, slots: int):
+    """``(slots, pixels)`` slices pairing the slots of one stride phase with the input pixels they
+    hold (virtual position ``slot * stride + phase`` is pixel ``that - padding``), or None."""
+    first = max(0, -((phase - padding) // stride))
+    pixel = first * stride + phase - padding
+    count = min(slots - first, -(-(size - pixel) // stride))
+    if count <= 0:
+        return None
+    return slice(first, first + count), slice(pixel, pixel + (count - 1) * stride + 1, stride)
+
+
+def _padded_copy(array, shape, name: str, dtype=None):
+    """``array`` (C, H_out, W_out, N) as a contiguous (C, slots, slots, N) array, zero past it."""
+    if array.shape == shape and array.flags.c_contiguous:
+        return array if dtype is None else array.view(dtype)
+    padded = scratch(name, shape, dtype or array.dtype, zero=True)
+    np.copyto(padded[:, :array.shape[1], :array.shape[2]], array if dtype is None else array.view(dtype))
+    return padded
+
+
+def _phase_buffer_size(window: _Window, row_taps, column_taps, c: int, n: int) -> tuple[tuple[int, int], int]:
+    """The slots per axis and the element count of _max_pool2d_backward_taps' phase buffers."""
+    (sh, sw), (oh, ow) = window.stride, window.out
+    slots = (oh + max(offset for offset, _, _ in row_taps) // sh, ow + max(offset for offset, _, _ in column_taps) // sw)
+    return slots, sh * sw * c * slots[0] * slots[1] * n
+
+
 def _max_pool2d_backward_taps(grad_output, codes, grad_input, window: _Window, row_taps, column_taps) -> None:
-    """One masked pass per tap: each window's gradient to the tap its code names. Taps run from
-    the last to the first, so an input pixel shared by overlapping windows sums their gradients in
-    the windows' row-major order (PyTorch's), from zero."""
-    overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
-    tiled = all(p == 0 and k == s and o * k == size for p, k, s, o, size
-                in zip(window.padding, window.kernel, window.stride, window.out, grad_input.shape[1:3]))
-    if not tiled:  # some pixels are in no window (or overlapping windows accumulate)
-        grad_input.fill(0)
+    """Each window's gradient to the tap its code names, one masked pass per tap, summed per phase
+    of the stride: window offset ``d`` along an axis is phase ``d % s``, slot ``o + d // s``. In a
+    contiguous (C, slots, slots, N) buffer per phase pair, zero past the outputs, every tap is one
+    flat shifted add (what it moves across a row or channel boundary is zeros; a strided add into
+    the input would cost several times more, see _contiguous), and one copy per phase puts the
+    sums in place. Taps run from the last to the first: a pixel shared by overlapping windows sums
+    their gradients from zero in the windows' row-major order, as PyTorch does."""
+    (sh, sw), (ph, pw), kw = window.stride, window.padding, window.kernel[1]
+    c, h, w, n = grad_input.shape
+    slots, size = _phase_buffer_size(window, row_taps, column_taps, c, n)
+    padded = (c, *slots, n)
     bits = np.dtype(f"i{grad_output.itemsize}")
-    gradient_bits, kw = grad_output.view(bits), window.kernel[1]
-    for row_offset, output_rows, input_rows in reversed(row_taps):
-        for column_offset, output_columns, input_columns in reversed(column_taps):
-            here = (slice(None), output_rows, output_columns)
+    gradient = _padded_copy(grad_output, padded, "padded gradient", bits).reshape(-1)
+    padded_codes = _padded_copy(codes, padded, "padded codes").reshape(-1)
+    by_phase = {}  # (row phase, column phase) -> [(flat shift, code)], taps from the last to the first
+    for row_offset, _, _ in reversed(row_taps):
+        for column_offset, _, _ in reversed(column_taps):
+            shift = ((row_offset // sh) * slots[1] + column_offset // sw) * n
+            by_phase.setdefault((row_offset % sh, column_offset % sw), []).append((shift, row_offset * kw + column_offset))
+    if any((phase_rows, phase_columns) not in by_phase for phase_rows in range(sh) for phase_columns in range(sw)) \
+            or (h - 1 + ph) // sh >= slots[0] or (w - 1 + pw) // sw >= slots[1]:  # pixels in no window
+        grad_input.fill(0)
+    mask = scratch("tap gradient", gradient.size, bits)
+    for (row_phase, column_phase), contributions in by_phase.items():
+        total = scratch("phase sum", gradient.size, grad_output.dtype)
+        rows, columns = _phase_slots(row_phase, sh, ph, h, slots[0]), _phase_slots(column_phase, sw, pw, w, slots[1])
+        target = grad_input[:, rows[1], columns[1]]
+        for index, (shift, code) in enumerate(contributions):
             # all-ones or all-zeros words: a bitwise AND selects exactly (an inf elsewhere stays out)
-            mask = np.negative(np.equal(codes[here], row_offset * kw + column_offset).view(np.int8), dtype=bits)
-            target = grad_input[:, input_rows, input_columns]
-            if overlapping:
-                target += np.bitwise_and(gradient_bits[here], mask, out=mask).view(grad_input.dtype)
+            np.negative(np.equal(padded_codes, code).view(np.int8), out=mask)
+            mask &= gradient
+            selected = mask.view(grad_output.dtype)
+            if len(contributions) == 1 and shift == 0:  # this phase's pixels have one window each
+                total = selected
+            elif index == 0:
+                total[:shift] = 0
+                total[shift:] = selected[:total.size - shift]
             else:
-                np.bitwise_and(gradient_bits[here], mask, out=target.view(bits))
+                total[shift:] += selected[:total.size - shift]
+        np.copyto(target, total.reshape(padded)[:, rows[0], columns[0]])
 
 
 def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window) -> None:
@@ -277,7 +357,8 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     if grad_input.size == 0:
         return grad_input
     row_taps, column_taps = list(_taps(window, 0, input_shape[1])), list(_taps(window, 1, input_shape[2]))
-    if len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES:
+    taps = len(row_taps) * len(column_taps)
+    if taps <= _MAX_TAP_PASSES and _phase_buffer_size(window, row_taps, column_taps, *input_shape[::3])[1] <= 2 * grad_input.size:
         codes = indices if relu_output is None else _blocked_codes(indices, relu_output)
         _max_pool2d_backward_taps(grad_output, codes, grad_input, window, row_taps, column_taps)
     else:
