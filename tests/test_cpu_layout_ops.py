@@ -157,9 +157,10 @@ def test_max_pool2d_relu_backward_is_the_nchw_relu_backward(rng, geometry):
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_max_pool2d_backward_of_many_taps_scatters(rng, relu):
-    """A 5x5 window (25 taps past the per-tap passes' limit) goes through one bincount."""
-    x = tricky(rng, (2, 3, 9, 8), np.float64)
-    args = (5, 1, 2, True)
+    """A 5x5 window with stride 5 (non-overlapping, but 25 taps, past the per-tap passes' limit)
+    scatters as overlapping windows do."""
+    x = tricky(rng, (2, 3, 12, 11), np.float64)
+    args = (5, 5, 2, True)
     out, indices = cpu_pool.max_pool2d(chwn(x), *args, relu=relu)
     g = rng.standard_normal(out.shape)
     grad = cpu_pool.max_pool2d_backward(g, indices, chwn(x).shape, *args, relu_output=out if relu else None)
@@ -327,6 +328,11 @@ def test_bad_arguments_are_clear_errors(rng):
         cpu_pool.max_pool2d(x.astype(np.float16), 2)
     with pytest.raises(ValueError, match="tap codes below 4"):
         cpu_pool.max_pool2d_backward(out, np.full(out.shape, 4, np.uint8), x.shape, 2)
+    padded_codes = np.zeros((2, 2, 2, 3), np.uint8)  # tap 0 of the first windows is padding
+    for call in (lambda: cpu_pool.max_pool2d_backward(np.ones(padded_codes.shape, np.float32), padded_codes, x.shape, 3, 2, 1),
+                 lambda: cpu_pool.indices_nchw(padded_codes, x.shape, padded_codes.shape, 3, 2, 1)):
+        with pytest.raises(ValueError, match="name pixels outside the input"):
+            call()
     with pytest.raises(ValueError, match="grad_output of shape"):
         cpu_pool.max_pool2d_backward(out[..., :2], codes, x.shape, 2)
     with pytest.raises(ValueError, match="output_shape"):

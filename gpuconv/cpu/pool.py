@@ -25,8 +25,8 @@ from ..functional.pool import _Window, _avg_divisor, _window, _window_sums, _win
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype"]
 
-# Above this many window taps reaching the input, max_pool2d_backward scatters the gradients with
-# one bincount rather than one masked pass per tap.
+# Above this many window taps reaching the input, max_pool2d_backward scatters the gradients of
+# non-overlapping windows too, rather than making one masked pass per tap.
 _MAX_TAP_PASSES = 16
 
 
@@ -45,6 +45,18 @@ def scratch(name: str, shape, dtype, zero: bool = False):
     if zero:
         array.fill(0)
     return array
+
+
+def _zeros(shape, dtype):
+    """A read-only array of zeros, per thread, grown as needed: ``np.maximum(x, zeros)`` runs
+    several times faster than ``np.maximum(x, 0)``, whose scalar operand misses NumPy's SIMD loop."""
+    buffers = _scratch_buffers.__dict__
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if "zeros, read-only" not in buffers or buffers["zeros, read-only"].size < nbytes:
+        buffers["zeros, read-only"] = np.zeros(nbytes, np.uint8)
+    zeros = buffers["zeros, read-only"][:nbytes].view(dtype).reshape(shape)
+    zeros.flags.writeable = False
+    return zeros
 
 
 def _check_input(x, name: str):
@@ -156,7 +168,7 @@ def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
     column = np.bitwise_xor(right_in_top, right_in_bottom, out=right_in_bottom)  # the winning row's column
     column &= bottom_wins
     column ^= right_in_top
-    np.left_shift(bottom_wins.view(np.uint8), 1, out=codes)
+    np.add(bottom_wins.view(np.uint8), bottom_wins.view(np.uint8), out=codes)  # the row's code
     codes |= column.view(np.uint8)
     return True
 
@@ -215,20 +227,33 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, 
         if np.isnan(np.max(out)):  # some window holds a NaN: the compares did not find the first
             _max_pool2d_separable(x, window, out, codes, nan_aware=True)
     if relu:
-        np.maximum(out, 0, out=out)
+        np.maximum(out, _zeros(out.shape, out.dtype), out=out)
     return out, codes
 
 
-def _check_codes(indices, shape, window: _Window) -> None:
+def _check_codes(indices, shape, window: _Window, input_shape) -> None:
+    """``indices`` must be tap codes of ``shape`` naming pixels of the input (a window clipped by
+    the input's edge or padding has taps that name none)."""
     _check_like(indices, "indices", shape, code_dtype(window.kernel))
-    taps = window.kernel[0] * window.kernel[1]
-    if indices.size and int(np.max(indices)) >= taps:
+    if indices.size == 0:
+        return
+    taps, kw = window.kernel[0] * window.kernel[1], window.kernel[1]
+    if int(np.max(indices)) >= taps:
         raise ValueError(f"indices of shape {tuple(shape)} must be tap codes below {taps} for kernel_size="
                          f"{window.kernel}, got {int(np.max(indices))}")
+    for axis, size in enumerate(input_shape[1:3]):  # only the clipped windows can name a pixel past the edge
+        starts = window.starts(axis)
+        clipped = np.flatnonzero((starts < 0) | (starts + window.kernel[axis] > size))
+        if clipped.size:
+            codes = np.take(indices, clipped, axis=1 + axis).astype(np.int64)
+            positions = (codes // kw if axis == 0 else codes % kw) + _on_axis(starts[clipped], axis)
+            if positions.min() < 0 or positions.max() >= size:
+                raise ValueError(f"indices of shape {tuple(shape)} name pixels outside the input of shape "
+                                 f"{input_shape} (tap codes of another geometry?)")
 
 
 def _argmax_rows_columns(indices, window: _Window):
-    """The input row and column (int64, may be outside the input for a bad code) each code names."""
+    """The input row and column (int64) each code names."""
     codes = indices.astype(np.int64)
     kw = window.kernel[1]
     return codes // kw + _on_axis(window.starts(0), 0), codes % kw + _on_axis(window.starts(1), 1)
@@ -242,7 +267,7 @@ def indices_nchw(indices, input_shape, output_shape, kernel_size, stride=None, p
     shape = _output_shape(input_shape, window)
     if tuple(output_shape) != shape:
         raise ValueError(f"output_shape {tuple(output_shape)} is not the pooling output {shape} of input_shape {input_shape}")
-    _check_codes(indices, shape, window)
+    _check_codes(indices, shape, window, input_shape)
     rows, columns = _argmax_rows_columns(indices, window)
     rows *= input_shape[2]
     rows += columns
@@ -256,85 +281,49 @@ def _blocked_codes(codes, relu_output):
     return np.bitwise_or(blocked, codes, out=blocked)
 
 
-def _phase_slots(phase: int, stride: int, padding: int, size: int, slots: int):
-    """``(slots, pixels)`` slices pairing the slots of one stride phase with the input pixels they
-    hold (virtual position ``slot * stride + phase`` is pixel ``that - padding``), or None."""
-    first = max(0, -((phase - padding) // stride))
-    pixel = first * stride + phase - padding
-    count = min(slots - first, -(-(size - pixel) // stride))
-    if count <= 0:
-        return None
-    return slice(first, first + count), slice(pixel, pixel + (count - 1) * stride + 1, stride)
-
-
-def _padded_copy(array, shape, name: str, dtype=None):
-    """``array`` (C, H_out, W_out, N) as a contiguous (C, slots, slots, N) array, zero past it."""
-    if array.shape == shape and array.flags.c_contiguous:
-        return array if dtype is None else array.view(dtype)
-    padded = scratch(name, shape, dtype or array.dtype, zero=True)
-    np.copyto(padded[:, :array.shape[1], :array.shape[2]], array if dtype is None else array.view(dtype))
-    return padded
-
-
-def _phase_buffer_size(window: _Window, row_taps, column_taps, c: int, n: int) -> tuple[tuple[int, int], int]:
-    """The slots per axis and the element count of _max_pool2d_backward_taps' phase buffers."""
-    (sh, sw), (oh, ow) = window.stride, window.out
-    slots = (oh + max(offset for offset, _, _ in row_taps) // sh, ow + max(offset for offset, _, _ in column_taps) // sw)
-    return slots, sh * sw * c * slots[0] * slots[1] * n
-
-
 def _max_pool2d_backward_taps(grad_output, codes, grad_input, window: _Window, row_taps, column_taps) -> None:
-    """Each window's gradient to the tap its code names, one masked pass per tap, summed per phase
-    of the stride: window offset ``d`` along an axis is phase ``d % s``, slot ``o + d // s``. In a
-    contiguous (C, slots, slots, N) buffer per phase pair, zero past the outputs, every tap is one
-    flat shifted add (what it moves across a row or channel boundary is zeros; a strided add into
-    the input would cost several times more, see _contiguous), and one copy per phase puts the
-    sums in place. Taps run from the last to the first: a pixel shared by overlapping windows sums
-    their gradients from zero in the windows' row-major order, as PyTorch does."""
-    (sh, sw), (ph, pw), kw = window.stride, window.padding, window.kernel[1]
-    c, h, w, n = grad_input.shape
-    slots, size = _phase_buffer_size(window, row_taps, column_taps, c, n)
-    padded = (c, *slots, n)
-    bits = np.dtype(f"i{grad_output.itemsize}")
-    gradient = _padded_copy(grad_output, padded, "padded gradient", bits).reshape(-1)
-    padded_codes = _padded_copy(codes, padded, "padded codes").reshape(-1)
-    by_phase = {}  # (row phase, column phase) -> [(flat shift, code)], taps from the last to the first
-    for row_offset, _, _ in reversed(row_taps):
-        for column_offset, _, _ in reversed(column_taps):
-            shift = ((row_offset // sh) * slots[1] + column_offset // sw) * n
-            by_phase.setdefault((row_offset % sh, column_offset % sw), []).append((shift, row_offset * kw + column_offset))
-    if any((phase_rows, phase_columns) not in by_phase for phase_rows in range(sh) for phase_columns in range(sw)) \
-            or (h - 1 + ph) // sh >= slots[0] or (w - 1 + pw) // sw >= slots[1]:  # pixels in no window
+    """Windows that do not overlap: every pixel takes the gradient of the one window holding it
+    if its code names it, one masked pass per tap (over contiguous arrays, then copied in place)."""
+    tiled = all(p == 0 and k == s and o * k == size for p, k, s, o, size
+                in zip(window.padding, window.kernel, window.stride, window.out, grad_input.shape[1:3]))
+    if not tiled:  # some pixels are in no window
         grad_input.fill(0)
-    mask = scratch("tap gradient", gradient.size, bits)
-    for (row_phase, column_phase), contributions in by_phase.items():
-        total = scratch("phase sum", gradient.size, grad_output.dtype)
-        rows, columns = _phase_slots(row_phase, sh, ph, h, slots[0]), _phase_slots(column_phase, sw, pw, w, slots[1])
-        target = grad_input[:, rows[1], columns[1]]
-        for index, (shift, code) in enumerate(contributions):
+    bits, kw = np.dtype(f"i{grad_output.itemsize}"), window.kernel[1]
+    gradient = _contiguous(grad_output, scratch("gradient", grad_output.size, grad_output.dtype)).view(bits)
+    codes = _contiguous(codes, scratch("codes", codes.size, codes.dtype))
+    selected = scratch("tap gradient", grad_output.shape, bits)
+    for row_offset, output_rows, input_rows in row_taps:
+        for column_offset, output_columns, input_columns in column_taps:
             # all-ones or all-zeros words: a bitwise AND selects exactly (an inf elsewhere stays out)
-            np.negative(np.equal(padded_codes, code).view(np.int8), out=mask)
-            mask &= gradient
-            selected = mask.view(grad_output.dtype)
-            if len(contributions) == 1 and shift == 0:  # this phase's pixels have one window each
-                total = selected
-            elif index == 0:
-                total[:shift] = 0
-                total[shift:] = selected[:total.size - shift]
-            else:
-                total[shift:] += selected[:total.size - shift]
-        np.copyto(target, total.reshape(padded)[:, rows[0], columns[0]])
+            np.negative(np.equal(codes, row_offset * kw + column_offset).view(np.int8), out=selected)
+            selected &= gradient
+            np.copyto(grad_input[:, input_rows, input_columns],
+                      selected.view(grad_output.dtype)[:, output_rows, output_columns])
 
 
 def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window) -> None:
-    """One bincount over every window's argmax pixel (in the output's order: row-major windows)."""
+    """Every window's gradient added to the pixel its code names, by ``np.add.at`` in the output's
+    order: a pixel shared by overlapping windows sums them from zero in the windows' row-major
+    order (PyTorch's, in the gradient's dtype). For AlexNet's 3x3/2 this measured 2.5x faster
+    than one masked pass per tap with the taps' sums kept per stride phase."""
     c, h, w, n = grad_input.shape
-    rows, columns = _argmax_rows_columns(codes, window)
-    if grad_output.size and (rows.min() < 0 or rows.max() >= h or columns.min() < 0 or columns.max() >= w):
-        raise ValueError(f"indices of shape {tuple(codes.shape)} name pixels outside the input of shape {grad_input.shape}")
-    target = ((np.arange(c).reshape(-1, 1, 1, 1) * h + rows) * w + columns) * n + np.arange(n)
-    summed = np.bincount(target.ravel(), weights=grad_output.ravel(), minlength=grad_input.size)
-    np.copyto(grad_input, summed.reshape(grad_input.shape), casting="same_kind")
+    kw = window.kernel[1]
+    # The flat (C, H, W, N) position of every window's top-left tap (padding included) ...
+    corners = ((np.arange(c).reshape(-1, 1, 1, 1) * h + _on_axis(window.starts(0), 0)) * w
+               + _on_axis(window.starts(1), 1)) * n + np.arange(n)
+    if codes.dtype == np.uint8:  # ... plus each code's offset from it
+        taps = np.arange(window.kernel[0] * kw)
+        targets = np.take((taps // kw * w + taps % kw) * n, codes)
+    else:
+        wide = codes.astype(np.int64)
+        targets = (wide // kw * w + wide % kw) * n
+    targets += corners
+    total = grad_input if grad_input.flags.c_contiguous else scratch("scattered gradient", grad_input.shape,
+                                                                        grad_input.dtype)
+    total.fill(0)
+    np.add.at(total.reshape(-1), targets.reshape(-1), grad_output.reshape(-1))
+    if total is not grad_input:
+        np.copyto(grad_input, total)
 
 
 @ieee_arithmetic
@@ -350,15 +339,15 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     if grad_output.shape != shape:
         raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
                          f"of input_shape {input_shape}")
-    _check_codes(indices, shape, window)
+    _check_codes(indices, shape, window, input_shape)
     if relu_output is not None:
         _check_like(relu_output, "relu_output", shape, grad_output.dtype)
     grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
     if grad_input.size == 0:
         return grad_input
     row_taps, column_taps = list(_taps(window, 0, input_shape[1])), list(_taps(window, 1, input_shape[2]))
-    taps = len(row_taps) * len(column_taps)
-    if taps <= _MAX_TAP_PASSES and _phase_buffer_size(window, row_taps, column_taps, *input_shape[::3])[1] <= 2 * grad_input.size:
+    overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
+    if not overlapping and len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES:
         codes = indices if relu_output is None else _blocked_codes(indices, relu_output)
         _max_pool2d_backward_taps(grad_output, codes, grad_input, window, row_taps, column_taps)
     else:
