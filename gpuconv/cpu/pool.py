@@ -205,9 +205,9 @@ def _max_pool2d_separable(x, window: _Window, out, codes, nan_aware: bool) -> No
     column_best = scratch("column maxima", (c, h, window.out[1], n), x.dtype)
     column_codes = scratch("column codes", column_best.shape, codes.dtype)
     _max_pass(x, window, 1, column_best, column_codes, lambda offsets, inputs: offsets, nan_aware, "column taps")
-    kw = window.kernel[1]
+    kw, row_codes = window.kernel[1], scratch("row tap codes", column_best.size, codes.dtype)
     _max_pass(column_best, window, 0, out, codes,
-              lambda offsets, inputs: offsets * kw + column_codes[:, inputs], nan_aware, "row taps")
+              lambda offsets, inputs: offsets * kw + _contiguous(column_codes[:, inputs], row_codes), nan_aware, "row taps")
 
 
 @ieee_arithmetic
