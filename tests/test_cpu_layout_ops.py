@@ -275,6 +275,9 @@ def test_result_buffers_are_written_and_returned(rng):
     out = np.full(x.shape, np.nan)
     got, saved = cpu_norm.local_response_norm(x, 5, 1e-3, 0.75, 2.0, out=out)
     assert got is out
+    reused = np.full(saved.shape, np.nan)
+    assert cpu_norm.local_response_norm(x, 5, 1e-3, 0.75, 2.0, saved=reused)[1] is reused
+    np.testing.assert_array_equal(reused, saved)
     np.testing.assert_array_equal(out, cpu_norm.local_response_norm(x, 5, 1e-3, 0.75, 2.0)[0])
     g, grad = rng.standard_normal(x.shape), np.full(x.shape, np.nan)
     assert cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 1e-3, 0.75, 2.0, out=grad) is grad

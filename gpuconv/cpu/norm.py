@@ -82,28 +82,29 @@ def _power(scale, beta: float, out):
 def local_response_norm(x, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, *, out=None,
                         saved=None):
     """LRN of a (C, H, W, N) ``x`` across channels: ``(out, saved)``, ``saved`` what
-    :func:`local_response_norm_backward` needs (the scale and its power). ``out``: the result
-    buffer; ``saved``: a previous call's, of the same shape and dtype, to reuse."""
+    :func:`local_response_norm_backward` needs (the scale; its power is recomputed there, in
+    cache, rather than kept in memory). ``out``: the result buffer; ``saved``: a previous call's
+    ``saved`` to reuse as the buffer of this one's."""
     _check_input(x, "input")
     size = positive_int(size, "size")
     out = _workspace(out, x.shape, x.dtype, "out")
-    saved = _workspace(saved, (2, *x.shape), x.dtype, "saved")
-    scale, power = saved
+    scale = _workspace(saved, x.shape, x.dtype, "saved")
     if x.size == 0:
-        return out, saved
+        return out, scale
 
     def squares(lo, hi, planes):
         block = _contiguous_block(x, lo, hi, "lrn input")
         np.multiply(block, block, out=planes)
 
     for first, stop in _channel_blocks(x):
-        block_scale, block_power = scale[first:stop], power[first:stop]
+        block_scale = scale[first:stop]
+        block_power = scratch("lrn power", block_scale.shape, x.dtype)
         _channel_window_sum(squares, x, first, stop, size // 2, (size - 1) // 2, block_scale, "lrn")
         block_scale *= alpha / size
         block_scale += k
         np.divide(_contiguous_block(x, first, stop, "lrn input"), _power(block_scale, beta, block_power),
                   out=out[first:stop])
-    return out, saved
+    return out, scale
 
 
 @ieee_arithmetic
@@ -119,12 +120,12 @@ def local_response_norm_backward(grad_output, x, output, saved, size: int, alpha
         _check_input(array, name)
     for name, array in (("x", x), ("output", output)):
         _check_like(array, name, grad_output.shape, grad_output.dtype)
-    _check_like(saved, "saved", (2, *grad_output.shape), grad_output.dtype)
+    _check_like(saved, "saved", grad_output.shape, grad_output.dtype)  # the forward's scale
     size = positive_int(size, "size")
     grad_input = _workspace(out, x.shape, x.dtype, "out")
     if x.size == 0:
         return grad_input
-    scale, power = saved
+    scale = saved
     factor = 2.0 * alpha * beta / size
 
     def through_scale(lo, hi, planes):
@@ -140,6 +141,7 @@ def local_response_norm_backward(grad_output, x, output, saved, size: int, alpha
         coupling *= _contiguous_block(x, first, stop, "lrn input")
         coupling *= factor
         block = grad_input[first:stop]
-        np.divide(_contiguous_block(grad_output, first, stop, "lrn gradient"), power[first:stop], out=block)
+        power = _power(scale[first:stop], beta, scratch("lrn power", block.shape, x.dtype))
+        np.divide(_contiguous_block(grad_output, first, stop, "lrn gradient"), power, out=block)
         block -= coupling
     return grad_input

@@ -4,9 +4,10 @@ Each function gives what its NCHW counterpart in :mod:`gpuconv.functional.pool` 
 ``x.transpose(3, 0, 1, 2)`` (PyTorch's rules: output size and ``ceil_mode``, windows clipped to
 the input, the first maximum in row-major window order, NaN propagating and winning, the average's
 divisor). A shifted window of a (C, H, W, N) array is a strided view whose innermost runs are N
-contiguous floats, so every pass is one NumPy call over whole views. Inputs, ``out=`` and
-``indices_out=`` may be views with any strides (half the batch for a thread, say): they are
-written in place, never copied to C order.
+contiguous floats, so every pass is one NumPy call over whole views (copied contiguous first where
+NumPy's ufuncs would crawl over the strides, see _contiguous). Inputs, ``out=`` and
+``indices_out=`` may be views with any strides (half the batch for a thread, say); results are
+written into the buffers given. Temporaries come from per-thread scratch buffers (:func:`scratch`).
 
 Max-pool indices are tap codes: ``dh * kw + dw``, the argmax's offset in its window counted from
 the window's top-left corner (padding included), in the smallest unsigned dtype that holds
@@ -33,28 +34,28 @@ _MAX_TAP_PASSES = 16
 _scratch_buffers = threading.local()
 
 
-def scratch(name: str, shape, dtype, zero: bool = False):
-    """A reusable temporary of ``shape`` and ``dtype``, one per ``name`` and thread, grown as
-    needed: a fresh multi-MB array per call costs its page faults every training step (and the
-    threads' munmaps contend). Never returned to a caller; names are unique per use."""
+def _thread_buffer(name: str, shape, dtype, allocate):
     buffers = _scratch_buffers.__dict__
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if name not in buffers or buffers[name].size < nbytes:
-        buffers[name] = np.empty(nbytes, np.uint8)
-    array = buffers[name][:nbytes].view(dtype).reshape(shape)
+        buffers[name] = allocate(nbytes, np.uint8)
+    return buffers[name][:nbytes].view(dtype).reshape(shape)
+
+
+def scratch(name: str, shape, dtype, zero: bool = False):
+    """A reusable temporary of ``shape`` and ``dtype``, one per ``name`` and thread, grown as
+    needed and kept: a fresh multi-MB array per call costs its page faults every training step
+    (and the threads' munmaps contend). Never returned to a caller; each use has its own name."""
+    array = _thread_buffer(name, shape, dtype, np.empty)
     if zero:
         array.fill(0)
     return array
 
 
 def _zeros(shape, dtype):
-    """A read-only array of zeros, per thread, grown as needed: ``np.maximum(x, zeros)`` runs
-    several times faster than ``np.maximum(x, 0)``, whose scalar operand misses NumPy's SIMD loop."""
-    buffers = _scratch_buffers.__dict__
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if "zeros, read-only" not in buffers or buffers["zeros, read-only"].size < nbytes:
-        buffers["zeros, read-only"] = np.zeros(nbytes, np.uint8)
-    zeros = buffers["zeros, read-only"][:nbytes].view(dtype).reshape(shape)
+    """A read-only array of zeros, per thread: ``np.maximum(x, zeros)`` runs several times faster
+    than ``np.maximum(x, 0)``, whose scalar operand misses NumPy's SIMD loop."""
+    zeros = _thread_buffer("zeros, read-only", shape, dtype, np.zeros)
     zeros.flags.writeable = False
     return zeros
 
@@ -84,22 +85,26 @@ def _output_shape(shape, window: _Window) -> tuple[int, int, int, int]:
     return shape[0], *window.out, shape[3]
 
 
+def _check_like(array, name: str, shape, dtype) -> None:
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
+        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+
+
 def _workspace(array, shape, dtype, name: str):
     """``array`` checked as a caller-owned result buffer of ``shape`` and ``dtype``, or a new one."""
     if array is None:
         return np.empty(shape, dtype)
-    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
-        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
-        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+    _check_like(array, name, shape, dtype)
     if not array.flags.writeable:
         raise ValueError(f"{name} of shape {tuple(shape)} is read-only")
     return array
 
 
-def _check_like(array, name: str, shape, dtype) -> None:
-    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
-        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
-        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+def _check_grad_output(grad_output, shape, input_shape) -> None:
+    if grad_output.shape != shape:
+        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
+                         f"of input_shape {input_shape}")
 
 
 def _along(axis: int, index):
@@ -120,13 +125,13 @@ def _taps(window: _Window, axis: int, size: int):
         yield inputs.start - outputs.start * stride + padding, outputs, inputs
 
 
-def _contiguous(view, scratch):
-    """``view`` itself if C-contiguous, else copied into the front of the flat ``scratch``. NumPy's
+def _contiguous(view, buffer):
+    """``view`` itself if C-contiguous, else copied into the front of the flat ``buffer``. NumPy's
     ufuncs run several times slower on strided inputs (runs of N or W_out * N floats: a shifted
     window) than on contiguous ones, and a copy costs less than that difference."""
     if view.flags.c_contiguous:
         return view
-    copy = scratch[:view.size].reshape(view.shape)
+    copy = buffer[:view.size].reshape(view.shape)
     np.copyto(copy, view)
     return copy
 
@@ -141,8 +146,9 @@ def code_dtype(kernel_size) -> np.dtype:
 
 
 def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
-    """The 2x2/2 pool without padding (an odd last row or column dropped) as four strided views of
-    ``x``: a compare and a maximum per window row, one of each between the rows, the codes from
+    """The 2x2/2 pool without padding (an odd last row or column dropped) from the four strided
+    views of ``x`` (copied contiguous): a compare and a maximum per window row, one of each
+    between the rows, the codes from
     the compares' outcomes. False (nothing written) for any other geometry. A compare cannot see
     a window's first NaN: the caller checks the output for NaN."""
     if window.kernel != (2, 2) or window.stride != (2, 2) or window.padding != (0, 0):
@@ -304,8 +310,8 @@ def _max_pool2d_backward_taps(grad_output, codes, grad_input, window: _Window, r
 def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window) -> None:
     """Every window's gradient added to the pixel its code names, by ``np.add.at`` in the output's
     order: a pixel shared by overlapping windows sums them from zero in the windows' row-major
-    order (PyTorch's, in the gradient's dtype). For AlexNet's 3x3/2 this measured 2.5x faster
-    than one masked pass per tap with the taps' sums kept per stride phase."""
+    order (PyTorch's, in the gradient's dtype). NumPy 2's ``add.at`` is a fast loop: for 3x3/2
+    this beat nine masked passes (benchmarks/NOTES.md)."""
     c, h, w, n = grad_input.shape
     kw = window.kernel[1]
     # The flat (C, H, W, N) position of every window's top-left tap (padding included) ...
@@ -336,9 +342,7 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     input_shape = _check_shape(input_shape)
     window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
     shape = _output_shape(input_shape, window)
-    if grad_output.shape != shape:
-        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
-                         f"of input_shape {input_shape}")
+    _check_grad_output(grad_output, shape, input_shape)
     _check_codes(indices, shape, window, input_shape)
     if relu_output is not None:
         _check_like(relu_output, "relu_output", shape, grad_output.dtype)
@@ -386,9 +390,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
     input_shape = _check_shape(input_shape)
     window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
     shape = _output_shape(input_shape, window)
-    if grad_output.shape != shape:
-        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
-                         f"of input_shape {input_shape}")
+    _check_grad_output(grad_output, shape, input_shape)
     grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
     share = grad_output / _divisor(window, input_shape, bool(count_include_pad), grad_output.dtype)
     rows = _window_sums_transposed(share[None], window, 0, input_shape[1])
