@@ -108,10 +108,11 @@ def local_response_norm(x, size: int, alpha: float = 1e-4, beta: float = 0.75, k
 
 
 @ieee_arithmetic
-def local_response_norm_backward(grad_output, x, output, saved, size: int, alpha: float = 1e-4, beta: float = 0.75,
-                                 k: float = 1.0, *, out=None):
+def local_response_norm_backward(grad_output, x, output, saved, /, size: int, alpha: float = 1e-4,
+                                 beta: float = 0.75, k: float = 1.0, *, out=None):
     """Gradient of :func:`local_response_norm` w.r.t. ``x``, given the forward's input ``x``,
-    ``output`` and ``saved``; ``out``: the result buffer::
+    ``output`` and ``saved`` (positional only: ``out=`` is the result buffer, never the
+    forward's output)::
 
         grad_input_i = grad_i / scale_i ** beta
                        - 2 * alpha * beta / size * x_i * sum_{c : i in window(c)} grad_c * output_c / scale_c
