@@ -373,6 +373,8 @@ class EmuFunction:
         self._entry = entry
         self._max_dynamic_shared = max(DEFAULT_SHARED_LIMIT - static_shared_bytes, 0)
         self._passed_launches: dict = {}
+        # Per parameter: the array dtype of a pointer, or the exact NumPy scalar type of a value.
+        self._expected = tuple((p.pointer, p.dtype, p.dtype.type) for p in params)
 
     @property
     def max_dynamic_shared_size_bytes(self) -> int:
@@ -422,8 +424,22 @@ class EmuFunction:
             self._passed_launches[key] = self._check_launch(grid, block, shared_mem)
         return self._passed_launches[key]
 
+    def _args_fit(self, args) -> bool:
+        """Whether every argument is what its parameter takes: the common case, in one pass."""
+        if len(args) != len(self._expected):
+            return False
+        for (pointer, dtype, scalar), arg in zip(self._expected, args):
+            if pointer:
+                if not (isinstance(arg, np.ndarray) and arg.dtype == dtype and arg.flags.c_contiguous):
+                    return False
+            elif type(arg) is not scalar:
+                return False
+        return True
+
     def _check_args(self, args) -> tuple:
         args = tuple(args)
+        if self._args_fit(args):
+            return args  # otherwise the loop below names the fault
         if len(args) != len(self.params):
             raise EmuArgumentError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
         for param, arg in zip(self.params, args):

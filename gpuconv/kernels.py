@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import dispatch, emu
-from .device import array_module, device_of
+from .device import array_module, device_of, empty
 from .kernel_source import (  # noqa: F401  (re-exported: kernels.Param, kernels.kernel_path...)
     KernelArgumentError,
     Param,
@@ -85,14 +85,16 @@ class _ArgumentCheck:
         self.casters = tuple(None if p.pointer else _scalar_caster(kernel, p) for p in params)
         self.pointers = tuple(i for i, p in enumerate(params) if p.pointer)
         self.scalars = tuple(i for i, p in enumerate(params) if not p.pointer)
+        self._pointer_dtypes = tuple((i, params[i].dtype) for i in self.pointers)
         self._cast: dict[tuple, tuple] = {}
 
     def __call__(self, args) -> tuple:
         params = self.params
         if len(args) != len(params):
             raise KernelArgumentError(f"kernel {self.kernel} takes {len(params)} arguments, got {len(args)}")
-        for i in self.pointers:
-            self._check_array(params[i], args[i])
+        if not self._arrays_fit(args):  # then named parameter by parameter
+            for i in self.pointers:
+                self._check_array(params[i], args[i])
         scalars = tuple([args[i] for i in self.scalars])
         # The types are part of the key: -0.0 equals 0 but casts differently.
         key = (scalars, tuple(map(type, scalars)))
@@ -105,6 +107,17 @@ class _ArgumentCheck:
         for i, value in zip(self.scalars, cast):
             out[i] = value
         return tuple(out)
+
+    def _arrays_fit(self, args) -> bool:
+        """Whether every array argument has its parameter's dtype and is C-contiguous: the common
+        case, in one pass."""
+        try:
+            for i, dtype in self._pointer_dtypes:
+                if args[i].dtype != dtype or not args[i].flags.c_contiguous:
+                    return False
+        except AttributeError:
+            return False
+        return True
 
     def _check_array(self, param: Param, arg) -> None:
         dtype = getattr(arg, "dtype", None)
@@ -189,25 +202,157 @@ def _function(topic: str, kernel: str, device: str, options: tuple[str, ...]):
     return _emu_function(topic, kernel) if device == "emu" else _cupy_function(topic, kernel, options)
 
 
-def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, options: tuple[str, ...] = NVRTC_OPTIONS):
-    """Launch ``kernel`` from ``kernels_cu/<topic>.cu`` on the device of its array arguments.
-
-    Everything that depends only on the kernel (its parameter types, the casters of its scalars,
-    the compiled function) and on the launch shape is derived once and cached: a steady-state
-    launch checks its arrays, casts its scalars and launches.
-    """
+def _prepared(topic: str, kernel: str, grid, block, args, shared_mem, options):
+    """What :func:`launch` and :class:`LaunchPlan` derive from a launch: every argument checked,
+    ``(check, cast args, device, grid, block, function, shared_mem)``."""
     check = _kernel_check(topic, kernel)
     args = check(tuple(args))
-    devices = {device_of(args[i]) for i in check.pointers}
-    if len(devices) != 1 or "cpu" in devices:
-        raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {sorted(devices)}")
-    (device,) = devices
+    device = _device_of_arrays(kernel, [args[i] for i in check.pointers])
     grid, block = _launch_shape(kernel, grid, block)
     function = _function(topic, kernel, device, tuple(options))
     shared_mem = int(shared_mem)
     if shared_mem > 48 * 1024:  # past 48 KiB, CUDA wants the kernel's explicit opt-in
         function.max_dynamic_shared_size_bytes = shared_mem
+    return check, args, device, grid, block, function, shared_mem
+
+
+# The device of each array type met (EmuArray: 'emu', cupy.ndarray: 'cuda'), learnt from device_of.
+_device_of_type: dict[type, str] = {}
+
+
+def _device_of_arrays(kernel: str, arrays) -> str:
+    """The one device ('cuda' or 'emu') of a launch's arrays; a ValueError naming them otherwise."""
+    types = {type(a) for a in arrays}
+    if len(types) == 1:
+        (array_type,) = types
+        device = _device_of_type.get(array_type)
+        if device is None:
+            device = _device_of_type[array_type] = device_of(arrays[0])
+        if device != "cpu":
+            return device
+    devices = sorted({device_of(a) for a in arrays})
+    if len(devices) == 1 and devices[0] != "cpu":  # several array types of one device
+        return devices[0]
+    raise ValueError(f"kernel {kernel}: array arguments must all be on 'cuda' or all on 'emu', got {devices}")
+
+
+def _issue(kernel, device, function, grid, block, args, shared_mem) -> None:
     dispatch.issue(kernel, device, lambda: function(grid, block, args, shared_mem=shared_mem), grid, block, shared_mem)
+
+
+def launch(topic: str, kernel: str, grid, block, args, shared_mem: int = 0, options: tuple[str, ...] = NVRTC_OPTIONS):
+    """Launch ``kernel`` from ``kernels_cu/<topic>.cu`` on the device of its array arguments.
+
+    Everything that depends only on the kernel (its parameter types, the casters of its scalars,
+    the compiled function) and on the launch shape is derived once and cached: a steady-state
+    launch checks its arrays, casts its scalars and launches. A caller that repeats one launch
+    with new arrays does less with a :class:`LaunchPlan`.
+    """
+    _, args, device, grid, block, function, shared_mem = _prepared(topic, kernel, grid, block, args, shared_mem,
+                                                                   options)
+    _issue(kernel, device, function, grid, block, args, shared_mem)
+
+
+class LaunchPlan:
+    """One launch of a kernel with its shape and scalar arguments fixed: ``plan(*arrays)``.
+
+    Built from the arguments of a first launch, as :func:`launch` takes them (every one checked
+    then; the arrays are not kept), it holds the compiled function, the checked launch shape and
+    the scalars cast to their C types. A call passes the arrays of the kernel's pointer
+    parameters, in order, and checks only that each has the dtype, device and C-contiguity of its
+    parameter before launching: what a layer's steady-state step needs, the geometry behind the
+    scalars being the caller's (keyed by its input shapes, see :func:`signature`).
+    """
+
+    __slots__ = ("kernel", "device", "grid", "block", "shared_mem", "_function", "_template", "_pointers",
+                 "_dtypes", "_array_type", "_check")
+
+    def __init__(self, topic: str, kernel: str, grid, block, args, shared_mem: int = 0,
+                 options: tuple[str, ...] = NVRTC_OPTIONS):
+        check, args, self.device, self.grid, self.block, self._function, self.shared_mem = _prepared(
+            topic, kernel, grid, block, args, shared_mem, options)
+        self.kernel, self._check, self._pointers = kernel, check, check.pointers
+        self._template = [None if i in check.pointers else a for i, a in enumerate(args)]
+        self._dtypes = tuple(check.params[i].dtype for i in check.pointers)
+        self._array_type = type(args[check.pointers[0]])
+
+    def __call__(self, *arrays) -> None:
+        if len(arrays) != len(self._pointers):
+            raise KernelArgumentError(f"kernel {self.kernel}: the plan takes {len(self._pointers)} arrays, "
+                                      f"got {len(arrays)}")
+        args = self._template.copy()
+        array_type = self._array_type
+        for i, array, dtype in zip(self._pointers, arrays, self._dtypes):
+            if type(array) is not array_type or array.dtype != dtype or not array.flags.c_contiguous:
+                self._refuse(args, i, array)
+            args[i] = array
+        _issue(self.kernel, self.device, self._function, self.grid, self.block, tuple(args), self.shared_mem)
+
+    def _refuse(self, args, index, array):
+        args[index] = array
+        self._check._check_array(self._check.params[index], array)  # a wrong dtype or layout: its message
+        raise ValueError(f"kernel {self.kernel}: a plan made for arrays on {self.device!r} got one on "
+                         f"{device_of(array)!r} for {self._check.params[index].name}")
+
+
+def signature(*arrays) -> tuple | None:
+    """What a launch plan may depend on in its arrays: each one's type (its device: gpuconv runs on
+    one GPU, whose arrays share one type), shape and dtype (None for None). None where an argument
+    is not an array, or not C-contiguous (no plan: a plan launches the arrays themselves, where the
+    full path makes contiguous copies)."""
+    try:
+        if not all(a is None or a.flags.c_contiguous for a in arrays):
+            return None
+        return tuple(None if a is None else (type(a), a.shape, a.dtype) for a in arrays)
+    except AttributeError:
+        return None
+
+
+class OpPlan:
+    """A :class:`LaunchPlan` with the outputs it allocates: ``outputs = plan(*inputs)``, the kernel's
+    pointer parameters being its inputs then its outputs (fresh arrays of ``outputs``' (shape,
+    dtype) each call: inside a graph capture, the layer's static buffers)."""
+
+    __slots__ = ("launch", "outputs")
+
+    def __init__(self, launch: LaunchPlan, outputs):
+        self.launch, self.outputs = launch, tuple(outputs)
+
+    @property
+    def device(self) -> str:
+        return self.launch.device
+
+    def __call__(self, *inputs) -> tuple:
+        device = self.launch.device
+        outputs = tuple(empty(shape, dtype, device) for shape, dtype in self.outputs)
+        self.launch(*inputs, *outputs)
+        return outputs
+
+
+class PlanCache(dict):
+    """``key -> plan``, a key being the :func:`signature` of an op's arrays (never None) and its
+    other arguments; forgets everything past ``limit`` entries (a model sees a few shapes)."""
+
+    def __init__(self, limit: int = 256):
+        super().__init__()
+        self.limit = limit
+
+    def lookup(self, key):
+        """The plan for ``key``, or None (also for a key that cannot be hashed: a list argument)."""
+        try:
+            return self.get(key)
+        except TypeError:
+            return None
+
+    def remember(self, key, plan) -> None:
+        """Keep ``plan`` for ``key`` (unless ``key`` cannot be hashed)."""
+        try:
+            hash(key)
+        except TypeError:
+            return
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = plan
 
 
 BLOCK = 256

@@ -44,9 +44,9 @@ class _DeviceScalars:
     def write(self, values: tuple) -> None:
         """Copy ``values``, rounded to float32 as a kernel's float argument would be, into device
         memory, when they changed since the last write (the learning rate rarely does)."""
-        values = np.array(values, np.float32)
-        if self._last is None or not np.array_equal(self._last, values):
-            copy_to_device(self.array, values)
+        values = tuple(values)
+        if values != self._last:  # as given, not as float32: cheaper, and a rare extra write is harmless
+            copy_to_device(self.array, np.array(values, np.float32))
             self._last = values
 
 
@@ -120,6 +120,23 @@ class _FlatGroup:
 # run chunk by chunk every pass after the first finds the chunk's data, gradient, state and
 # scratch (about 6 arrays of 64 KB for float32) still in L2.
 _CPU_CHUNK = 16384
+# Launch plans of the update kernels per (kernel, argument signature, hyper-parameters).
+_plans = kernels.PlanCache()
+
+
+def _launch_update(kernel: str, grid: int, args: tuple) -> None:
+    """Launch an update kernel of optim.cu, by the plan made at its first launch for these arrays'
+    signature and these scalars (the hyper-parameters and the run's size)."""
+    # The arrays are the 1-D buffers; the scalars, keyed by repr, which tells -0.0 from 0.0.
+    arrays = tuple(a for a in args if getattr(a, "ndim", 0) >= 1)
+    scalars = tuple(repr(a) for a in args if getattr(a, "ndim", 0) < 1)
+    key = (kernel, kernels.signature(*arrays), scalars)
+    plan = _plans.lookup(key) if key[1] is not None else None
+    if plan is None:
+        plan = kernels.LaunchPlan("optim", kernel, grid, kernels.BLOCK, args)
+        if key[1] is not None:
+            _plans.remember(key, plan)
+    plan(*arrays)
 
 
 def _cpu_chunks(size: int):
@@ -375,8 +392,8 @@ class SGD(Optimizer):
     def _update_kernel(self, data, grad, state, scalars, grid):
         # With no momentum the kernel never reads the buffer: an empty array stands for a null pointer.
         buffer = state["momentum_buffer"] if self.momentum else data[:0]
-        kernels.launch("optim", "sgd_step_v2", grid, kernels.BLOCK,
-                       (data, grad, buffer, data.size, scalars, self.momentum, self.weight_decay, self.nesterov))
+        _launch_update("sgd_step_v2", grid, (data, grad, buffer, data.size, scalars, self.momentum, self.weight_decay,
+                                             self.nesterov))
 
 
 class Adam(Optimizer):
@@ -455,9 +472,8 @@ class Adam(Optimizer):
 
     def _update_kernel(self, data, grad, state, scalars, grid):
         beta1, beta2 = self.betas
-        kernels.launch("optim", "adam_step_v2", grid, kernels.BLOCK,
-                       (data, grad, state["exp_avg"], state["exp_avg_sq"], data.size, beta1, beta2, self.eps,
-                        self.weight_decay, scalars))
+        _launch_update("adam_step_v2", grid, (data, grad, state["exp_avg"], state["exp_avg_sq"], data.size, beta1,
+                                              beta2, self.eps, self.weight_decay, scalars))
 
 
 class StepLR:

@@ -6,10 +6,12 @@
 //       thread fed by 128-bit shared loads, next K tile prefetched into registers (the tiling of
 //       implicit_gemm.cuh); split-K across gridDim.z with atomicAdd.
 //   v1  conv2d_bias_grad_v1: one block per output channel, shuffle + shared-memory tree reduction.
-//   v2  conv2d_backward_filter_v2_<BM>x<BN> (128x128, 128x64, 64x128): the block-tile GEMM core
-//       of gemm_core.cuh with the backward-filter loaders of conv_tiles.cuh; split-K partial
-//       sums into a workspace, added by conv2d_split_k_reduce_v2 in a fixed order, so the
-//       result is the same to the bit whatever order the blocks run in.
+//   v2  conv2d_backward_filter_v2_<BM>x<BN>[_c4] (128x128, 128x64, 64x128): the block-tile GEMM
+//       core of gemm_core.cuh with the backward-filter loaders of conv_tiles.cuh (N ordered tap-
+//       major; _c4 for C_in % 4 == 0: a thread's 4 columns are one tap of 4 channels, one bounds
+//       test); the bias gradient from the same launch; split-K partial sums into a workspace,
+//       added by conv2d_split_k_reduce_v2 in a fixed order, so the result is the same to the bit
+//       whatever order the blocks run in.
 //
 // conv2d_backward_filter_v1
 //   grad_w[co][ci][i][j] += sum over n, oh, ow (within this block's K range) of
@@ -36,20 +38,26 @@
 //   Limits: offsets 64-bit; each thread sums its pixels sequentially in float32, the block sums
 //   the 256 partials as a tree, so the result is deterministic.
 
-// conv2d_backward_filter_v2_<BM>x<BN>
-//   partials[z][co][ci][i][j] = sum over the output pixels k = (n, oh, ow) of split z, k in
-//   [z*k_per_split, min(K, (z+1)*k_per_split)) with K = batch*out_h*out_w, of
+// conv2d_backward_filter_v2_<BM>x<BN>[_c4]
+//   partials[z*split_stride + co*N + (ci*kernel_h + i)*kernel_w + j] = sum over the output pixels
+//   k = (n, oh, ow) of split z, k in [z*k_per_split, min(K, (z+1)*k_per_split)) with
+//   K = batch*out_h*out_w, of
 //       grad_out[n][co][oh][ow] * x[n][ci][oh*stride_h - pad_top + i*dil_h][ow*stride_w - pad_left + j*dil_w]
-//   (zeros outside x). Every element of partials[z] is written (no zero-fill needed).
-//   Layout: x NCHW, grad_out NCHW, partials (splits, c_out, c_in*kernel_h*kernel_w); float32,
-//   C-contiguous. GEMM view: M = c_out, N = c_in*kernel_h*kernel_w, K = the output pixels.
+//   (zeros outside x), N = c_in*kernel_h*kernel_w; with has_bias also
+//   bias_partials[z*split_stride + co] = sum over the same pixels of grad_out[n][co][oh][ow]
+//   (written by the blocks of column tile 0, after their K loop). Every element of split z is
+//   written (no zero-fill needed); with one split, partials and bias_partials are the results.
+//   Layout: x NCHW, grad_out NCHW, float32, C-contiguous. GEMM view: M = c_out, N = (tap,
+//   channel) tap-major, K = the output pixels. d_a ... b_wrap_h: conv_tiles.cuh's PixelSteps for
+//   this geometry (conv_gemm.filter_walk_steps). _c4 needs c_in % 4 == 0.
 //   Launch: grid (ceil(N / BN), ceil(c_out / BM), splits), block BM*BN/64, no dynamic shared
 //   memory; k_per_split a positive multiple of 8. Limits: kernel_h*kernel_w <= 256; x, grad_out
-//   and c_out*N elements, and K, below 2^31 - 128; gridDim.y, z <= 65535.
+//   and c_out*(N + 1) elements, and K, below 2^31 - 128; gridDim.y, z <= 65535.
 //
 // conv2d_split_k_reduce_v2
-//   out[i] = sum over z < splits, in order, of partials[z*size + i], i < size. Launch: 1-D,
-//   ceil(size / 256) blocks of 256.
+//   sum = partials[i] + partials[size + i] + ... over z < splits, in order, for i < size; written
+//   to out[i] for i < head, to out_tail[i - head] after (a split's weights, then its biases).
+//   Launch: 1-D, ceil(size / 256) blocks of 256.
 
 #include "implicit_gemm.cuh"
 #include "conv_tiles.cuh"
@@ -151,48 +159,111 @@ conv2d_bias_grad_v1(const float* __restrict__ grad_out, float* __restrict__ grad
     }
 }
 
+// The body every v2 entry point below runs, with its tile and B loader.
+template <int BM, int BN, bool SAME_TAP_RUNS>
+__device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared, const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+{
+    const conv::PixelSteps steps{d_a, d_b, d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h};
+    conv::weight_gradient_gemm<BM, BN, SAME_TAP_RUNS>(
+        shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, has_bias ? bias_partials : nullptr, split_stride,
+        grad_weight, grad_bias, gridDim.z > 1 && last_block_reduce ? tickets : nullptr, batch,
+        c_in, height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w,
+        k_per_split, steps);
+}
+
+// An entry point's body: its static shared memory (declared in the kernel itself, not in the
+// template) and the call with every parameter. The signatures stay spelled out: the host reads
+// them from this file's text.
+#define BACKWARD_FILTER_V2(BM, BN, SAME_TAP_RUNS)                                                                   \
+    __shared__ __align__(16) conv::Shared<BM, BN> shared;                                                            \
+    backward_filter_v2<BM, BN, SAME_TAP_RUNS>(shared, x, grad_out, partials, bias_partials, batch, c_in, height,      \
+                                              width, c_out, kernel_h, kernel_w, stride_h, stride_w, pad_top,          \
+                                              pad_left, dil_h, dil_w, out_h, out_w, k_per_split, split_stride,        \
+                                              has_bias, grad_weight, grad_bias, tickets, last_block_reduce, d_a, d_b,  \
+                                              d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap,                           \
+                                              a_wrap_h, b_wrap_w, b_wrap_h)
+
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-                                   int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-                                   int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w,
-                                   int out_h, int out_w, int k_per_split)
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    __shared__ __align__(16) conv::Shared<128, 128> shared;
-    conv::weight_gradient_gemm<128, 128>(shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, batch, c_in,
-                                           height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top,
-                                           pad_left, out_h, out_w, k_per_split);
+    BACKWARD_FILTER_V2(128, 128, false);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv2d_backward_filter_v2_128x128_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+{
+    BACKWARD_FILTER_V2(128, 128, true);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
 conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-                                   int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-                                   int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w,
-                                   int out_h, int out_w, int k_per_split)
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    __shared__ __align__(16) conv::Shared<128, 64> shared;
-    conv::weight_gradient_gemm<128, 64>(shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, batch, c_in,
-                                           height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top,
-                                           pad_left, out_h, out_w, k_per_split);
+    BACKWARD_FILTER_V2(128, 64, false);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_backward_filter_v2_128x64_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+{
+    BACKWARD_FILTER_V2(128, 64, true);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
 conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-                                   int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-                                   int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w,
-                                   int out_h, int out_w, int k_per_split)
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
 {
-    __shared__ __align__(16) conv::Shared<64, 128> shared;
-    conv::weight_gradient_gemm<64, 128>(shared, x, grad_out, conv::TapGrid{kernel_w, 0, dil_h, 0, dil_w}, partials, batch, c_in,
-                                           height, width, c_out, kernel_h * kernel_w, stride_h, stride_w, pad_top,
-                                           pad_left, out_h, out_w, k_per_split);
+    BACKWARD_FILTER_V2(64, 128, false);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_backward_filter_v2_64x128_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
+    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+{
+    BACKWARD_FILTER_V2(64, 128, true);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-conv2d_split_k_reduce_v2(const float* __restrict__ partials, float* __restrict__ out, int splits, long long size)
+conv2d_split_k_reduce_v2(const float* __restrict__ partials, float* __restrict__ out, float* __restrict__ out_tail,
+                         int splits, long long size, long long head)
 {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= size) return;
     float sum = 0.0f;
     for (int z = 0; z < splits; ++z) sum += __ldg(partials + z * size + i);
-    out[i] = sum;
+    if (i < head)
+        out[i] = sum;
+    else
+        out_tail[i - head] = sum;
 }

@@ -11,19 +11,37 @@
 //   zeros outside src; bias only when has_bias, act = ReLU when relu (NaN propagates).
 //   with the taps the grid t = a*taps_w + b: dh[t] = tap_h0 + a*tap_h_step, dw[t] = tap_w0 +
 //   b*tap_w_step, n_taps = taps_h*taps_w.
-//   Layout: a (rows, a_pitch) row-major, a_pitch >= channels*n_taps a multiple of 4, zeros past
-//   channels*n_taps, 16-byte aligned (read with 128-bit loads; conv2d_weight_rows_v2 makes one);
-//   src (batch, channels, src_h, src_w) NCHW; bias (rows); dst (batch, rows, dst_h, dst_w) NCHW,
-//   only the lattice pixels written. float32, C-contiguous.
+//   Layout: a (rows, a_pitch) row-major, a_pitch >= channels*n_taps; for the 128-row tiles
+//   (VECTOR_A below) a multiple of 4 with zeros past channels*n_taps, 16-byte aligned (read with
+//   128-bit loads; conv2d_weight_rows_v2 makes one), for the others any such pitch (the OIHW
+//   weight itself); src (batch, channels, src_h, src_w) NCHW; bias (rows); dst (batch, rows,
+//   dst_h, dst_w) NCHW, only the lattice pixels written. float32, C-contiguous.
 //   Launch: grid (ceil(batch*lattice_h*lattice_w / BN), ceil(rows / BM)), block BM*BN/64
 //   (256 for 128x128, 128 for 128x64 and 64x128, 64 for 32x128), no dynamic shared memory.
 //   Limits: n_taps <= 256; batch*lattice_h*lattice_w, channels*n_taps, channels*src_h*src_w and
 //   rows*dst_h*dst_w below 2^31 - 128; gridDim.y <= 65535.
+//
+// conv2d_relu_max_pool2x2_v2_<BM>x<BN>
+//   out[n][m][i][j] = max over (dy, dx) in {0, 1}^2 with (q, r) = (2i - pad_h + dy, 2j - pad_w + dx)
+//   inside the conv_h x conv_w convolution output of relu(bias[m] + the forward sum above at
+//   lattice pixel (n, q, r)), indices[n][m][i][j] = q*conv_w + r of the first maximum in
+//   row-major window order (a NaN wins): max_pool2d(relu(conv2d(...)), 2, 2, pad, ceil_mode),
+//   the convolution output never stored (see conv_pool_epilogue.cuh). The forward taps and
+//   lattice as above (src_step = stride, src_origin = -padding); out, indices (batch, rows,
+//   pool_h, pool_w) NCHW, float32 and int32; a as above.
+//   Launch: grid (ceil(4*batch*pool_h*pool_w / BN), ceil(rows / BM)), block as above.
+//   Limits: as above with 4*batch*pool_h*pool_w for the lattice; pad_h, pad_w <= 1.
 
-#include "conv_tiles.cuh"
+#include "conv_pool_epilogue.cuh"
 
 // At least two blocks of 256 threads (three of 128, six of 64) per SM: at most 128 (168)
 // registers a thread.
+// How each tile reads A (RowMajorA): 128-bit loads of a re-laid copy for the large tiles, 32-bit
+// loads of the weights as they are for the small ones (see benchmarks/NOTES.md, issue 9).
+constexpr bool VECTOR_A_128x128 = true;
+constexpr bool VECTOR_A_128x64 = true;
+constexpr bool VECTOR_A_64x128 = false;
+constexpr bool VECTOR_A_32x128 = false;
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
@@ -34,10 +52,10 @@ conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ sr
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<128, 128> shared;
-    conv::lattice_gemm<128, 128>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<128, 128, VECTOR_A_128x128>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -49,10 +67,10 @@ conv2d_gemm_v2_128x64(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<128, 64> shared;
-    conv::lattice_gemm<128, 64>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<128, 64, VECTOR_A_128x64>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -64,10 +82,10 @@ conv2d_gemm_v2_64x128(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<64, 128> shared;
-    conv::lattice_gemm<64, 128>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<64, 128, VECTOR_A_64x128>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
 }
 
 extern "C" __global__ void __launch_bounds__(64, 6)
@@ -79,10 +97,70 @@ conv2d_gemm_v2_32x128(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<32, 128> shared;
-    conv::lattice_gemm<32, 128>(shared, a, src, bias, dst, rows, channels, n_taps,
-                                 conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch,
-                                 lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h,
-                                 dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+    conv::lattice_conv<32, 128, VECTOR_A_32x128>(
+        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv2d_relu_max_pool2x2_v2_128x128(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<128, 128> shared;
+    conv::conv_relu_max_pool2x2<128, 128, VECTOR_A_128x128>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_relu_max_pool2x2_v2_128x64(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<128, 64> shared;
+    conv::conv_relu_max_pool2x2<128, 64, VECTOR_A_128x64>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_relu_max_pool2x2_v2_64x128(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<64, 128> shared;
+    conv::conv_relu_max_pool2x2<64, 128, VECTOR_A_64x128>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
+}
+
+extern "C" __global__ void __launch_bounds__(64, 6)
+conv2d_relu_max_pool2x2_v2_32x128(const float* __restrict__ a, const float* __restrict__ src,
+                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
+                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
+                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
+                                 int pad_w, int has_bias, int a_pitch)
+{
+    __shared__ __align__(16) conv::Shared<32, 128> shared;
+    conv::conv_relu_max_pool2x2<32, 128, VECTOR_A_32x128>(
+        shared, a, src, bias, out, indices, rows, channels, n_taps,
+        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
+        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
 }
 
 // Channels of A staged per pass: NARROW_STAGE k values, as many whole channels as fit.

@@ -12,7 +12,7 @@
 //                   lattice = the input pixels of one phase, taps = only the kernel taps that
 //                   land on that phase (as negative offsets), A = the weight re-laid as
 //                   C_in x (C_out, phase taps), M = C_in: no zero tap is ever multiplied;
-//   backward-filter: the roles swap: K runs over the output pixels, N over (channel, tap).
+//   backward-filter: the roles swap: K runs over the output pixels, N over (tap, channel).
 //
 // The tap table sits in shared memory as int4 {dh*src_w + dw, dh, dw, 0}, filled once per
 // block, so a gather is one 128-bit shared load per K row, then per element an add, two
@@ -69,6 +69,7 @@ struct Shared {
         int4 taps[MAX_TAPS];
         int4 columns[BN];
     };
+    int last_split;  // backward-filter: this block arrived last at its tile (reduces the splits)
 };
 
 __device__ __forceinline__ bool inside(int h, int w, int height, int width)
@@ -79,12 +80,16 @@ __device__ __forceinline__ bool inside(int h, int w, int height, int width)
 
 // A row-major M x K operand contiguous along K (the weights), with rows `pitch` floats apart.
 // Thread tid loads GROUPS runs of 4 consecutive k (k4 = tid % (BK/4) * 4) of rows
-// (tid + THREADS*g) / (BK/4),
-// each with one 128-bit load: the host passes a 16-byte aligned operand whose pitch is a multiple
-// of 4 and whose columns past K, up to the pitch, are zeros (the weights are re-laid so when not).
+// (tid + THREADS*g) / (BK/4).
+// VECTOR: each run with one 128-bit load: the host passes a 16-byte aligned operand whose pitch
+// is a multiple of 4 and whose columns past K, up to the pitch, are zeros. Otherwise (an OIHW
+// weight as it is, K % 4 != 0 or misaligned: LeNet's K = 25 and 150) four 32-bit loads, each
+// masked at K = pitch: 3 more loads and their predicates per run and K tile, where the 128-bit
+// path would need a re-laid copy of the weights (a launch per call, since the optimizer
+// updates them in place).
 // A row past M loads row M - 1 instead: it only feeds outputs the epilogue drops, and a predicate
 // fewer keeps the K loop within its registers.
-template <class T>
+template <class T, bool VECTOR = true>
 struct RowMajorA {
     static constexpr int GROUPS = T::BM * BK / 4 / T::THREADS;
     const float* a;
@@ -103,9 +108,17 @@ struct RowMajorA {
     __device__ __forceinline__ void fetch()
     {
 #pragma unroll
-        for (int g = 0; g < GROUPS; ++g)
-            v[g] = k < pitch ? __ldg(reinterpret_cast<const float4*>(a + (row[g] + k)))
-                                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int g = 0; g < GROUPS; ++g) {
+            if (VECTOR) {
+                v[g] = k < pitch ? __ldg(reinterpret_cast<const float4*>(a + (row[g] + k)))
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            } else {
+                float e[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) e[j] = k + j < pitch ? __ldg(a + (row[g] + k + j)) : 0.0f;
+                v[g] = make_float4(e[0], e[1], e[2], e[3]);
+            }
+        }
     }
     __device__ __forceinline__ void advance() { k += BK; }
     __device__ __forceinline__ void store(float (&tile)[BK][T::A_PITCH]) const
@@ -134,9 +147,28 @@ __device__ __forceinline__ LatticePixel lattice_pixel(int n, int lattice_h, int 
     return {image, q, p - q * lattice_w};
 }
 
+// Where the columns of the forward and backward-data GEMMs gather: column n is lattice pixel
+// lattice_pixel(n): image `image`, at (row, col) of src before the tap offsets. locate() answers
+// false for a column that gathers nothing (past N here; other column orders, such as the pooled
+// one of conv_pool_epilogue.cuh, also for a pixel they skip).
+struct LatticeColumns {
+    int columns, lattice_h, lattice_w, step_h, step_w, origin_h, origin_w;
+
+    __device__ __forceinline__ bool locate(int n, int& image, int& row, int& col) const
+    {
+        if (n >= columns) return false;
+        const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
+        image = at.image;
+        row = origin_h + step_h * at.q;
+        col = origin_w + step_w * at.r;
+        return true;
+    }
+};
+
 // The B operand of the forward and backward-data GEMMs: rows k = (channel, tap), columns the
-// lattice pixels. Thread tid owns 4 consecutive columns (tid % (BN/4) * 4, decoded once) and
-// GROUPS rows (tid / (BN/4) + ROW_STEP*g), and stores each row's 4 values with one 128-bit store.
+// pixels that `Columns` (LatticeColumns or another order) names. Thread tid owns 4 consecutive
+// columns (tid % (BN/4) * 4, decoded once) and GROUPS rows (tid / (BN/4) + ROW_STEP*g), and
+// stores each row's 4 values with one 128-bit store.
 template <class T>
 struct PixelColumnsB {
     static constexpr int GROUPS = BK * T::BN / 4 / T::THREADS;
@@ -150,23 +182,22 @@ struct PixelColumnsB {
     int channels, n_taps, plane, src_h, src_w, d_channel, d_tap;
     float4 v[GROUPS];
 
-    __device__ __forceinline__ PixelColumnsB(const float* __restrict__ src_, const int4* taps_, int n0, int columns,
-                                             int lattice_h, int lattice_w, int step_h, int step_w, int origin_h,
-                                             int origin_w, int channels_, int n_taps_, int src_h_, int src_w_)
+    template <class Columns>
+    __device__ __forceinline__ PixelColumnsB(const float* __restrict__ src_, const int4* taps_, int n0,
+                                             const Columns& columns, int channels_, int n_taps_, int src_h_,
+                                             int src_w_)
         : src(src_), taps(taps_), col4(threadIdx.x % (T::BN / 4) * 4), row(threadIdx.x / (T::BN / 4)), channels(channels_),
           n_taps(n_taps_), plane(src_h_ * src_w_), src_h(src_h_), src_w(src_w_), d_channel(BK / n_taps_),
           d_tap(BK % n_taps_)
     {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int n = n0 + col4 + j;
-            row0[j] = col0[j] = OUTSIDE;
-            column[j] = 0;
-            if (n < columns) {
-                const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
-                row0[j] = origin_h + step_h * at.q;
-                col0[j] = origin_w + step_w * at.r;
-                column[j] = (at.image * channels * src_h + row0[j]) * src_w + col0[j];
+            int image;
+            if (columns.locate(n0 + col4 + j, image, row0[j], col0[j])) {
+                column[j] = (image * channels * src_h + row0[j]) * src_w + col0[j];
+            } else {
+                row0[j] = col0[j] = OUTSIDE;
+                column[j] = 0;
             }
         }
 #pragma unroll
@@ -210,38 +241,64 @@ struct PixelColumnsB {
     }
 };
 
-// The K row of the backward-filter GEMM this thread loads, k = k_begin + tid % BK, as an output
-// pixel (image, oh, ow), stepped by BK without dividing: BK = d_image*plane + d_h*out_w + d_w,
-// with carries. Both backward-filter loaders read the same K row, so one walk serves both: the
-// A loader reads it, the B loader steps it.
-struct PixelWalk {
-    int k, k_end, image, oh, ow;
-    int out_h, out_w, d_image, d_h, d_w;
+// What a step of BK output pixels adds to PixelWalk's state, BK = d_image*plane + d_h*out_w +
+// d_w: the adds without carries (d_*), where the carries happen (ih_end, iw_end: oh reaching
+// out_h, ow reaching out_w), and what each carry adds on top (*_wrap). Computed by the host
+// (conv_gemm.filter_walk_steps) and passed as kernel parameters: the K loop reads them as
+// constant operands, so they take no registers.
+struct PixelSteps {
+    int d_a, d_b, d_ih, d_iw;  // d_image*c_out*plane + rest, d_image*C*H*W + d_ih*width + d_iw, d_h*s_h, d_w*s_w
+    int ih_end, iw_end;        // out_h*stride_h - pad_top, out_w*stride_w - pad_left
+    int ih_wrap, iw_wrap;      // out_h*stride_h, out_w*stride_w: subtracted at a carry
+    int a_wrap_h;              // (c_out - 1)*plane: the next image of grad_out
+    int b_wrap_w, b_wrap_h;    // stride_h*width - iw_wrap; C*H*W - ih_wrap*width
+};
 
-    __device__ __forceinline__ PixelWalk(int k_begin, int k_end_, int out_h_, int out_w_)
-        : k(k_begin + threadIdx.x % BK), k_end(k_end_), out_h(out_h_), out_w(out_w_)
+// The K row of the backward-filter GEMM this thread loads, k = k_begin + tid % BK, an output
+// pixel (image, oh, ow), held as the offsets the two loaders add to their columns: a_offset of
+// grad_out[image][0][oh][ow], b_offset of the input window's origin x[image][0][ih][iw] (ih =
+// oh*stride_h - pad_top, iw = ow*stride_w - pad_left), and ih, iw for the bounds tests. A step
+// is an add per value and a predicated add per carry (ow past out_w, oh past out_h, each at
+// most once a step): nothing is re-derived from (image, oh, ow) with multiplies. Both
+// backward-filter loaders read the same K row, so one walk serves both: the A loader reads it,
+// the B loader steps it.
+struct PixelWalk {
+    const PixelSteps& steps;
+    int k, k_end, a_offset, b_offset, ih, iw, stride_h, plane;
+
+    // a_channel: the grad_out channel whose offset a_offset includes (the A loader's first row).
+    __device__ __forceinline__ PixelWalk(const PixelSteps& steps_, int k_begin, int k_end_, int a_channel, int c_out,
+                                         int c_in, int height, int width, int out_h, int out_w, int stride_h_,
+                                         int stride_w, int pad_top, int pad_left)
+        : steps(steps_), k(k_begin + threadIdx.x % BK), k_end(k_end_), stride_h(stride_h_), plane(out_h * out_w)
     {
-        const int plane = out_h * out_w;
-        image = k / plane;
+        const int image = k / plane;
         const int p = k - image * plane;
-        oh = p / out_w;
-        ow = p - oh * out_w;
-        d_image = BK / plane;
-        const int rest = BK - d_image * plane;
-        d_h = rest / out_w;
-        d_w = rest - d_h * out_w;
+        const int oh = p / out_w;
+        const int ow = p - oh * out_w;
+        ih = oh * stride_h - pad_top;
+        iw = ow * stride_w - pad_left;
+        a_offset = (image * c_out + a_channel) * plane + p;
+        b_offset = (image * c_in * height + ih) * width + iw;
     }
     __device__ __forceinline__ bool valid() const { return k < k_end; }
     __device__ __forceinline__ void step()
     {
         k += BK;
-        ow += d_w;
-        const bool wrap_w = ow >= out_w;
-        ow -= wrap_w ? out_w : 0;
-        oh += d_h + wrap_w;
-        const bool wrap_h = oh >= out_h;
-        oh -= wrap_h ? out_h : 0;
-        image += d_image + wrap_h;
+        iw += steps.d_iw;
+        ih += steps.d_ih;
+        a_offset += steps.d_a;
+        b_offset += steps.d_b;
+        if (iw >= steps.iw_end) {
+            iw -= steps.iw_wrap;
+            ih += stride_h;
+            b_offset += steps.b_wrap_w;
+        }
+        if (ih >= steps.ih_end) {
+            ih -= steps.ih_wrap;
+            a_offset += steps.a_wrap_h;
+            b_offset += steps.b_wrap_h;
+        }
     }
 };
 
@@ -254,22 +311,22 @@ struct PixelRowsA {
     static constexpr int M_STEP = T::THREADS / BK;
     const float* grad;
     const PixelWalk& at;
-    int channels, first_offset, rows_left;  // rows_left: rows of this thread's first one on
+    int rows_left;  // rows from this thread's first one on
     float v[GROUPS];
 
+    // The walk's a_offset already includes this thread's first channel, first_row(m0).
+    __device__ __forceinline__ static int first_row(int m0) { return m0 + threadIdx.x / BK; }
     __device__ __forceinline__ PixelRowsA(const float* __restrict__ grad_, const PixelWalk& at_, int m0, int rows)
-        : grad(grad_), at(at_), channels(rows), first_offset((m0 + threadIdx.x / BK) * at_.out_h * at_.out_w),
-          rows_left(rows - m0 - threadIdx.x / BK)
+        : grad(grad_), at(at_), rows_left(rows - first_row(m0))
     {
     }
     __device__ __forceinline__ void fetch()
     {
-        const int plane = at.out_h * at.out_w;
-        const int pixel = at.image * channels * plane + at.oh * at.out_w + at.ow + first_offset;
+        const int pixel = at.a_offset;
         const bool k_ok = at.valid();
 #pragma unroll
         for (int g = 0; g < GROUPS; ++g)
-            v[g] = k_ok && M_STEP * g < rows_left ? __ldg(grad + (pixel + M_STEP * g * plane)) : 0.0f;
+            v[g] = k_ok && M_STEP * g < rows_left ? __ldg(grad + (pixel + M_STEP * g * at.plane)) : 0.0f;
     }
     __device__ __forceinline__ void advance() {}  // the B loader steps the shared walk
     __device__ __forceinline__ void store(float (&tile)[BK][T::A_PITCH]) const
@@ -279,17 +336,20 @@ struct PixelRowsA {
     }
 };
 
-// Column n = channel*n_taps + t of a backward-filter block, as ChannelTapColumnsB reads it:
-// {offset of (channel, tap t) from a window's origin, dh, dw, 0}; past N, a tap never inside.
+// The backward-filter GEMM orders its N columns tap-major, n = t*c_in + channel (the weight's
+// OIHW index is channel*n_taps + t; the epilogue maps back), so that runs of consecutive
+// columns are one tap over consecutive channels: when c_in % 4 == 0 every thread's run of 4
+// shares one bounds test. Column n's table entry, as ChannelTapColumnsB reads it: {offset of
+// (channel, tap t) from a window's origin, dh, dw, 0}; past N, a tap never inside.
 template <int BN>
-__device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], const TapGrid& taps, int n0, int columns,
+__device__ __forceinline__ void fill_tap_channel_columns(int4 (&table)[BN], const TapGrid& taps, int n0, int c_in,
                                                          int n_taps, int height, int width)
 {
     for (int c = threadIdx.x; c < BN; c += blockDim.x) {
         const int n = n0 + c;
         int4 entry = make_int4(0, OUTSIDE, OUTSIDE, 0);
-        if (n < columns) {
-            const int channel = n / n_taps, t = n - channel * n_taps;
+        if (n < c_in * n_taps) {
+            const int t = n / c_in, channel = n - t * c_in;
             const int2 d = taps.offset(t);
             entry.y = d.x;
             entry.z = d.y;
@@ -299,40 +359,49 @@ __device__ __forceinline__ void fill_channel_tap_columns(int4 (&table)[BN], cons
     }
 }
 
-// The B operand of the backward-filter GEMM: x gathered as (output pixels) x (channel, tap).
+// The B operand of the backward-filter GEMM: x gathered as (output pixels) x (tap, channel).
 // Thread tid loads its walk's K row for GROUPS runs of 4 consecutive columns,
 // tid / BK * 4 + COLUMN_STEP*g; the lanes of a warp cover 8 consecutive pixels of 4 runs, and
-// B's padded pitch keeps their 128-bit stores on distinct banks.
-template <class T>
-struct ChannelTapColumnsB {
+// B's padded pitch keeps their 128-bit stores on distinct banks. A column's table entry is one
+// 128-bit shared load at a constant offset from this thread's first; predicated loads, no
+// branch. SAME_TAP_RUNS (c_in % 4 == 0): a run is one tap of 4 consecutive channels, one table
+// entry and one bounds test for its 4 loads, which sit a channel plane apart.
+template <class T, bool SAME_TAP_RUNS>
+struct TapChannelColumnsB {
     static constexpr int GROUPS = BK * T::BN / 4 / T::THREADS;
     static constexpr int COLUMN_STEP = T::THREADS / BK * 4;
     const float* x;
     PixelWalk& at;
-    const int4* columns;
-    int channels, height, width, stride_h, stride_w, pad_top, pad_left;
+    const int4* columns;  // this thread's first column
+    int height, width;
     float4 v[GROUPS];
 
-    __device__ __forceinline__ ChannelTapColumnsB(const float* __restrict__ x_, PixelWalk& at_, const int4* columns_,
-                                                  int channels_, int height_, int width_, int stride_h_,
-                                                  int stride_w_, int pad_top_, int pad_left_)
-        : x(x_), at(at_), columns(columns_), channels(channels_), height(height_), width(width_),
-          stride_h(stride_h_), stride_w(stride_w_), pad_top(pad_top_), pad_left(pad_left_)
+    __device__ __forceinline__ TapChannelColumnsB(const float* __restrict__ x_, PixelWalk& at_, const int4* columns_,
+                                                  int height_, int width_)
+        : x(x_), at(at_), columns(columns_ + threadIdx.x / BK * 4), height(height_), width(width_)
     {
     }
     __device__ __forceinline__ static int column(int g) { return threadIdx.x / BK * 4 + COLUMN_STEP * g; }
     __device__ __forceinline__ void fetch()
     {
-        const int ih0 = at.oh * stride_h - pad_top, iw0 = at.ow * stride_w - pad_left;
-        const int window = (at.image * channels * height + ih0) * width + iw0;
-        const bool k_ok = at.valid();
+        // A K row past the end tests as outside every column, so no element needs a third test.
+        const int ih = at.valid() ? at.ih : OUTSIDE;
 #pragma unroll
         for (int g = 0; g < GROUPS; ++g) {
             float e[4];
+            if (SAME_TAP_RUNS) {
+                const int4 c = columns[COLUMN_STEP * g];
+                const bool in = inside(ih + c.y, at.iw + c.z, height, width);
+                const int offset = at.b_offset + c.x, plane = height * width;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int4 c = columns[column(g) + j];
-                e[j] = k_ok && inside(ih0 + c.y, iw0 + c.z, height, width) ? __ldg(x + (window + c.x)) : 0.0f;
+                for (int j = 0; j < 4; ++j) e[j] = in ? __ldg(x + (offset + j * plane)) : 0.0f;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int4 c = columns[COLUMN_STEP * g + j];
+                    e[j] = 0.0f;
+                    if (inside(ih + c.y, at.iw + c.z, height, width)) e[j] = __ldg(x + (at.b_offset + c.x));
+                }
             }
             v[g] = make_float4(e[0], e[1], e[2], e[3]);
         }
@@ -348,67 +417,166 @@ struct ChannelTapColumnsB {
 // Epilogue of the forward and backward-data GEMMs: C[m][n] (+ bias[m], then ReLU) into row m
 // (a channel) of an NCHW tensor at lattice pixel n. Each column is decoded once for its 8 rows.
 template <class T>
-__device__ __forceinline__ void store_lattice(float* __restrict__ dst, const float (&acc)[8][8],
-                                              const gemm::ThreadTile<T>& t, int m0, int n0, int rows, int columns,
-                                              int lattice_h, int lattice_w, int dst_h, int dst_w, int step_h,
-                                              int step_w, int origin_h, int origin_w,
-                                              const float* __restrict__ bias, bool relu)
-{
-    const long long dst_plane = (long long)dst_h * dst_w;
+struct StoreLattice {
+    float* dst;
+    int rows, columns, lattice_h, lattice_w, dst_h, dst_w, step_h, step_w, origin_h, origin_w;
+    const float* bias;  // nullptr: none
+    bool relu;
+
+    __device__ __forceinline__ void operator()(const float (&acc)[8][8], const gemm::ThreadTile<T>& t, int m0,
+                                               int n0) const
+    {
+        const long long dst_plane = (long long)dst_h * dst_w;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-        const int n = n0 + t.column(c);
-        if (n >= columns) continue;
-        const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
-        float* pixel = dst + (long long)at.image * rows * dst_plane + (long long)(origin_h + step_h * at.q) * dst_w +
-                       (origin_w + step_w * at.r);
+        for (int c = 0; c < 8; ++c) {
+            const int n = n0 + t.column(c);
+            if (n >= columns) continue;
+            const LatticePixel at = lattice_pixel(n, lattice_h, lattice_w);
+            float* pixel = dst + (long long)at.image * rows * dst_plane + (long long)(origin_h + step_h * at.q) * dst_w +
+                           (origin_w + step_w * at.r);
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const int m = m0 + t.row(r);
-            if (m >= rows) continue;
-            float value = acc[r][c] + (bias ? __ldg(bias + m) : 0.0f);
-            // Not fmaxf(value, 0): it turns a NaN into 0, where PyTorch's ReLU propagates it.
-            if (relu && value < 0.0f) value = 0.0f;
-            pixel[m * dst_plane] = value;
+            for (int r = 0; r < 8; ++r) {
+                const int m = m0 + t.row(r);
+                if (m >= rows) continue;
+                float value = acc[r][c] + (bias ? __ldg(bias + m) : 0.0f);
+                // Not fmaxf(value, 0): it turns a NaN into 0, where PyTorch's ReLU propagates it.
+                if (relu && value < 0.0f) value = 0.0f;
+                pixel[m * dst_plane] = value;
+            }
         }
     }
-}
+};
 
-// The forward / backward-data kernel body: dst = A (rows x channels*n_taps) times the gathered B.
-template <int BM, int BN>
-__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, const float* __restrict__ src,
-                                             const float* __restrict__ bias, float* __restrict__ dst, int rows,
-                                             int channels, int n_taps, const TapGrid& taps, int src_h,
-                                             int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
-                                             int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
-                                             int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w,
-                                             int has_bias, int relu, int a_pitch)
+// The forward / backward-data kernel body: A (rows x channels*n_taps, 128-bit loads when
+// VECTOR_A, see RowMajorA) times B gathered from src at the pixels `columns` names, handed to
+// `epilogue(acc, thread tile, m0, n0)`.
+template <int BM, int BN, bool VECTOR_A, class Columns, class Epilogue>
+__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, int a_pitch,
+                                             int rows, const float* __restrict__ src, int channels, int n_taps,
+                                             const TapGrid& taps, int src_h, int src_w, const Columns& columns,
+                                             const Epilogue& epilogue)
 {
     using T = gemm::Tile<BM, BN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int columns = batch * lattice_h * lattice_w;
     const int depth = channels * n_taps;
     fill_tap_table(shared.taps, taps, n_taps, src_w);
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
-    RowMajorA<T> a_loader(a, m0, rows, a_pitch);
-    PixelColumnsB<T> b_loader(src, shared.taps, n0, columns, lattice_h, lattice_w, src_step_h, src_step_w,
-                              src_origin_h, src_origin_w, channels, n_taps, src_h, src_w);
+    RowMajorA<T, VECTOR_A> a_loader(a, m0, rows, a_pitch);
+    PixelColumnsB<T> b_loader(src, shared.taps, n0, columns, channels, n_taps, src_h, src_w);
     float acc[8][8];
     gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (depth + BK - 1) / BK, t);
-    store_lattice(dst, acc, t, m0, n0, rows, columns, lattice_h, lattice_w, dst_h, dst_w, dst_step_h, dst_step_w,
-                  dst_origin_h, dst_origin_w, has_bias ? bias : nullptr, relu != 0);
+    epilogue(acc, t, m0, n0);
+}
+
+// conv2d_gemm_v2's body: the lattice GEMM stored by StoreLattice.
+template <int BM, int BN, bool VECTOR_A>
+__device__ __forceinline__ void lattice_conv(Shared<BM, BN>& shared, const float* __restrict__ a,
+                                             const float* __restrict__ src, const float* __restrict__ bias,
+                                             float* __restrict__ dst, int rows, int channels, int n_taps,
+                                             const TapGrid& taps, int src_h, int src_w, int batch, int lattice_h,
+                                             int lattice_w, int src_step_h, int src_step_w, int src_origin_h,
+                                             int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
+                                             int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
+{
+    const int columns = batch * lattice_h * lattice_w;
+    const LatticeColumns lattice{columns, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w};
+    const StoreLattice<gemm::Tile<BM, BN>> store{dst, rows, columns, lattice_h, lattice_w, dst_h, dst_w, dst_step_h,
+                                                 dst_step_w, dst_origin_h, dst_origin_w, has_bias ? bias : nullptr,
+                                                 relu != 0};
+    lattice_gemm<BM, BN, VECTOR_A>(shared, a, a_pitch, rows, src, channels, n_taps, taps, src_h, src_w, lattice, store);
+}
+
+// The bias gradient's share of a backward-filter block: out[m] = sum of grad_out[k][m] over
+// the output pixels k in [k_begin, k_end), for the block's rows m0 <= m < m0 + BM. Run after the
+// K loop by the blocks of the first column tile only (a pass over their A rows, 1 / (column
+// tiles) of the A reads the K loop made), so the weight-gradient GEMM's hot loop carries no
+// bias column. Warp w sums rows w, w + warps, ...; its lanes take every 32nd pixel of each
+// image's run (consecutive lanes, consecutive addresses), then a fixed shuffle tree adds the
+// lanes: the same order on every run.
+template <int BM>
+__device__ __forceinline__ void bias_partial_sums(const float* __restrict__ grad_out, float* __restrict__ out, int m0,
+                                                  int c_out, int k_begin, int k_end, int plane)
+{
+    const int warps = blockDim.x / gemm::WARP, lane = threadIdx.x % gemm::WARP;
+    const int first_image = k_begin / plane, last_image = (k_end - 1) / plane;
+    for (int m = m0 + threadIdx.x / gemm::WARP; m < min(m0 + BM, c_out); m += warps) {
+        float sum = 0.0f;
+        for (int image = first_image; image <= last_image; ++image) {
+            const int start = image * plane;
+            const float* row = grad_out + ((long long)image * c_out + m) * plane;
+            for (int p = max(k_begin - start, 0) + lane; p < min(k_end - start, plane); p += gemm::WARP)
+                sum += __ldg(row + p);
+        }
+#pragma unroll
+        for (int offset = gemm::WARP / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+        if (lane == 0) out[m] = sum;
+    }
+}
+
+// The split-K reduce without a second launch: a block that has written its partials takes a
+// ticket for its output tile; the last of the tile's gridDim.z blocks to arrive sums every
+// split's partials of the tile, in split order (the additions of conv2d_split_k_reduce_v2, so
+// the same bits), into grad_weight (and grad_bias), and resets the ticket for the next launch.
+// The fence before the ticket makes this block's partials visible before its ticket (release);
+// the fence after it orders the last block's reads after every ticket it counted (acquire); the
+// partials are read volatile, past the incoherent L1. Not inlined: the K loop's register
+// allocation then never sees this code (inlined, it made the loop spill).
+template <int BM, int BN>
+__device__ __noinline__ void reduce_splits_if_last(int* last_split, const float* partials, const float* bias_partials,
+                                                   long long split_stride, float* grad_weight, float* grad_bias,
+                                                   int* tickets, int columns, int c_in, int c_out, int n_taps)
+{
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* ticket = tickets + blockIdx.y * gridDim.x + blockIdx.x;
+        const int arrived = atomicAdd(ticket, 1);
+        __threadfence();
+        *last_split = arrived == (int)gridDim.z - 1;
+        if (*last_split) atomicExch(ticket, 0);
+    }
+    __syncthreads();
+    if (!*last_split) return;
+    const gemm::ThreadTile<gemm::Tile<BM, BN>> t;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const volatile float* split = partials;
+    for (int c = 0; c < 8; ++c) {
+        const int n = n0 + t.column(c);
+        if (n >= columns) continue;
+        const int tap = n / c_in;
+        const int weight = (n - tap * c_in) * n_taps + tap;
+        for (int r = 0; r < 8; ++r) {
+            const int m = m0 + t.row(r);
+            if (m >= c_out) continue;
+            const long long i = (long long)m * columns + weight;
+            float sum = 0.0f;
+            for (int z = 0; z < (int)gridDim.z; ++z) sum += split[z * split_stride + i];
+            grad_weight[i] = sum;
+        }
+    }
+    if (bias_partials == nullptr || blockIdx.x != 0) return;
+    const volatile float* bias_split = bias_partials;
+    for (int m = m0 + threadIdx.x; m < min(m0 + BM, c_out); m += blockDim.x) {
+        float sum = 0.0f;
+        for (int z = 0; z < (int)gridDim.z; ++z) sum += bias_split[z * split_stride + m];
+        grad_bias[m] = sum;
+    }
 }
 
 // The backward-filter kernel body: block z's partial sum over K indices [k_begin, k_end) of
 // grad_w (rows x columns, OIHW) into partials[z], plain stores (the reduce kernel adds them).
-template <int BM, int BN>
+template <int BM, int BN, bool SAME_TAP_RUNS>
 __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, const float* __restrict__ x,
                                                      const float* __restrict__ grad_out, const TapGrid& taps,
-                                                     float* __restrict__ partials, int batch, int c_in, int height,
+                                                     float* __restrict__ partials, float* __restrict__ bias_partials,
+                                                     long long split_stride, float* __restrict__ grad_weight,
+                                                     float* __restrict__ grad_bias, int* __restrict__ tickets,
+                                                     int batch, int c_in, int height,
                                                      int width, int c_out, int n_taps, int stride_h, int stride_w,
-                                                     int pad_top, int pad_left, int out_h, int out_w, int k_per_split)
+                                                     int pad_top, int pad_left, int out_h, int out_w, int k_per_split,
+                                                     const PixelSteps& steps)
 {
     using T = gemm::Tile<BM, BN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
@@ -416,27 +584,38 @@ __device__ __forceinline__ void weight_gradient_gemm(Shared<BM, BN>& shared, con
     const int k_begin = blockIdx.z * k_per_split;
     // Not min(K, k_begin + k_per_split): that sum can pass 2^31 for the last split.
     const int k_end = k_begin + min(k_per_split, batch * out_h * out_w - k_begin);
-    fill_channel_tap_columns(shared.columns, taps, n0, columns, n_taps, height, width);
+    fill_tap_channel_columns(shared.columns, taps, n0, c_in, n_taps, height, width);
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
-    PixelWalk walk(k_begin, k_end, out_h, out_w);
+    PixelWalk walk(steps, k_begin, k_end, PixelRowsA<T>::first_row(m0), c_out, c_in, height, width, out_h, out_w,
+                   stride_h, stride_w, pad_top, pad_left);
     PixelRowsA<T> a_loader(grad_out, walk, m0, c_out);
-    ChannelTapColumnsB<T> b_loader(x, walk, shared.columns, c_in, height, width, stride_h, stride_w, pad_top, pad_left);
+    TapChannelColumnsB<T, SAME_TAP_RUNS> b_loader(x, walk, shared.columns, height, width);
     float acc[8][8];
-    gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (k_end - k_begin + BK - 1) / BK, t);
+    // Four K tiles a trip: what a trip re-derives (shared addresses the registers could not keep)
+    // is spread over twice the tiles of the forward kernel's two.
+    gemm::mainloop<4>(acc, shared.tiles, a_loader, b_loader, (k_end - k_begin + BK - 1) / BK, t);
 
-    float* partial = partials + (long long)blockIdx.z * c_out * columns;
+    if (bias_partials != nullptr && blockIdx.x == 0)
+        bias_partial_sums<BM>(grad_out, bias_partials + blockIdx.z * split_stride, m0, c_out, k_begin, k_end,
+                              out_h * out_w);
+    float* partial = partials + blockIdx.z * split_stride;
 #pragma unroll
-    for (int r = 0; r < 8; ++r) {
-        const int m = m0 + t.row(r);
-        if (m >= c_out) continue;
+    for (int c = 0; c < 8; ++c) {
+        const int n = n0 + t.column(c);
+        if (n >= columns) continue;
+        const int tap = n / c_in;
+        const int weight = (n - tap * c_in) * n_taps + tap;  // the OIHW column of (tap, channel)
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-            const int n = n0 + t.column(c);
-            if (n < columns) partial[(long long)m * columns + n] = acc[r][c];
+        for (int r = 0; r < 8; ++r) {
+            const int m = m0 + t.row(r);
+            if (m < c_out) partial[(long long)m * columns + weight] = acc[r][c];
         }
     }
+    if (tickets != nullptr)
+        reduce_splits_if_last<BM, BN>(&shared.last_split, partials, bias_partials, split_stride, grad_weight, grad_bias,
+                                      tickets, columns, c_in, c_out, n_taps);
 }
 
 }  // namespace conv

@@ -97,10 +97,11 @@ __device__ __forceinline__ void k_tile_step(float (&acc)[8][8], SharedTiles<T>& 
 
 // acc = this thread's 8x8 of the product over k_tiles K tiles. Every thread of the block must
 // call it (it holds barriers); the caller has synchronised any shared state its loaders read.
-template <class T, class LoadA, class LoadB>
+template <int TRIP = 2, class T, class LoadA, class LoadB>
 __device__ __forceinline__ void mainloop(float (&acc)[8][8], SharedTiles<T>& s, LoadA& a, LoadB& b, int k_tiles,
                                          const ThreadTile<T>& t)
 {
+    static_assert(TRIP % 2 == 0, "an even number of K tiles a trip keeps the buffer indices constant");
 #pragma unroll
     for (int r = 0; r < 8; ++r)
 #pragma unroll
@@ -112,13 +113,15 @@ __device__ __forceinline__ void mainloop(float (&acc)[8][8], SharedTiles<T>& s, 
     a.store(s.a[0]);
     b.store(s.b[0]);
     __syncthreads();
-    // Two K tiles per trip, so that which buffer is read and which written is known at compile
-    // time (shared addresses become constant offsets instead of per-tile arithmetic).
-    for (int tile = 0;; tile += 2) {
-        k_tile_step(acc, s, a, b, t, 0);
-        if (tile + 1 >= k_tiles) break;
-        k_tile_step(acc, s, a, b, t, 1);
-        if (tile + 2 >= k_tiles) break;
+    // TRIP K tiles per trip, an even number so that which buffer is read and which written is
+    // known at compile time (shared addresses become constant offsets instead of per-tile
+    // arithmetic); more tiles a trip spread what a trip re-derives over more of them.
+    for (int tile = 0;; tile += TRIP) {
+#pragma unroll
+        for (int step = 0; step < TRIP; ++step) {
+            k_tile_step(acc, s, a, b, t, step % 2);
+            if (tile + step + 1 >= k_tiles) return;
+        }
     }
 }
 

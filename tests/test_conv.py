@@ -393,15 +393,80 @@ def test_v2_narrow_kernel_for_at_most_four_rows(kernel_device, index):
     assert checked
 
 
+# Backward-filter adds C_in 96 and 16 (the _c4 kernels, columns in runs of 4 channels of a tap;
+# 16 at batch 2 with 'same'-style padding (1, 0) and dilation) to the lattice cases.
+FILTER_CASES = V2_CASES + [11, 12]
+
+
 @pytest.mark.parametrize("tile", conv_gemm.FILTER_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
-@pytest.mark.parametrize("index", V2_CASES, ids=[CASE_IDS[i] for i in V2_CASES])
+@pytest.mark.parametrize("index", FILTER_CASES, ids=[CASE_IDS[i] for i in FILTER_CASES])
 def test_v2_weight_gradient_on_every_tile(kernel_device, index, tile, monkeypatch):
     _force_tile(monkeypatch, tile)
-    x, weight, _, grad_output, args, (_, _, dw, _) = _problem(index)
+    x, weight, _, grad_output, args, (_, _, dw, db) = _problem(index)
     xd, god = _on(kernel_device, x, grad_output)
     g = conv_module._geometry(x.shape, weight.shape, **args)
-    assert conv_gemm.plan_backward_filter(g).tile == tile
+    plan = conv_gemm.plan_backward_filter(g)
+    assert plan.tile == tile
+    assert conv_gemm.filter_kernel(plan, g).endswith("_c4") == (x.shape[1] % 4 == 0)
     _assert_close(F.conv2d_weight(xd, weight.shape, god, **args), dw, grad_output[:, 0].size, kernel_device)
+    grad_weight, grad_bias = F.conv2d_weight(xd, weight.shape, god, **args, bias_grad=True)
+    _assert_close(grad_weight, dw, grad_output[:, 0].size, kernel_device)
+    _assert_close(grad_bias, db, grad_output[:, 0].size, kernel_device)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("index", [1, 5, 8, 11, 13], ids=[CASE_IDS[i] for i in (1, 5, 8, 11, 13)])
+def test_v2_bias_gradient_from_the_weight_gradient_launch(index, splits, monkeypatch):
+    # Batch 1 (cases 1, 5, 8, 11: C_out 6, 67, 6, 3), a 2x2 output plane smaller than a K tile
+    # (13); split-K off and on (cases 11 and 13 have one K tile: never split). Against the float64 reference and the separate bias kernel, and the
+    # launches: one backward-filter kernel (and its reduce when split), no bias kernel.
+    from gpuconv import profile
+
+    monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: splits)
+    x, weight, _, grad_output, args, (_, _, dw, db) = _problem(index)
+    xd, god = _on("emu", x, grad_output)
+    bias_out = to_device(np.full(weight.shape[0], np.nan, np.float32), "emu")
+    with profile() as prof:
+        grad_weight, grad_bias = F.conv2d_weight(xd, weight.shape, god, **args, bias_grad=True, bias_out=bias_out)
+    assert grad_bias is bias_out
+    launched = prof.counts()
+    assert not any(name.startswith("conv2d_bias_grad") for name in launched)
+    plan = conv_gemm.plan_backward_filter(conv_module._geometry(x.shape, weight.shape, **args))
+    assert "conv2d_split_k_reduce_v2" not in launched  # version 3: the last block of a tile adds the splits
+    assert (plan.splits > 1) == (splits > 1 and index in (1, 5, 8))
+    _assert_close(grad_weight, dw, grad_output[:, 0].size, "emu")
+    _assert_close(grad_bias, db, grad_output[:, 0].size, "emu")
+    np.testing.assert_allclose(to_numpy(grad_bias), to_numpy(F.conv2d_bias(god)), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_backward_launches_no_bias_kernel_with_the_v2_weight_gradient(rng):
+    from gpuconv import nn, profile
+
+    layer = nn.Conv2d(3, 5, 3, padding=1)
+    layer.to("emu")
+    x = to_device(rng.standard_normal((2, 3, 6, 7)).astype(np.float32), "emu")
+    grad_output = to_device(rng.standard_normal((2, 5, 6, 7)).astype(np.float32), "emu")
+    layer(x)
+    with profile() as prof:
+        layer.backward(grad_output)
+    assert not any(name.startswith("conv2d_bias_grad") for name in prof.counts())
+    _assert_close(layer.bias.grad, to_numpy(grad_output).astype(np.float64).sum(axis=(0, 2, 3)), 2 * 6 * 7, "emu")
+    layer.weight.requires_grad = False  # the bias alone: its own kernel
+    layer.weight.grad = layer.bias.grad = None
+    layer(x)
+    with profile() as prof:
+        layer.backward(grad_output)
+    assert prof.counts().get("conv2d_bias_grad_v1") == 1 and layer.weight.grad is None
+
+
+def test_bias_grad_arguments_are_checked():
+    x, go = np.zeros((1, 2, 4, 4), np.float32), np.zeros((1, 3, 4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"bias_out must be a C-contiguous float32 array of shape \(3,\)"):
+        F.conv2d_weight(x, (3, 2, 1, 1), go, bias_grad=True, bias_out=np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="bias_out is given but bias_grad is False"):
+        F.conv2d_weight(x, (3, 2, 1, 1), go, bias_out=np.zeros(3, np.float32))
+    empty_grad = F.conv2d_weight(x[:0], (3, 2, 1, 1), go[:0], bias_grad=True)
+    assert [to_numpy(a).tolist() for a in empty_grad][1] == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("splits", [1, 3, 10])
@@ -511,7 +576,7 @@ def test_conv2d_plan_names_the_kernel_for_each_version(monkeypatch):
     shapes, args = ((128, 3, 224, 224), (96, 3, 11, 11)), dict(stride=4, padding=2)
     for op in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_filter"):
         monkeypatch.delenv(f"GPUCONV_KERNEL_{op.upper()}", raising=False)
-        assert F.conv2d_plan(op, *shapes, **args).version == 2
+        assert F.conv2d_plan(op, *shapes, **args).version == (3 if op == "conv2d_backward_filter" else 2)
         monkeypatch.setenv(f"GPUCONV_KERNEL_{op.upper()}", "1")
         plan = F.conv2d_plan(op, *shapes, **args)
         assert (plan.version, plan.kernel, plan.tile) == (1, f"{op}_v1", (64, 64))
@@ -559,13 +624,24 @@ def test_v2_weight_gradient_is_bit_identical_in_any_block_order(order, monkeypat
     x, weight, _, grad_output, args, _ = _problem(5)  # K = 99 output pixels: 13 K tiles of v2, 7 of v1
     xd, god = _on("emu", x, grad_output)
 
-    def weight_gradient(version, block_order):
+    def weight_gradient(version, block_order, xd=xd, god=god, weight_shape=weight.shape, args=args):
         monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_FILTER", version)
         with emu.block_order(*block_order):
-            return to_numpy(F.conv2d_weight(xd, weight.shape, god, **args)).view(np.uint32)
+            grads = F.conv2d_weight(xd, weight_shape, god, **args, bias_grad=version != "1")
+        return np.concatenate([to_numpy(a).ravel() for a in (grads if version != "1" else [grads])]).view(np.uint32)
 
     name, _, seed = order.partition(":")
     other = (name, int(seed or 0))
     np.testing.assert_array_equal(weight_gradient("2", ("forward", 0)), weight_gradient("2", other))
+    # Version 3 (the splits added by the last block of each tile, whichever block that is): the
+    # same bits as the reduce kernel's, in any block order.
+    np.testing.assert_array_equal(weight_gradient("3", ("forward", 0)), weight_gradient("2", ("forward", 0)))
+    np.testing.assert_array_equal(weight_gradient("3", other), weight_gradient("2", ("forward", 0)))
+    # C_in 16: the _c4 kernel, split over K as well.
+    x16, w16, _, go16, args16, _ = _problem(12)
+    on16 = dict(zip(("xd", "god"), _on("emu", x16, go16)), weight_shape=w16.shape, args=args16)
+    assert conv_gemm.plan_backward_filter(conv_module._geometry(x16.shape, w16.shape, **args16)).splits > 1
+    np.testing.assert_array_equal(weight_gradient("2", ("forward", 0), **on16), weight_gradient("2", other, **on16))
+    np.testing.assert_array_equal(weight_gradient("3", other, **on16), weight_gradient("2", other, **on16))
     monkeypatch.setattr(conv_module, "_TARGET_BLOCKS", 4096)  # v1: many splits adding into each element
     assert (weight_gradient("1", ("forward", 0)) != weight_gradient("1", other)).any()

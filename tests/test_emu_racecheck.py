@@ -47,6 +47,8 @@ def conv_ops(rng):
         (F.conv2d_input(x.shape, ew, egy, padding=1), F.conv2d_input(x.shape, w, gy, padding=1)),
         (F.conv2d_weight(ex, w.shape, egy, padding=1), F.conv2d_weight(x, w.shape, gy, padding=1)),
         (F.conv2d_bias(egy), F.conv2d_bias(gy)),
+        *zip(F.conv2d_relu_max_pool2d(ex, ew, eb, padding=1, pool_padding=1, ceil_mode=True),
+             F.conv2d_relu_max_pool2d(x, w, b, padding=1, pool_padding=1, ceil_mode=True)),
     ]
 
 
@@ -56,12 +58,32 @@ def conv_v1(rng, monkeypatch):
     return conv_ops(rng)
 
 
+def filter_with_bias(rng):
+    # C_in 4: the backward-filter kernels whose columns run over 4 channels of one tap (_c4),
+    # with the bias gradient from the same launch (in one split and in three, the splits added
+    # by the last block of each tile: version 3, the default).
+    x, gy = small(rng, 2, 4, 5, 5), small(rng, 2, 3, 5, 5)
+    ex, egy = on_emu(x, gy)
+    expected = (F.conv2d_weight(x, (3, 4, 3, 3), gy, padding=1), F.conv2d_bias(gy))
+    return [(got, want) for got, want in zip(F.conv2d_weight(ex, (3, 4, 3, 3), egy, padding=1, bias_grad=True), expected)]
+
+
+def filter_reduce_kernel(rng, monkeypatch):
+    # Version 2: the splits added by conv2d_split_k_reduce_v2, weights and biases.
+    monkeypatch.setenv("GPUCONV_KERNEL_CONV2D_BACKWARD_FILTER", "2")
+    monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: 3)
+    return filter_with_bias(rng)
+
+
 def conv_v2_tile(tile):
     def ops(rng, monkeypatch):
         monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
-        if tile in conv_gemm.FILTER_TILES:
-            monkeypatch.setattr(conv_gemm, "FILTER_TILES", (tile,))
-        return conv_ops(rng)
+        if tile not in conv_gemm.FILTER_TILES:
+            return conv_ops(rng)
+        monkeypatch.setattr(conv_gemm, "FILTER_TILES", (tile,))
+        pairs = conv_ops(rng) + filter_with_bias(rng)
+        monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: 3)
+        return pairs + filter_with_bias(rng)
 
     return ops
 
@@ -121,10 +143,22 @@ def pooling_and_norm(rng, monkeypatch):
     ]
 
 
+def linear(rng, monkeypatch):
+    # 33 rows and 40 features: two tiles of 32 each way, a partial K tile
+    x, w, b, g = small(rng, 33, 40), small(rng, 7, 40), small(rng, 7), small(rng, 33, 7)
+    ex, ew, eb, eg = on_emu(x, w, b, g)
+    hand = F.linear_backward(eg, ex, ew, through_relu=True)
+    numpy = F.linear_backward(g, x, w, through_relu=True)
+    return [(F.linear(ex, ew, eb, activation="relu"), F.linear(x, w, b, activation="relu")), *zip(hand, numpy)]
+
+
 def loss(rng, monkeypatch):
     logits, target = small(rng, 5, 7), rng.integers(0, 7, 5)
-    return [(F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"))[1],
-             F.cross_entropy_with_grad(logits, target)[1])]
+    pairs = []
+    for reduction in ("mean", "none"):
+        ours = F.cross_entropy_with_grad(to_device(logits, "emu"), to_device(target, "emu"), reduction)
+        pairs += zip(ours, F.cross_entropy_with_grad(logits, target, reduction))
+    return pairs
 
 
 def optimizers(rng, monkeypatch):
@@ -144,9 +178,11 @@ OPS = {
     "conv-v1": conv_v1,
     **{f"conv-v2-{a}x{b}": conv_v2_tile((a, b)) for a, b in conv_gemm.TILES},
     "conv-v2-narrow": conv_v2_narrow,
+    "conv-v2-filter-reduce-kernel": filter_reduce_kernel,
     "conv-tensorcore": conv_tensorcore,
     "elementwise": elementwise,
     "pooling-and-norm": pooling_and_norm,
+    "linear": linear,
     "loss": loss,
     "optimizers": optimizers,
 }
@@ -285,3 +321,81 @@ def test_removing_any_barrier_is_caught(raced, tmp_path, source, line):
             return
         outcomes.append(key)
     pytest.fail(f"removing the __syncthreads() at kernels_cu/{source}:{line} went unnoticed by {outcomes}")
+
+
+# --- __threadfence() as the race detector models it: the last-block ticket pattern -----------
+
+TICKET_SOURCE = r"""
+// Each block writes its partial sum, takes a ticket; the last block to arrive adds the partials.
+extern "C" __global__ void last_block_sum(const float* in, float* partials, float* out, int* ticket)
+{
+    if (threadIdx.x != 0) return;
+    float sum = 0.0f;
+    for (int i = 0; i < 4; ++i) sum += in[blockIdx.x * 4 + i];
+    partials[blockIdx.x] = sum;
+    RELEASE_FENCE;
+    const int arrived = atomicAdd(ticket, 1);
+    if (arrived != (int)gridDim.x - 1) return;
+    ACQUIRE_FENCE;
+    float total = 0.0f;
+    for (unsigned b = 0; b < gridDim.x; ++b) total += partials[b];
+    out[0] = total;
+    atomicExch(ticket, 0);
+}
+"""
+
+
+@pytest.mark.parametrize("release, acquire", [(True, True), (False, True), (True, False)],
+                         ids=["both fences", "no fence before the ticket", "no fence after it"])
+def test_threadfence_orders_the_last_block_ticket_and_its_absence_is_a_race(release, acquire):
+    defines = "".join(f"#define {name} {'__threadfence()' if on else '((void)0)'}\n"
+                      for name, on in (("RELEASE_FENCE", release), ("ACQUIRE_FENCE", acquire)))
+    name = f"ticket_{int(release)}{int(acquire)}.cu"
+    function = emu.EmuModule(source=defines + TICKET_SOURCE, name=name).get_function("last_block_sum")
+    values = np.arange(16, dtype=np.float32)
+    args = [to_device(values, "emu"), to_device(np.zeros(4, np.float32), "emu"),
+            to_device(np.zeros(1, np.float32), "emu"), to_device(np.zeros(1, np.int32), "emu")]
+    with emu.racecheck():
+        if release and acquire:
+            function((4, 1, 1), (32, 1, 1), args)
+            assert to_numpy(args[2])[0] == values.sum() and to_numpy(args[3])[0] == 0
+            return
+        with pytest.raises(emu.EmuRaceError, match="data race"):
+            function((4, 1, 1), (32, 1, 1), args)
+
+
+FENCES = [(source.name, text.count("\n", 0, m.start()) + 1)
+          for source in sorted(kernels.kernel_dir().iterdir()) if source.suffix in (".cu", ".cuh")
+          for text in [source.read_text()] for m in re.finditer(r"^(?!\s*//).*\b__threadfence\(\)", text, re.M)]
+
+
+def test_backward_filter_has_its_ticket_fences():
+    assert [f for f, _ in FENCES].count("conv_tiles.cuh") == 2
+
+
+@pytest.mark.parametrize("source, line", FENCES, ids=[f"{f}:{n}" for f, n in FENCES])
+def test_removing_a_fence_of_the_split_k_ticket_is_caught(tmp_path, monkeypatch, source, line):
+    """Either __threadfence() of backward-filter's last-block reduce removed: a split launch (C_in
+    4, three splits, the bias too) replayed under the race detector reports the race between a
+    block's partial sums and the last block's reads of them."""
+    copy = tmp_path / "kernels_cu"
+    shutil.copytree(kernels.kernel_dir(), copy)
+    lines = (copy / source).read_text().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1].replace("__threadfence()", "((void)0)", 1)
+    (copy / source).write_text("".join(lines))
+    launched = []
+    original = emu.EmuFunction.__call__
+
+    def recording(self, grid, block, args, shared_mem=0):
+        launched.append((self.name, grid, block, _copies(args)))
+        return original(self, grid, block, args, shared_mem=shared_mem)
+
+    monkeypatch.setattr(conv_gemm, "_filter_splits", lambda tile, g: 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(emu.EmuFunction, "__call__", recording)
+        filter_with_bias(np.random.default_rng(5))
+    (kernel, grid, block, args), = [call for call in launched if call[0].startswith("conv2d_backward_filter_v2_")]
+    assert grid[2] == 3 and kernel.endswith("_c4")
+    function = emu.EmuModule(path=copy / "conv2d_backward_filter.cu").get_function(kernel)
+    with emu.racecheck(), pytest.raises(emu.EmuRaceError, match="data race"):
+        function(grid, block, args)

@@ -16,6 +16,10 @@ host, measurable on any machine. Its rows:
 
 Each gpuconv row also reports, in its ``extra``, the device operations one step issues (kernel
 launches and library calls, counted by :func:`gpuconv.profile`) and which.
+
+On a shared machine the rows, measured one after the other, see different loads; ``python -m
+gpuconv.bench.host`` alternates the eager step and PyTorch's in one process instead
+(:func:`alternating_ratio`) and prints each round's medians and ratio.
 """
 from __future__ import annotations
 
@@ -38,6 +42,17 @@ def host_cases(models) -> list[Case]:
     return [Case("lenet5", "train", HOST_OP, TrainStep(HOST_BATCH, "lenet5", model_layers("lenet5")[2]))]
 
 
+def training_step(model, optimizer, criterion):
+    """``step(x, y) -> loss``: forward, loss, backward, the optimizer's step and ``zero_grad``."""
+    def step(x, y):
+        loss = criterion(model(x), y)
+        model.backward(criterion.backward())
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+    return step
+
+
 def _lenet_step(batch: int, rng):
     """A LeNet-5 training step on 'emu' and one input set for it."""
     import numpy as np
@@ -47,15 +62,7 @@ def _lenet_step(batch: int, rng):
 
     model = models.lenet5().to("emu")
     optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss(validate_target=False)
-
-    def step(x, y):
-        loss = criterion(model(x), y)
-        model.backward(criterion.backward())
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss
-
+    step = training_step(model, optimizer, nn.CrossEntropyLoss(validate_target=False))
     x = to_device(rng.standard_normal((batch, *model.input_shape), dtype=np.float32), "emu")
     y = to_device(rng.integers(0, 10, batch, dtype=np.int32), "emu")
     return step, (x, y)
@@ -146,3 +153,46 @@ class TorchDispatch(Contender):
 
 def host_contenders() -> list[Contender]:
     return [EmuHost(graph=False), EmuHost(graph=True), TorchDispatch()]
+
+
+def alternating_ratio(rounds: int = 9, calls: int = 50, seed: int = 0) -> dict:
+    """The eager dry-run step and PyTorch's batch-1 step timed in alternation, ``rounds`` rounds of
+    ``calls`` calls each (after a warm-up), in one process: per round, each one's median (seconds)
+    and their ratio, so that both see the same load."""
+    import time
+
+    import numpy as np
+
+    case = host_cases(["lenet5"])[0]
+    rng = np.random.default_rng(seed)
+    ours, reference = EmuHost(graph=False), TorchDispatch()
+    work = [ours.workload(case, rng), reference.workload(case, rng)]
+    inputs = [w.make() for w in work]
+
+    def median_time(w, args):
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            w.run(*args)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    with reference.selected_for(case):
+        for _ in range(10):
+            for w, args in zip(work, inputs):
+                w.run(*args)
+        medians = [[median_time(w, args) for w, args in zip(work, inputs)] for _ in range(rounds)]
+    return {"gpuconv": [m[0] for m in medians], "torch": [m[1] for m in medians],
+            "ratio": [m[0] / m[1] for m in medians], "device_ops": work[0].extra["device_ops"]}
+
+
+if __name__ == "__main__":
+    import statistics
+
+    result = alternating_ratio()
+    for name in ("gpuconv", "torch"):
+        print(f"{name:8} " + " ".join(f"{t * 1e6:5.0f}" for t in result[name]) + " us")
+    ratios = result["ratio"]
+    print("ratio    " + " ".join(f"{r:5.2f}" for r in ratios))
+    print(f"median ratio {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}); "
+          f"{result['device_ops']} device operations per step")

@@ -187,9 +187,16 @@ static inline T __ldg(const T* p) { return *p; }
 // Atomics: fibers never interleave inside a call, so a plain read-modify-write is atomic. Under
 // the race detector they are real relaxed atomics (CUDA's are relaxed too), so that TSan knows
 // them for what they are and they order nothing.
+namespace emu {
+// The race detector's model of __threadfence() (racecheck.h), defined with the scheduler below.
+static inline void race_fence();
+static inline void race_atomic(void* p);
+}  // namespace emu
+
 template <class T, class Update>
 static inline T emu_atomic_update(T* p, Update update) {
 #if defined(GPUCONV_EMU_RACECHECK)
+    emu::race_atomic(p);
     T old, desired;
     __atomic_load(p, &old, __ATOMIC_RELAXED);
     do desired = update(old);
@@ -234,7 +241,10 @@ static inline T atomicCAS(T* p, T compare, T v) {
     return emu_atomic_update(p, [compare, v](T old) { return old == compare ? v : old; });
 }
 
-static inline void __threadfence() { __asm__ __volatile__("" ::: "memory"); }
+static inline void __threadfence() {
+    __asm__ __volatile__("" ::: "memory");
+    emu::race_fence();
+}
 static inline void __threadfence_block() { __asm__ __volatile__("" ::: "memory"); }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,6 +326,9 @@ static int scheduler_order;
 static unsigned long long rng_state;
 static int block_order;
 static unsigned long long block_seed;
+
+static inline void race_fence() { race::fence((int)(current - fibers)); }
+static inline void race_atomic(void* p) { race::atomic((int)(current - fibers), p); }
 
 }  // namespace emu
 

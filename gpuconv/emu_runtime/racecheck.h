@@ -14,7 +14,13 @@
 //   by it), and every fiber with what it does after (a release at the end of each block, one
 //   acquire at the end of the launch). Nothing orders two blocks: each block has fibers of its
 //   own and sync objects of its own, so a block that reads what another writes is a race;
-// * atomics are real (relaxed, as CUDA's) atomics, visible to TSan and ordering nothing.
+// * atomics are real (relaxed, as CUDA's) atomics, visible to TSan and ordering nothing by
+//   themselves; __threadfence() is modelled through the atomics around it in the same thread
+//   (TSan knows no stand-alone fence): an atomic after a fence is a release on the atomic's
+//   address, and a fence after an atomic is an acquire on the address of the last one, so
+//   "store; fence; atomic" in one block and "atomic (reads that value); fence; load" in
+//   another order the store before the load, as fence.acq_rel.gpu does, and without either
+//   fence they stay unordered. __threadfence_block() orders nothing across blocks: not modelled.
 //
 // Memory reused from block to block would carry one block's accesses into the next: the fiber
 // stacks, the dynamic shared memory arena, the static __shared__ variables (on pages of their
@@ -54,6 +60,8 @@ static void** fiber_of;      // the TSan fiber of each thread of the running blo
 static char* sync_objects;   // per block: [0] the block, [1 + w] warp w, [1 + warps + i] thread i
 static size_t sync_bytes;
 static char* launch_done;    // every block's fibers release here; the launcher acquires at the end
+static bool* fenced;         // per thread of the running block: a __threadfence() since it began
+static void** last_atomic;   // per thread: the address of its latest atomic, or null
 // Fibers of finished blocks, destroyed at the end of the launch: a report about an access of a
 // finished block names its thread and source line only while its fiber lives. Past this many
 // the oldest go first, to stay well within TSan's limit on live threads.
@@ -92,6 +100,10 @@ EMU_RUNTIME static bool launch_begin(int fiber_count) {
     }
     delete[] fiber_of;
     fiber_of = new void*[fiber_count]();
+    delete[] fenced;
+    fenced = new bool[fiber_count];
+    delete[] last_atomic;
+    last_atomic = new void*[fiber_count];
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
     const size_t needed = ((size_t)(1 + fiber_count + (fiber_count + 31) / 32) + page - 1) / page * page;
     if (needed > sync_bytes) {
@@ -118,6 +130,10 @@ EMU_RUNTIME static bool block_begin(char* stacks, size_t stack_bytes, char* dyna
                     (static_begin == static_end || renew(static_begin, (size_t)(static_end - static_begin)));
     ignore_end();
     if (!ok) return false;
+    for (int i = 0; i < fiber_count; ++i) {
+        fenced[i] = false;
+        last_atomic[i] = nullptr;
+    }
     for (int i = 0; i < fiber_count; ++i) {
         char name[96];
         const unsigned x = (unsigned)i % blockDim.x, rest = (unsigned)i / blockDim.x;
@@ -172,6 +188,18 @@ EMU_RUNTIME static void warp(int base, int warp_index, int warps, unsigned int g
     leave();
 }
 
+// Thread `fiber` (the running one) calls __threadfence(): an acquire through its last atomic.
+EMU_RUNTIME static void fence(int fiber) {
+    if (last_atomic[fiber]) __tsan_acquire(last_atomic[fiber]);
+    fenced[fiber] = true;
+}
+
+// Thread `fiber` is about to make an atomic access to p: after a fence, a release through it.
+EMU_RUNTIME static void atomic(int fiber, void* p) {
+    if (fenced[fiber]) __tsan_release(p);
+    last_atomic[fiber] = p;
+}
+
 }  // namespace race
 }  // namespace emu
 
@@ -192,6 +220,8 @@ static inline void block_end(int) {}
 static inline void launch_end() {}
 static inline void barrier(int) {}
 static inline void warp(int, int, int, unsigned int, unsigned int) {}
+static inline void fence(int) {}
+static inline void atomic(int, void*) {}
 }  // namespace race
 }  // namespace emu
 

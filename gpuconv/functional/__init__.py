@@ -3,6 +3,7 @@ kernel-launching implementation (devices 'cuda' and 'emu'), which sit side by si
 Shapes and arguments are checked once, here, before dispatch."""
 from .activation import *  # noqa: F401,F403
 from .conv import *  # noqa: F401,F403
+from .conv_fused import *  # noqa: F401,F403
 from .dropout import *  # noqa: F401,F403
 from .linear import *  # noqa: F401,F403
 from .loss import *  # noqa: F401,F403

@@ -16,12 +16,24 @@ __all__ = ["relu", "tanh", "sigmoid", "relu_backward", "tanh_backward", "sigmoid
 
 
 
+# Launch plans per (kernel, argument signature): kernels.signature.
+_plans = kernels.PlanCache()
+
+
 def _launch_map(kernel: str, *arrays):
     """Run an elementwise kernel of activation.cu: ``kernel(*arrays, out, n)``; returns ``out``."""
+    key = (kernel, kernels.signature(*arrays))
+    plan = _plans.lookup(key) if key[1] is not None else None
+    if plan is not None:
+        return plan(*arrays)[0]
     out = empty(arrays[0].shape, np.float32, device_of(arrays[0]))
+    arrays = tuple(contiguous(a) for a in arrays)
     # The kernels move float4s when the pointers allow, hence four elements per thread.
-    kernels.launch("activation", kernel, kernels.grid_stride_blocks(out.size, 4), kernels.BLOCK,
-                   (*(contiguous(a) for a in arrays), out, out.size))
+    plan = kernels.LaunchPlan("activation", kernel, kernels.grid_stride_blocks(out.size, 4), kernels.BLOCK,
+                              (*arrays, out, out.size))
+    plan(*arrays, out)
+    if key[1] is not None:
+        _plans.remember(key, kernels.OpPlan(plan, [(out.shape, out.dtype)]))
     return out
 
 

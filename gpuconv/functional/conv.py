@@ -8,7 +8,9 @@ Two implementations of every op sit side by side:
 * the implicit-GEMM CUDA kernels of ``kernels_cu/conv2d_*.cu``: version 1 (64x64 tiles) and
   version 2 (the default on 'cuda' and 'emu': the block-tile GEMM core of ``gemm_core.cuh``, with
   a tile chosen per shape, backward-data split into stride phases, backward-filter split over K
-  with a deterministic reduction; planned in :mod:`.conv_gemm`). ``GPUCONV_KERNEL_CONV2D_FORWARD=1``
+  with a deterministic reduction; planned in :mod:`.conv_gemm`); backward-filter's default is
+  version 3, version 2 with the split-K reduce done by the last block of each tile (the same
+  bits, one launch). ``GPUCONV_KERNEL_CONV2D_FORWARD=1``
   and friends select an older version, ``=0`` the baseline.
 
 Padding is carried as (top, left) plus the output size, never as a symmetric amount, so PyTorch's
@@ -358,19 +360,29 @@ def _conv2d_input_v2(weight, grad_output, g: _Geometry):
     return conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
 
 
-def _conv2d_weight_v2(x, grad_output, g: _Geometry, out):
-    plan = conv_gemm.plan_backward_filter(g)
+def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None, last_block_reduce=False):
+    """The weight gradient; with ``grad_bias`` (a checked (C_out,) array) also the bias gradient
+    into it, from the same launch (version 1, where the plan falls back, runs its bias kernel).
+    ``last_block_reduce``: version 3, the splits added by the last block of each tile."""
+    plan = conv_gemm.plan_backward_filter(g, last_block_reduce)
     if plan.version == 1:
-        return _conv2d_weight_kernel(x, grad_output, g, out)
+        grad_weight = _conv2d_weight_kernel(x, grad_output, g, out)
+        if grad_bias is not None:
+            _conv2d_bias_kernel(grad_output, grad_bias)
+        return grad_weight
     grad_weight = output_array(out, "out", g.weight_shape, np.float32, device_of(x))
-    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight)
+    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight, grad_bias)
 
 
 _FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel, 2: _conv2d_v2}
 _BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel, 2: _conv2d_input_v2}
-_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2}
+def _conv2d_weight_v3(x, grad_output, g: _Geometry, out, grad_bias=None):
+    return _conv2d_weight_v2(x, grad_output, g, out, grad_bias, last_block_reduce=True)
+
+
+_BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2, 3: _conv2d_weight_v3}
 _BIAS_GRAD = {0: _conv2d_bias_sum, 1: _conv2d_bias_kernel}
-_DEFAULT_VERSION = {"conv2d_forward": 2, "conv2d_backward_data": 2, "conv2d_backward_filter": 2, "conv2d_bias_grad": 1}
+_DEFAULT_VERSION = {"conv2d_forward": 2, "conv2d_backward_data": 2, "conv2d_backward_filter": 3, "conv2d_bias_grad": 1}
 
 
 def _implementation(device: str, op: str, versions: dict):
@@ -392,18 +404,36 @@ def conv2d_plan(op: str, input_shape, weight_shape, stride=1, padding=0, dilatio
         raise ValueError(f"op must be one of {sorted(_PLANS)}, got {op!r}")
     g = _geometry(_shape4(input_shape, "input_shape"), _shape4(weight_shape, "weight_shape"), stride, padding,
                   dilation)
-    version = kernels.select_version(op, {0: 0, 1: 1, 2: 2}, default=_DEFAULT_VERSION[op])
+    versions = {0: 0, 1: 1, 2: 2, 3: 3} if op == "conv2d_backward_filter" else {0: 0, 1: 1, 2: 2}
+    version = kernels.select_version(op, versions, default=_DEFAULT_VERSION[op])
     name = op.removeprefix("conv2d_")
     if version == 0:
         # cuBLAS's own tiling is not counted: the product it is given has exactly the conv's MACs.
         return conv_gemm.Plan(name, 0, "im2col + cuBLAS", None, 1, 1, 1.0, "version 0")
     if version == 1:
         return conv_gemm.plan_v1(name, g, "version 1")
+    if op == "conv2d_backward_filter":
+        return conv_gemm.plan_backward_filter(g, last_block_reduce=version == 3)
     return _PLANS[op](g)
 
 
 # --------------------------------------------------------------------------------------------
 # Public API: check once, then dispatch.
+
+
+def check_conv2d(input, weight, bias, stride, padding, dilation, precision):
+    """``conv2d``'s argument checks: ``(geometry, device, precision resolved)``, or a clear error."""
+    check_array(input, "input", 4, "NCHW")
+    check_array(weight, "weight", 4, "OIHW")
+    if bias is not None:
+        check_array(bias, "bias", 1)
+    device = common_device(input=input, weight=weight, bias=bias)
+    check_same_dtype(input=input, weight=weight, bias=bias)
+    precision = resolve_precision(precision, input.dtype)
+    g = _geometry(input.shape, weight.shape, stride, padding, dilation)
+    if bias is not None and tuple(bias.shape) != (g.c_out,):
+        raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    return g, device, precision
 
 
 @ieee_arithmetic
@@ -416,18 +446,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, activat
     ``gpuconv.set_float32_matmul_precision``) is the internal precision of float32 operands, see
     ``gpuconv.precision``. Returns (N, C_out, H_out, W_out) on the device of ``input``.
     """
-    check_array(input, "input", 4, "NCHW")
-    check_array(weight, "weight", 4, "OIHW")
-    if bias is not None:
-        check_array(bias, "bias", 1)
-    device = common_device(input=input, weight=weight, bias=bias)
-    check_same_dtype(input=input, weight=weight, bias=bias)
-    precision = resolve_precision(precision, input.dtype)
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    g = _geometry(input.shape, weight.shape, stride, padding, dilation)
-    if bias is not None and tuple(bias.shape) != (g.c_out,):
-        raise ValueError(f"bias must have shape ({g.c_out},) for weight {g.weight_shape}, got {tuple(bias.shape)}")
+    g, device, precision = check_conv2d(input, weight, bias, stride, padding, dilation, precision)
     if g.batch == 0:  # as PyTorch: an empty output, and no kernel launched on an empty grid
         return empty(g.output_shape, input.dtype, device)
     if precision != "fp32":
@@ -462,12 +483,17 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
 
 
 @ieee_arithmetic
-def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None):
+def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilation=1, *, out=None, precision=None,
+                  bias_grad=False, bias_out=None):
     """Gradient of ``conv2d`` with respect to its weight, of shape ``weight_shape``.
 
     As ``torch.nn.grad.conv2d_weight``; ``padding`` also takes ``'same'`` and ``'valid'``.
     ``out``: an array of ``weight_shape`` on the input's device to write the gradient into.
     ``precision`` as for ``conv2d``.
+    ``bias_grad=True`` also returns the bias gradient (what ``conv2d_bias`` computes), as
+    ``(grad_weight, grad_bias)``, written into ``bias_out`` (a (C_out,) array) if given: the
+    default FP32 kernel sums it in the weight-gradient launch (no second kernel); other versions
+    and precisions run ``conv2d_bias``.
     The default FP32 kernel (version 2) writes each K split's partial sums to a workspace and adds
     them in a fixed order, so the result is bit-identical from run to run; version 1 adds them
     with float ``atomicAdd`` (the last bits vary, as cuDNN's non-deterministic algorithms).
@@ -480,13 +506,25 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     precision = resolve_precision(precision, input.dtype)
     g = _geometry(input.shape, weight_shape, stride, padding, dilation)
     _check_grad_output(grad_output, g)
+    grad_bias = output_array(bias_out, "bias_out", (g.c_out,), grad_output.dtype, device) if bias_grad else None
+    if bias_out is not None and not bias_grad:
+        raise ValueError("bias_out is given but bias_grad is False: pass bias_grad=True to compute the bias gradient")
     if g.batch == 0:  # as PyTorch: nothing to sum, a zero gradient
-        return zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
+        grad_weight = zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
+        return (grad_weight, zero_(grad_bias)) if bias_grad else grad_weight
+    implementation = _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)
+    if precision == "fp32" and bias_grad and implementation in (_conv2d_weight_v2, _conv2d_weight_v3):
+        return implementation(input, grad_output, g, out, grad_bias), grad_bias
     if precision != "fp32":
         if device != "cpu":
-            return conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
-        input, grad_output = round_operand(input, precision), round_operand(grad_output, precision)
-    return _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)(input, grad_output, g, out)
+            grad_weight = conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)
+            return (grad_weight, conv2d_bias(grad_output, out=grad_bias)) if bias_grad else grad_weight
+        input, rounded = round_operand(input, precision), round_operand(grad_output, precision)
+    else:
+        rounded = grad_output
+    grad_weight = implementation(input, rounded, g, out)
+    # The bias gradient sums the unrounded grad_output, as conv2d_bias does.
+    return (grad_weight, conv2d_bias(grad_output, out=grad_bias)) if bias_grad else grad_weight
 
 
 @ieee_arithmetic

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import kernels
-from ..device import contiguous, device_of, empty, zeros
+from ..device import _fresh, contiguous, device_of, empty, zeros
 
 # An H100 / H200 SXM: the wave model behind the tile choice and the backward-filter split.
 SMS = 132
@@ -37,7 +37,11 @@ TILES = {(128, 128): (256, 2), (128, 64): (128, 3), (64, 128): (128, 3), (32, 12
 NARROW_TILE = (4, 256)
 # Measured by `gpuconv check-kernels --sass` (hot-loop FFMA share on sm_90): the cost model's
 # price of a tile's overhead.
-FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.76, (32, 128): 0.67}
+FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.75, (32, 128): 0.65}
+# The tiles whose kernels read A with 32-bit loads, at any pitch (conv2d_gemm.cu's VECTOR_A_*,
+# and the narrow kernel): the forward pass gives them the weights as they are, with no re-layout
+# launch; the large tiles' 128-bit loads need K % 4 == 0 and 16-byte alignment (see NOTES).
+SCALAR_A_TILES = frozenset({(64, 128), (32, 128), NARROW_TILE})
 # Offsets inside the v2 kernels are 32-bit ints, with a tile of headroom.
 INT_LIMIT = np.iinfo(np.int32).max - 128
 MAX_GRID_Y = 65535
@@ -83,10 +87,14 @@ def _cost(tile, rows: int, columns: int) -> float:
 
 def choose_tile(rows: int, columns: int) -> tuple[tuple[int, int], str]:
     """The cheapest tile for a rows x columns output by :func:`_cost`; ties go to the larger tile
-    (fewer loads per multiply-add)."""
+    (fewer loads per multiply-add). M <= 64 takes one of the small tiles: a 128-row one would
+    waste half its rows, and only the small ones read unpadded weights (:data:`SCALAR_A_TILES`:
+    no re-layout launch for LeNet's K = 25 and 150, even at a batch so small that one wave of
+    any tile is enough)."""
     if rows <= NARROW_TILE[0]:
         return NARROW_TILE, f"M = {rows} <= {NARROW_TILE[0]}: the direct narrow kernel"
-    best = min(sorted(TILES, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
+    candidates = [t for t in TILES if t[0] <= 64] if rows <= 64 else TILES
+    best = min(sorted(candidates, key=lambda t: -t[0] * t[1]), key=lambda t: _cost(t, rows, columns))
     if best == (128, 128):
         return best, "large M and N"
     if best[0] < 128 and rows <= best[0]:
@@ -104,18 +112,23 @@ def _executed(tile, rows: int, columns: int, depth: int) -> int:
     return _padded(rows, tile[0]) * _padded(columns, tile[1]) * _padded(depth, BK)
 
 
-def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool):
-    """The A operand of conv2d_gemm_v2 from an OIHW weight: rows C_out (C_in when ``transpose``),
-    columns (channel, tap) over the tap grid ``rows_taps`` x ``cols_taps`` ((first, step, count)
-    along each axis), the pitch a multiple of 4 and zeros past K. The plain forward weight
-    already is one when K % 4 == 0 and it is 16-byte aligned; otherwise a kernel re-lays it (a
-    kernel, not an array operation, so that a CUDA graph replays it after each weight update)."""
+def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool, tile=None):
+    """The A operand of conv2d_gemm_v2 on ``tile`` (None: one with 128-bit loads) from an OIHW weight: rows C_out (C_in when
+    ``transpose``), columns (channel, tap) over the tap grid ``rows_taps`` x ``cols_taps``
+    ((first, step, count) along each axis); returns it with its pitch.
+
+    The forward weight as it is where the tile reads A with 32-bit loads (:data:`SCALAR_A_TILES`),
+    or where it already suits 128-bit loads (K % 4 == 0, 16-byte aligned). Otherwise a kernel
+    re-lays it with the pitch a multiple of 4 and zeros past K (a kernel, not an array operation,
+    so that a CUDA graph replays it after each weight update); backward-data's transposed,
+    per-phase weight always is such a copy."""
     n_taps = rows_taps[2] * cols_taps[2]
     rows, depth = (g.c_in, g.c_out * n_taps) if transpose else (g.c_out, g.c_in * n_taps)
-    pitch = _padded(depth, 4)
     weight = contiguous(weight)
-    if not transpose and n_taps == g.kernel_h * g.kernel_w and pitch == depth and _address(weight) % 16 == 0:
-        return weight.reshape(rows, depth), pitch
+    if not transpose and n_taps == g.kernel_h * g.kernel_w:
+        if tile in SCALAR_A_TILES or (depth % 4 == 0 and _address(weight) % 16 == 0):
+            return weight.reshape(rows, depth), depth
+    pitch = _padded(depth, 4)
     out = empty((rows, pitch), np.float32, device_of(weight))
     kernels.launch("conv2d_gemm", "conv2d_weight_rows_v2", kernels.grid_stride_blocks(rows * pitch), kernels.BLOCK,
                    (weight, out, g.c_out, g.c_in, g.kernel_h, g.kernel_w, rows_taps[2], cols_taps[2], rows_taps[0],
@@ -186,6 +199,11 @@ def _launch_lattice(tile, a, pitch, src, tap_grid, n_taps, bias, dst, rows, chan
                     *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), pitch))
 
 
+def _forward_taps(g) -> tuple[int, ...]:
+    """Taps (i*dil_h, j*dil_w): the grid of kernel_w columns from (0, 0) in steps of the dilation."""
+    return g.kernel_w, 0, g.dilation_h, 0, g.dilation_w
+
+
 def plan_forward(g) -> Plan:
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
     if refusal:
@@ -198,14 +216,50 @@ def plan_forward(g) -> Plan:
 
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
     out = empty(g.output_shape, np.float32, device_of(x))
-    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False)
-    # Taps (i*dil_h, j*dil_w): the grid of kernel_w columns from (0, 0) in steps of the dilation.
-    tap_grid = (g.kernel_w, 0, g.dilation_h, 0, g.dilation_w)
-    _launch_lattice(plan.tile, a, pitch, contiguous(x), tap_grid, g.kernel_h * g.kernel_w,
+    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
+    _launch_lattice(plan.tile, a, pitch, contiguous(x), _forward_taps(g), g.kernel_h * g.kernel_w,
                     None if bias is None else contiguous(bias), out, g.c_out, g.c_in, (g.height, g.width),
                     (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w), (-g.pad_top, -g.pad_left),
                     (g.out_h, g.out_w), (1, 1), (0, 0), relu)
     return out
+
+
+def plan_relu_max_pool2x2(g, pool_out, pool_padding) -> Plan | str:
+    """conv2d_relu_max_pool2x2_v2 for a convolution of geometry ``g`` followed by a ReLU and a
+    2x2/2 max-pool of output ``pool_out`` (H, W) and ``pool_padding``: the plan, or why the
+    fused kernel cannot take it (the caller then runs the unfused kernels).
+
+    Its GEMM has 4 columns per pool window (conv_pool_epilogue.cuh), on the tile
+    :func:`choose_tile` picks for that N, the 32x128 one where it picks the narrow kernel.
+    """
+    forward = plan_forward(g)
+    if forward.version != 2:
+        return forward.reason
+    columns = 4 * g.batch * pool_out[0] * pool_out[1]
+    if columns > INT_LIMIT:
+        return "4 GEMM columns per pool window pass 32-bit offsets"
+    tile, reason = choose_tile(g.c_out, columns)
+    if tile == NARROW_TILE:
+        tile, reason = (32, 128), f"M = {g.c_out}: the smallest GEMM tile (no fused narrow kernel)"
+    useful = _macs(g) / _executed(tile, g.c_out, columns, g.patch_size)
+    return Plan("forward_relu_max_pool", 2, "conv2d_relu_max_pool2x2_v2", tile, 1, 1, useful, reason)
+
+
+def conv2d_relu_max_pool2x2_v2(x, weight, bias, g, pool_out, pool_padding, plan: Plan):
+    """(out, indices) of max_pool2d(relu(conv2d(x, weight, bias)), 2, 2, pool_padding, ...) as
+    planned by :func:`plan_relu_max_pool2x2`: one launch, the convolution output never stored."""
+    device = device_of(x)
+    out = empty((g.batch, g.c_out, *pool_out), np.float32, device)
+    indices = empty(out.shape, np.int32, device)
+    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
+    bm, bn = plan.tile
+    grid = (math.ceil(4 * g.batch * pool_out[0] * pool_out[1] / bn), math.ceil(g.c_out / bm))
+    kernels.launch("conv2d_gemm", f"conv2d_relu_max_pool2x2_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
+                   (a, contiguous(x), out if bias is None else contiguous(bias), out, indices, g.c_out, g.c_in,
+                    g.kernel_h * g.kernel_w, *_forward_taps(g), g.height, g.width, g.batch, g.out_h, g.out_w,
+                    g.stride_h, g.stride_w, -g.pad_top, -g.pad_left, *pool_out, *pool_padding, int(bias is not None),
+                    pitch))
+    return out, indices
 
 
 @dataclass(frozen=True)
@@ -274,7 +328,7 @@ def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
     for ph, pw in reached:
         (rows_taps, (shift_h, shift_h_step)), (cols_taps, (shift_w, shift_w_step)) = ph.tap_progression(), pw.tap_progression()
         # A = the weight as C_in x (C_out, phase taps); B gathers grad_out at (q - shift, r - shift).
-        a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True)
+        a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True, tile=plan.tile)
         tap_grid = (cols_taps[2], -shift_h, -shift_h_step, -shift_w, -shift_w_step)
         _launch_lattice(plan.tile, a, pitch, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input,
                         g.c_in, g.c_out, (g.out_h, g.out_w), (g.batch, ph.count, pw.count), (1, 1),
@@ -291,39 +345,112 @@ def _filter_splits(tile, g) -> int:
     k_tiles = math.ceil(g.batch * g.out_h * g.out_w / BK)
     tiles = math.ceil(g.c_out / tile[0]) * math.ceil(g.patch_size / tile[1])
     target = SMS * TILES[tile][1] * WAVES
-    by_memory = max(1, WORKSPACE_BYTES // (4 * g.c_out * g.patch_size))
+    by_memory = max(1, WORKSPACE_BYTES // (4 * g.c_out * (g.patch_size + 1)))
     return max(1, min(k_tiles, math.ceil(target / tiles), by_memory))
 
 
 FILTER_TILES = ((128, 128), (128, 64), (64, 128))  # 32x128 would spill: 4 columns x 3 registers x 4 runs
+# Hot-loop FFMA share of conv2d_backward_filter_v2 on sm_90 (`gpuconv check-kernels --sass`), for
+# C_in % 4 == 0 (the _c4 kernels: a thread's 4 columns are one tap of 4 channels, one bounds test)
+# and for other C_in (a bounds test per column).
+FILTER_FFMA_SHARE = {
+    True: {(128, 128): 0.82, (128, 64): 0.79, (64, 128): 0.80},
+    False: {(128, 128): 0.80, (128, 64): 0.77, (64, 128): 0.76},
+}
 
 
-def plan_backward_filter(g) -> Plan:
+def _same_tap_runs(g) -> bool:
+    return g.c_in % 4 == 0
+
+
+def plan_backward_filter(g, last_block_reduce: bool = True) -> Plan:
+    """Version 3 (``last_block_reduce``): the last block of each output tile to finish adds the
+    splits; version 2: a second kernel does."""
     depth = g.batch * g.out_h * g.out_w
     refusal = _v2_refusal(g, g.kernel_h * g.kernel_w)
     if refusal:
         return plan_v1("backward_filter", g, refusal)
     # Split K fills the GPU whatever the tile, so pick the tile that wastes least padding.
-    tile = min(FILTER_TILES, key=lambda t: (_executed(t, g.c_out, g.patch_size, BK) / FFMA_SHARE[t], -t[0] * t[1]))
+    share = FILTER_FFMA_SHARE[_same_tap_runs(g)]
+    tile = min(FILTER_TILES, key=lambda t: (_executed(t, g.c_out, g.patch_size, BK) / share[t], -t[0] * t[1]))
     splits = _filter_splits(tile, g)
     k_per_split = _padded(math.ceil(depth / splits), BK)
     splits = math.ceil(depth / k_per_split)
     executed = _padded(g.c_out, tile[0]) * _padded(g.patch_size, tile[1]) * splits * k_per_split
     reason = f"least padding of {g.c_out}x{g.patch_size}; K split to fill {WAVES} waves of {SMS} SMs"
-    return Plan("backward_filter", 2, "conv2d_backward_filter_v2", tile, 1, splits, _macs(g) / executed, reason)
+    if _same_tap_runs(g):
+        reason += f"; C_in {g.c_in} in runs of 4 channels"
+    if splits > 1:
+        reason += "; the last block of a tile adds its splits" if last_block_reduce else "; a reduce kernel adds the splits"
+    return Plan("backward_filter", 3 if last_block_reduce else 2, "conv2d_backward_filter_v2", tile, 1, splits,
+                _macs(g) / executed, reason)
 
 
-def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight):
+def filter_walk_steps(g) -> tuple[int, ...]:
+    """conv_tiles.cuh's PixelSteps for this geometry: what one step of BK output pixels adds to a
+    backward-filter thread's pixel offsets, where its carries happen and what they add."""
+    plane = g.out_h * g.out_w
+    d_image, rest = divmod(BK, plane)
+    d_h, d_w = divmod(rest, g.out_w)
+    x_image = g.c_in * g.height * g.width
+    d_ih, d_iw = d_h * g.stride_h, d_w * g.stride_w
+    ih_wrap, iw_wrap = g.out_h * g.stride_h, g.out_w * g.stride_w
+    return (d_image * g.c_out * plane + rest, d_image * x_image + d_ih * g.width + d_iw, d_ih, d_iw,
+            ih_wrap - g.pad_top, iw_wrap - g.pad_left, ih_wrap, iw_wrap, (g.c_out - 1) * plane,
+            g.stride_h * g.width - iw_wrap, x_image - ih_wrap * g.width)
+
+
+def filter_kernel(plan: Plan, g) -> str:
+    """The entry point of conv2d_backward_filter.cu that runs ``plan``."""
+    bm, bn = plan.tile
+    return f"conv2d_backward_filter_v2_{bm}x{bn}" + ("_c4" if _same_tap_runs(g) else "")
+
+
+# Per device, the split-K tickets of conv2d_backward_filter_v2 (one int per output tile): zero
+# when no launch runs, since the last block of a tile resets its ticket. Kept across calls (no
+# zero-fill per call, no allocation in a graph capture after the first); dropped when a launch
+# fails, which may leave tickets taken.
+_TICKETS: dict = {}
+
+
+def _tickets(device: str, count: int):
+    tickets = _TICKETS.get(device)
+    if tickets is None or tickets.size < count:
+        tickets = _fresh(_padded(max(count, 1), 1024), np.int32, device)
+        tickets.fill(0)
+        _TICKETS[device] = tickets
+    return tickets
+
+
+def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight, grad_bias=None):
+    """grad_weight (and grad_bias, when given: the bias gradient from the same launch, summed by
+    the blocks of the first column tile) as ``plan`` says; bit-identical from run to run, and the
+    same bits whether a reduce kernel (version 2) or the last block of each tile (3) adds the
+    splits."""
     device = device_of(x)
     depth = g.batch * g.out_h * g.out_w
     k_per_split = _padded(math.ceil(depth / plan.splits), BK)
     bm, bn = plan.tile
     size = g.c_out * g.patch_size
-    partials = grad_weight if plan.splits == 1 else empty((plan.splits, size), np.float32, device)
+    stride = size + (g.c_out if grad_bias is not None else 0)  # one split's weights, then its biases
+    if plan.splits == 1:
+        partials, bias_partials = grad_weight, grad_bias
+    else:
+        workspace = empty((plan.splits * stride,), np.float32, device)
+        partials, bias_partials = workspace, workspace[size:]
     grid = (math.ceil(g.patch_size / bn), math.ceil(g.c_out / bm), plan.splits)
-    kernels.launch("conv2d_backward_filter", f"conv2d_backward_filter_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
-                   (contiguous(x), contiguous(grad_output), partials, *g.kernel_sizes(), k_per_split))
-    if plan.splits > 1:
-        kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(size), kernels.BLOCK,
-                       (partials, grad_weight, plan.splits, size))
+    has_bias = grad_bias is not None
+    last_block_reduce = plan.version == 3
+    tickets = _tickets(device, grid[0] * grid[1])
+    try:
+        kernels.launch("conv2d_backward_filter", filter_kernel(plan, g), grid, TILES[plan.tile][0],
+                       (contiguous(x), contiguous(grad_output), partials, bias_partials if has_bias else partials,
+                        *g.kernel_sizes(), k_per_split, stride, int(has_bias), grad_weight,
+                        grad_bias if has_bias else grad_weight, tickets, int(last_block_reduce), *filter_walk_steps(g)))
+    except BaseException:
+        _TICKETS.pop(device, None)
+        raise
+    if plan.splits > 1 and not last_block_reduce:
+        kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(stride), kernels.BLOCK,
+                       (partials, grad_weight, grad_bias if has_bias else grad_weight, plan.splits, stride, size))
     return grad_weight

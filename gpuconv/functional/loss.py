@@ -13,6 +13,8 @@ __all__ = ["cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad"]
 _REDUCTIONS = ("mean", "sum", "none")
 _BLOCK = 256
 _ROWS_PER_BLOCK = _BLOCK // 32  # one warp per row
+# The kernel's launch plans per (argument signature, reduction): kernels.signature.
+_plans = kernels.PlanCache()
 
 
 def _check_arguments(input, target, reduction: str, validate_target: bool) -> str:
@@ -28,13 +30,20 @@ def _check_arguments(input, target, reduction: str, validate_target: bool) -> st
         raise ValueError(f"target must have shape ({rows},) to match input {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
     device = common_device(input=input, target=target)
-    # One fused reduction (a single device round trip on 'cuda') before any kernel reads a label.
-    # A training loop whose labels were checked once when loaded skips it (validate_target=False):
-    # the kernel then turns a bad label into a NaN loss rather than reading out of bounds.
-    if validate_target and rows and bool(((target < 0) | (target >= classes)).any()):
+    if validate_target:
+        _check_labels(input, target)
+    return device
+
+
+def _check_labels(input, target) -> None:
+    """Every label in [0, C): one fused reduction (a single device round trip on 'cuda') before any
+    kernel reads a label. A training loop whose labels were checked once when loaded skips it
+    (validate_target=False): the kernel then turns a bad label into a NaN loss rather than
+    reading out of bounds."""
+    rows, classes = input.shape
+    if rows and bool(((target < 0) | (target >= classes)).any()):
         raise ValueError(f"target {tuple(target.shape)} holds labels outside [0, {classes}) "
                          f"(min {int(target.min())}, max {int(target.max())}) for input {tuple(input.shape)}")
-    return device
 
 
 def _reduce(losses, reduction: str):
@@ -66,28 +75,66 @@ def _numpy(input, target, reduction, want_grad):
     return losses, grad
 
 
-def _kernel(input, target, reduction, device):
+def _kernel(input, target, reduction, device, key):
+    """The per-sample losses, the gradient and, for 'mean'/'sum', their reduction, in one launch
+    (None where the launch has nothing to reduce: no rows, or no classes). The launch's plan is
+    kept for ``key`` when the arrays are the kernel's as they are."""
     rows, classes = input.shape
     # astype rather than ascontiguousarray: it keeps an EmuArray on the emulated device.
     logits = input.astype(np.float32, order="C", copy=False)
     labels = target.astype(np.int32, order="C", copy=False)
     losses = empty((rows,), np.float32, device)
     grad = empty((rows, classes), np.float32, device)
-    grad_scale = 1.0 / rows if reduction == "mean" and rows else 1.0
-    if rows and classes:
-        kernels.launch("softmax_cross_entropy", "softmax_cross_entropy_v1", kernels.blocks_for(rows, _ROWS_PER_BLOCK), _BLOCK,
-                       (logits, labels, rows, classes, grad_scale, losses, grad))
-    return losses, grad
+    if not (rows and classes):
+        return losses, grad, None
+    reduce = reduction != "none"
+    total = empty((1,), np.float32, device) if reduce else losses  # not written without a reduction
+    grad_scale = 1.0 / rows if reduction == "mean" else 1.0
+    # One block sums the whole batch in a fixed order; without a sum the rows spread over blocks.
+    grid = 1 if reduce else kernels.blocks_for(rows, _ROWS_PER_BLOCK)
+    plan = kernels.LaunchPlan("softmax_cross_entropy", "softmax_cross_entropy_v2", grid, _BLOCK,
+                              (logits, labels, rows, classes, grad_scale, grad_scale, reduce, losses, grad, total))
+    plan(logits, labels, losses, grad, total)
+    if key is not None and logits is input and labels is target:
+        _plans.remember((key, reduction), plan)
+    return losses, grad, total.reshape(()) if reduce else None
 
 
-def _losses_and_grad(input, target, reduction, want_grad, validate_target):
-    device = _check_arguments(input, target, reduction, validate_target)
-    if device == "cpu":
-        return _numpy(input, target, reduction, want_grad)
-    return _kernel(input, target, reduction, device)
+def _planned(plan, input, target, reduction):
+    """:func:`_kernel` by its plan: the arguments' signature has passed every check already."""
+    rows, classes = input.shape
+    device = plan.device
+    losses = empty((rows,), np.float32, device)
+    grad = empty((rows, classes), np.float32, device)
+    if reduction == "none":
+        plan(input, target, losses, grad, losses)
+        return losses, grad
+    total = empty((1,), np.float32, device)
+    plan(input, target, losses, grad, total)
+    return total.reshape(()), grad
+
+
+def _loss_and_grad(input, target, reduction, want_grad, validate_target):
+    """``(loss, grad)``: the losses reduced as asked, and their gradient (None if not wanted, on 'cpu')."""
+    key = kernels.signature(input, target)
+    plan = _plans.lookup((key, reduction)) if key is not None else None
+    if plan is not None:
+        if validate_target:
+            _check_labels(input, target)
+        return _planned(plan, input, target, reduction)
+    return _checked_loss_and_grad(input, target, reduction, want_grad, validate_target, key)
 
 
 @ieee_arithmetic
+def _checked_loss_and_grad(input, target, reduction, want_grad, validate_target, key):
+    device = _check_arguments(input, target, reduction, validate_target)
+    if device == "cpu":
+        losses, grad = _numpy(input, target, reduction, want_grad)
+        return _reduce(losses, reduction), grad
+    losses, grad, reduced = _kernel(input, target, reduction, device, key)
+    return (_reduce(losses, reduction) if reduced is None else reduced), grad
+
+
 def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """Cross-entropy of scores ``input`` (N, C) against integer labels ``target`` (N,).
 
@@ -96,24 +143,22 @@ def cross_entropy(input, target, reduction: str = "mean", *, validate_target: bo
     ``validate_target=False`` skips the label range check, which costs a device-to-host round trip
     on 'cuda'; only for labels already checked (a bad label then gives NaN on the kernel devices).
     """
-    return _reduce(_losses_and_grad(input, target, reduction, False, validate_target)[0], reduction)
+    return _loss_and_grad(input, target, reduction, False, validate_target)[0]
 
 
-@ieee_arithmetic
 def cross_entropy_backward(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """d loss / d input: ``softmax(input) - onehot(target)``, divided by N for 'mean'.
 
     For 'none' it is the gradient of each sample's own loss (the same as for 'sum').
     """
-    return _losses_and_grad(input, target, reduction, True, validate_target)[1]
+    return _loss_and_grad(input, target, reduction, True, validate_target)[1]
 
 
-@ieee_arithmetic
 def cross_entropy_with_grad(input, target, reduction: str = "mean", *, validate_target: bool = True):
     """``(cross_entropy(...), cross_entropy_backward(...))`` from one pass over the scores.
 
-    On 'cuda' and 'emu' every call of this module runs the one kernel that computes the loss and the
-    gradient together; a training step that needs both should call this rather than both functions.
+    On 'cuda' and 'emu' every call of this module runs the one kernel that computes the loss, its
+    gradient and the mean or sum together; a training step that needs both should call this
+    rather than both functions.
     """
-    losses, grad = _losses_and_grad(input, target, reduction, True, validate_target)
-    return _reduce(losses, reduction), grad
+    return _loss_and_grad(input, target, reduction, True, validate_target)

@@ -32,6 +32,10 @@ from ._checks import check_array, ieee_arithmetic, pair
 __all__ = ["pool2d_output_size", "max_pool2d", "max_pool2d_backward", "max_pool2d_relu_backward", "avg_pool2d",
            "avg_pool2d_backward"]
 
+# Launch plans of the max-pool kernels per (pass, argument signature, geometry arguments): a
+# steady-state call of a layer checks its arrays against the signature and launches.
+_plans = kernels.PlanCache()
+
 
 @dataclass(frozen=True)
 class _Window:
@@ -237,25 +241,36 @@ def _check_plane(input_shape, window: _Window) -> None:
                          f"for the pooling kernels (input of shape {tuple(input_shape)})")
 
 
-def _max_pool2d_kernel(x, window: _Window):
+def _max_pool2d_kernel(x, window: _Window, key):
     _check_plane(x.shape, window)
     n, c = x.shape[:2]
     device = device_of(x)
     out = empty((n, c, *window.out), np.float32, device)
     indices = empty(out.shape, np.int32, device)
-    kernels.launch("pool", "max_pool2d_forward_v1", kernels.grid_stride_blocks(out.size), kernels.BLOCK,
-                   (contiguous(x), out, indices, *window.kernel_args(x.shape)))
+    x = contiguous(x)
+    plan = kernels.LaunchPlan("pool", "max_pool2d_forward_v1", kernels.grid_stride_blocks(out.size), kernels.BLOCK,
+                              (x, out, indices, *window.kernel_args(x.shape)))
+    plan(x, out, indices)
+    if key[1] is not None:
+        _plans.remember(key, kernels.OpPlan(plan, [(out.shape, out.dtype), (indices.shape, indices.dtype)]))
     return out, indices
 
 
-@ieee_arithmetic
 def max_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = False, return_indices: bool = False):
     """2-D max pooling of an NCHW ``input``; with ``return_indices``, also the int32 in-plane argmax positions."""
+    key = ("forward", kernels.signature(input), kernel_size, stride, padding, ceil_mode)
+    plan = _plans.lookup(key) if key[1] is not None else None
+    out, indices = _max_pool2d(input, kernel_size, stride, padding, ceil_mode, key) if plan is None else plan(input)
+    return (out, indices) if return_indices else out
+
+
+@ieee_arithmetic
+def _max_pool2d(input, kernel_size, stride, padding, ceil_mode, key):
     check_array(input, "input", 4, "NCHW")
     window = _window(input.shape, kernel_size, stride, padding, ceil_mode)
-    impl = _max_pool2d_numpy if device_of(input) == "cpu" else _max_pool2d_kernel
-    out, indices = impl(input, window)
-    return (out, indices) if return_indices else out
+    if device_of(input) == "cpu":
+        return _max_pool2d_numpy(input, window)
+    return _max_pool2d_kernel(input, window, key)
 
 
 def _check_indices(indices, grad_output) -> None:
@@ -288,38 +303,50 @@ def _max_pool2d_backward_numpy(grad_output, indices, input_shape):
     return grad.reshape(input_shape).astype(grad_output.dtype, copy=False)
 
 
-def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window, output=None):
+def _max_pool2d_backward_kernel(grad_output, indices, input_shape, window: _Window, output, key):
     _check_plane(input_shape, window)
     grad_input = empty(input_shape, np.float32, device_of(grad_output))
     kernel, arrays = "max_pool2d_backward_v1", (contiguous(grad_output), contiguous(indices))
     if output is not None:
         kernel, arrays = "max_pool2d_relu_backward_v1", (*arrays, contiguous(output))
-    kernels.launch("pool", kernel, kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
-                   (*arrays, grad_input, *window.kernel_args(input_shape)))
+    plan = kernels.LaunchPlan("pool", kernel, kernels.grid_stride_blocks(grad_input.size), kernels.BLOCK,
+                              (*arrays, grad_input, *window.kernel_args(input_shape)))
+    plan(*arrays, grad_input)
+    if key[1] is not None:
+        _plans.remember(key, kernels.OpPlan(plan, [(grad_input.shape, grad_input.dtype)]))
     return grad_input
 
 
-@ieee_arithmetic
 def max_pool2d_relu_backward(grad_output, indices, output, input_shape, kernel_size, stride=None, padding=0,
                              ceil_mode: bool = False):
     """Gradient w.r.t. ``x`` of ``max_pool2d(relu(x))``, given the pool's ``output`` and ``indices``:
     ``relu_backward(max_pool2d_backward(...), relu(x))`` in one pass (one kernel on a device),
     bit-identical to it. The pool's output is relu(x) at each window's argmax, so its sign there
     is the ReLU's mask."""
+    key = ("backward", kernels.signature(grad_output, indices, output), input_shape, kernel_size, stride, padding,
+           ceil_mode)
+    plan = _plans.lookup(key) if key[1] is not None else None
+    if plan is not None:
+        return plan(grad_output, indices, output)[0]
     check_array(output, "output", 4, "NCHW")
     if tuple(output.shape) != tuple(grad_output.shape):
         raise ValueError(f"output {tuple(output.shape)} must have grad_output's shape {tuple(grad_output.shape)}")
     common_device(grad_output=grad_output, output=output)
-    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, output)
+    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, output, key)
+
+
+def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
+    """Gradient of :func:`max_pool2d` w.r.t. its input of shape ``input_shape``, given its ``indices``."""
+    key = ("backward", kernels.signature(grad_output, indices), input_shape, kernel_size, stride, padding, ceil_mode)
+    plan = _plans.lookup(key) if key[1] is not None else None
+    if plan is not None:
+        return plan(grad_output, indices)[0]
+    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, None, key)
 
 
 @ieee_arithmetic
-def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
-    """Gradient of :func:`max_pool2d` w.r.t. its input of shape ``input_shape``, given its ``indices``."""
-    return _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, None)
-
-
-def _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, relu_output):
+def _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride, padding, ceil_mode, relu_output,
+                         key):
     check_array(grad_output, "grad_output", 4, "NCHW")
     _check_indices(indices, grad_output)
     input_shape = _check_input_shape(input_shape, grad_output)
@@ -330,7 +357,7 @@ def _max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride,
         if relu_output is not None:  # the ReLU's mask at each window's argmax
             grad_output = select(relu_output > 0, grad_output)
         return _max_pool2d_backward_numpy(grad_output, indices, input_shape)
-    return _max_pool2d_backward_kernel(grad_output, indices, input_shape, window, relu_output)
+    return _max_pool2d_backward_kernel(grad_output, indices, input_shape, window, relu_output, key)
 
 
 # ------------------------------------------------------------------------------------------ avg

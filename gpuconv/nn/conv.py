@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from .. import functional as F
+from ..device import device_of
 from ..functional._checks import pair, positive_int
 from ..functional.conv import check_padding
 from ..precision import check as check_precision
@@ -42,19 +43,55 @@ class Conv2d(Module):
         return self.stride, self.padding, self.dilation
 
     def forward(self, x):
+        return self._forward(x, activation=None)
+
+    def _forward(self, x, activation):
         self._check_input(x)
         bias = None if self.bias is None else self.bias.data
-        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), precision=self.precision)
+        out = F.conv2d(x, self.weight.data, bias, *self._conv_args(), activation=activation, precision=self.precision)
         self._save(input=x)
+        return out
+
+    def forward_relu(self, x, relu):
+        """``relu(self(x))`` with the ReLU in the convolution's epilogue (one kernel), for
+        ``Sequential``'s fusion table; ``relu``, the ReLU that follows, keeps its output for its
+        backward."""
+        out = self._forward(x, activation="relu")
+        relu._save(output=out)
+        return out
+
+    def forward_relu_max_pool2d(self, x, relu, pool):
+        """``pool(relu(self(x)))``, for ``Sequential``'s fusion table; ``relu`` is a ReLU, ``pool`` a
+        MaxPool2d. On 'cuda' and 'emu' one op (``F.conv2d_relu_max_pool2d``: one kernel where it
+        applies), leaving each what its backward needs: this layer its input, the pool its
+        indices, input shape and output; the ReLU nothing (its output, the convolution's, is
+        never stored): its backward runs folded into the pool's (``backward_chain``). On 'cpu'
+        the three layers run one by one."""
+        if device_of(x) == "cpu":
+            return pool(relu(self(x)))
+        self._check_input(x)
+        bias = None if self.bias is None else self.bias.data
+        out, indices = F.conv2d_relu_max_pool2d(x, self.weight.data, bias, *self._conv_args(), pool.kernel_size,
+                                                pool.stride, pool.padding, pool.ceil_mode, precision=self.precision)
+        self._save(input=x)
+        relu._ctx = None
+        pool._save(indices=indices, input_shape=self.output_shape(x.shape), output=out)
         return out
 
     def backward(self, grad_output):
         x = self._saved()["input"]
         weight = self.weight.data
+        bias_grad = self.bias is not None and self.bias.requires_grad
         if self.weight.requires_grad:
-            self.weight.accumulate_grad(F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(),
-                                                        out=self.weight.grad_destination(), precision=self.precision))
-        if self.bias is not None and self.bias.requires_grad:
+            # With the bias: one call, which the default kernel serves with one launch.
+            grads = F.conv2d_weight(x, weight.shape, grad_output, *self._conv_args(), out=self.weight.grad_destination(),
+                                    precision=self.precision, bias_grad=bias_grad,
+                                    bias_out=self.bias.grad_destination() if bias_grad else None)
+            grad_weight, grad_bias = grads if bias_grad else (grads, None)
+            self.weight.accumulate_grad(grad_weight)
+            if bias_grad:
+                self.bias.accumulate_grad(grad_bias)
+        elif bias_grad:
             self.bias.accumulate_grad(F.conv2d_bias(grad_output, out=self.bias.grad_destination()))
         if not self.requires_input_grad:
             return None

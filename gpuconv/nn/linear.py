@@ -53,20 +53,47 @@ class Linear(Module):
 
     def forward(self, x):
         self._check_input(x)
-        out = F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+        weight, bias = self._weight_and_bias()
+        out = F.linear(x, weight.data, None if bias is None else bias.data)
         self._save(input=x)
         return out
 
+    def forward_relu(self, x, relu):
+        """``relu(self(x))`` with the ReLU in this layer's epilogue (one kernel where the layer
+        takes the hand GEMM); ``relu``, the ReLU module that follows, keeps its output for its
+        backward. See :class:`~gpuconv.nn.Sequential`."""
+        self._check_input(x)
+        weight, bias = self._weight_and_bias()
+        out = F.linear(x, weight.data, None if bias is None else bias.data, activation="relu")
+        self._save(input=x)
+        relu._save(output=out)
+        return out
+
     def backward(self, grad_output):
-        train_bias = self.bias is not None and self.bias.requires_grad
+        return self._backward(grad_output, through_relu=False)
+
+    def backward_through_relu(self, grad_output):
+        """The gradient w.r.t. the input of the ReLU whose output this layer's forward took: that
+        ReLU's backward folded into this layer's input gradient; see :func:`backward_chain`."""
+        return self._backward(grad_output, through_relu=True)
+
+    def _weight_and_bias(self):
+        # From the parameter dict directly: every step asks, and attribute lookup of a parameter
+        # goes through Module.__getattr__.
+        parameters = self._parameters
+        return parameters["weight"], parameters.get("bias")
+
+    def _backward(self, grad_output, through_relu: bool):
+        weight, bias = self._weight_and_bias()
+        train_bias = bias is not None and bias.requires_grad
         grad_input, grad_weight, grad_bias = F.linear_backward(
-            grad_output, self._saved()["input"], self.weight.data, input_grad=self.requires_input_grad,
-            weight_grad=self.weight.requires_grad, bias_grad=train_bias,
-            weight_out=self.weight.grad_destination(), bias_out=self.bias.grad_destination() if train_bias else None)
+            grad_output, self._saved()["input"], weight.data, input_grad=self.requires_input_grad,
+            weight_grad=weight.requires_grad, bias_grad=train_bias, weight_out=weight.grad_destination(),
+            bias_out=bias.grad_destination() if train_bias else None, through_relu=through_relu)
         if grad_weight is not None:
-            self.weight.accumulate_grad(grad_weight)
+            weight.accumulate_grad(grad_weight)
         if grad_bias is not None:
-            self.bias.accumulate_grad(grad_bias)
+            bias.accumulate_grad(grad_bias)
         return grad_input
 
     def output_shape(self, input_shape):

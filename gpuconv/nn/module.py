@@ -65,13 +65,16 @@ class Parameter:
     def numel(self) -> int:
         return int(self.data.size)
 
-    @ieee_arithmetic  # inf + -inf is NaN, silently, as in torch
     def accumulate_grad(self, grad) -> None:
-        if self.grad is None:
+        if self.grad is None:  # the common case: every step's first gradient
             self.grad = grad
         else:
-            accumulated = self.grad
-            device_call("add", device_of(grad), lambda: accumulated.__iadd__(grad))
+            self._add_grad(grad)
+
+    @ieee_arithmetic  # inf + -inf is NaN, silently, as in torch
+    def _add_grad(self, grad) -> None:
+        accumulated = self.grad
+        device_call("add", device_of(grad), lambda: accumulated.__iadd__(grad))
 
     def __repr__(self) -> str:
         frozen = "" if self.requires_grad else ", requires_grad=False"
