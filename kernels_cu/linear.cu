@@ -101,6 +101,24 @@ __device__ __forceinline__ void tile_product(float (&acc)[2][2], const Operand& 
     }
 }
 
+// store(row, col, value) for each of this thread's outputs of tile_product that falls inside the
+// rows x cols product (the epilogues differ only in what they write where).
+template <class Store>
+__device__ __forceinline__ void store_tile(const float (&acc)[2][2], int row0, int col0, int rows, int cols,
+                                           Store store)
+{
+    const int tx = threadIdx.x % SPAN, ty = threadIdx.x / SPAN;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + ty + r * SPAN;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int col = col0 + tx + c * SPAN;
+            if (row < rows && col < cols) store(row, col, acc[r][c]);
+        }
+    }
+}
+
 }  // namespace linear
 
 extern "C" __global__ void __launch_bounds__(256) linear_forward_v1(
@@ -113,20 +131,11 @@ extern "C" __global__ void __launch_bounds__(256) linear_forward_v1(
     const Operand b{weight, in_features, 1, out_features, -1};
     float acc[2][2];
     tile_product(acc, a, b, row0, col0, in_features);
-    const int tx = threadIdx.x % SPAN, ty = threadIdx.x / SPAN;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + ty + r * SPAN;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int col = col0 + tx + c * SPAN;
-            if (row >= rows || col >= out_features) continue;
-            float v = acc[r][c];
-            if (has_bias) v += bias[col];
-            if (relu) v = v < 0.0f ? 0.0f : v;
-            output[(long long)row * out_features + col] = v;
-        }
-    }
+    store_tile(acc, row0, col0, rows, out_features, [&](int row, int col, float v) {
+        if (has_bias) v += bias[col];
+        if (relu) v = v < 0.0f ? 0.0f : v;
+        output[(long long)row * out_features + col] = v;
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(256) linear_backward_v1(
@@ -135,7 +144,6 @@ extern "C" __global__ void __launch_bounds__(256) linear_backward_v1(
     float* __restrict__ grad_input, float* __restrict__ grad_weight, float* __restrict__ grad_bias)
 {
     using namespace linear;
-    const int tx = threadIdx.x % SPAN, ty = threadIdx.x / SPAN;
     float acc[2][2];
     const int block = blockIdx.x;  // uniform over the block: both branches hold their barriers whole
     if (block < input_tiles) {
@@ -144,17 +152,10 @@ extern "C" __global__ void __launch_bounds__(256) linear_backward_v1(
         const Operand a{grad_output, out_features, 1, rows, -1};  // (n, m)
         const Operand b{weight, 1, in_features, in_features, -1};  // (j, m) = weight[m][j]
         tile_product(acc, a, b, row0, col0, out_features);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = row0 + ty + r * SPAN;
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int col = col0 + tx + c * SPAN;
-                if (row >= rows || col >= in_features) continue;
-                const long long at = (long long)row * in_features + col;
-                grad_input[at] = !mask_input || input[at] > 0.0f ? acc[r][c] : 0.0f;
-            }
-        }
+        store_tile(acc, row0, col0, rows, in_features, [&](int row, int col, float v) {
+            const long long at = (long long)row * in_features + col;
+            grad_input[at] = !mask_input || input[at] > 0.0f ? v : 0.0f;
+        });
         return;
     }
     const int column_tiles = (weight_to - weight_from + TILE - 1) / TILE;
@@ -163,17 +164,10 @@ extern "C" __global__ void __launch_bounds__(256) linear_backward_v1(
     const Operand a{grad_output, 1, out_features, out_features, -1};        // (m, n) = grad_output[n][m]
     const Operand b{input, 1, in_features, in_features + 1, in_features};  // (j, n) = input[n][j], 1 at j = in
     tile_product(acc, a, b, row0, col0, rows);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + ty + r * SPAN;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int col = col0 + tx + c * SPAN;
-            if (row >= out_features || col >= weight_to) continue;
-            if (col == in_features)
-                grad_bias[row] = acc[r][c];
-            else
-                grad_weight[(long long)row * in_features + col] = acc[r][c];
-        }
-    }
+    store_tile(acc, row0, col0, out_features, weight_to, [&](int row, int col, float v) {
+        if (col == in_features)
+            grad_bias[row] = v;
+        else
+            grad_weight[(long long)row * in_features + col] = v;
+    });
 }

@@ -10,6 +10,7 @@ import pytest
 import gpuconv
 import gpuconv.functional as F
 from gpuconv import graphs, nn, optim
+from gpuconv.bench.host import training_step
 from gpuconv.device import to_device, to_numpy
 from gpuconv.random import manual_seed
 
@@ -145,15 +146,7 @@ def test_a_captured_classifier_step_replays_as_the_eager_steps(rng):
         model = nn.Sequential(nn.Linear(13, 9), nn.ReLU(), nn.Linear(9, 3)).to("emu")
         model.requires_input_grad = False
         optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        criterion = nn.CrossEntropyLoss(validate_target=False)
-
-        def step(x, y):
-            loss = criterion(model(x), y)
-            model.backward(criterion.backward())
-            optimizer.step()
-            optimizer.zero_grad()
-            return loss
-        return model, step
+        return model, training_step(model, optimizer, nn.CrossEntropyLoss(validate_target=False))
 
     model, step = setup()
     eager = [float(to_numpy(step(x, y))) for x, y in batches]

@@ -42,6 +42,17 @@ def host_cases(models) -> list[Case]:
     return [Case("lenet5", "train", HOST_OP, TrainStep(HOST_BATCH, "lenet5", model_layers("lenet5")[2]))]
 
 
+def training_step(model, optimizer, criterion):
+    """``step(x, y) -> loss``: forward, loss, backward, the optimizer's step and ``zero_grad``."""
+    def step(x, y):
+        loss = criterion(model(x), y)
+        model.backward(criterion.backward())
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+    return step
+
+
 def _lenet_step(batch: int, rng):
     """A LeNet-5 training step on 'emu' and one input set for it."""
     import numpy as np
@@ -51,15 +62,7 @@ def _lenet_step(batch: int, rng):
 
     model = models.lenet5().to("emu")
     optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss(validate_target=False)
-
-    def step(x, y):
-        loss = criterion(model(x), y)
-        model.backward(criterion.backward())
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss
-
+    step = training_step(model, optimizer, nn.CrossEntropyLoss(validate_target=False))
     x = to_device(rng.standard_normal((batch, *model.input_shape), dtype=np.float32), "emu")
     y = to_device(rng.integers(0, 10, batch, dtype=np.int32), "emu")
     return step, (x, y)
