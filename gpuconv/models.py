@@ -7,7 +7,7 @@ and a ``classifier`` Sequential, so parameter names read ``features.0.weight``,
 """
 from __future__ import annotations
 
-from . import nn
+from . import cpu, nn
 
 __all__ = ["ConvNet", "LeNet5", "AlexNet", "VGG16", "lenet5", "alexnet", "vgg16", "MODELS", "get_model"]
 
@@ -29,13 +29,24 @@ class ConvNet(nn.Module):
                 f"{type(self).__name__}: input of shape {tuple(x.shape)} does not match the (N, C, H, W) = "
                 f"(N, {', '.join(map(str, self.input_shape))}) the model is built for"
             )
+        executor = cpu.executor_for(self, x)
+        self._executed_by = executor
+        if executor is not None:
+            return executor.forward(x)
         return self.classifier(self.flatten(self.features(x)))
+
+    # On 'cpu', whether the batch-innermost executor (gpuconv.cpu) may run this model; False keeps
+    # the layer-by-layer module path (so does GPUCONV_CPU_EXECUTOR=0 for every model).
+    cpu_executor = True
+    _executed_by = None  # the executor that ran the last forward, if one did
 
     # A model's input is data: backward computes no gradient for it (the first convolution
     # launches no backward-data kernel) unless asked to, as for an input with requires_grad.
     requires_input_grad = False
 
     def backward(self, grad_output):
+        if self._executed_by is not None:
+            return self._executed_by.backward(grad_output, self.requires_input_grad)
         return nn.backward_chain([self.features, self.flatten, self.classifier], grad_output, self.requires_input_grad)
 
 

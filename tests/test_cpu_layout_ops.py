@@ -157,9 +157,10 @@ def test_max_pool2d_relu_backward_is_the_nchw_relu_backward(rng, geometry):
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_max_pool2d_backward_of_many_taps_scatters(rng, relu):
-    """A 5x5 window (25 taps past the per-tap passes' limit) goes through one bincount."""
-    x = tricky(rng, (2, 3, 9, 8), np.float64)
-    args = (5, 1, 2, True)
+    """A 5x5 window with stride 5 (non-overlapping, but 25 taps, past the per-tap passes' limit)
+    scatters as overlapping windows do."""
+    x = tricky(rng, (2, 3, 12, 11), np.float64)
+    args = (5, 5, 2, True)
     out, indices = cpu_pool.max_pool2d(chwn(x), *args, relu=relu)
     g = rng.standard_normal(out.shape)
     grad = cpu_pool.max_pool2d_backward(g, indices, chwn(x).shape, *args, relu_output=out if relu else None)
@@ -274,6 +275,9 @@ def test_result_buffers_are_written_and_returned(rng):
     out = np.full(x.shape, np.nan)
     got, saved = cpu_norm.local_response_norm(x, 5, 1e-3, 0.75, 2.0, out=out)
     assert got is out
+    reused = np.full(saved.shape, np.nan)
+    assert cpu_norm.local_response_norm(x, 5, 1e-3, 0.75, 2.0, saved=reused)[1] is reused
+    np.testing.assert_array_equal(reused, saved)
     np.testing.assert_array_equal(out, cpu_norm.local_response_norm(x, 5, 1e-3, 0.75, 2.0)[0])
     g, grad = rng.standard_normal(x.shape), np.full(x.shape, np.nan)
     assert cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 1e-3, 0.75, 2.0, out=grad) is grad
@@ -327,9 +331,30 @@ def test_bad_arguments_are_clear_errors(rng):
         cpu_pool.max_pool2d(x.astype(np.float16), 2)
     with pytest.raises(ValueError, match="tap codes below 4"):
         cpu_pool.max_pool2d_backward(out, np.full(out.shape, 4, np.uint8), x.shape, 2)
+    padded_codes = np.zeros((2, 2, 2, 3), np.uint8)  # tap 0 of the first windows is padding
+    for call in (lambda: cpu_pool.max_pool2d_backward(np.ones(padded_codes.shape, np.float32), padded_codes, x.shape, 3, 2, 1),
+                 lambda: cpu_pool.indices_nchw(padded_codes, x.shape, padded_codes.shape, 3, 2, 1)):
+        with pytest.raises(ValueError, match="name pixels outside the input"):
+            call()
     with pytest.raises(ValueError, match="grad_output of shape"):
         cpu_pool.max_pool2d_backward(out[..., :2], codes, x.shape, 2)
     with pytest.raises(ValueError, match="output_shape"):
         cpu_pool.indices_nchw(codes, x.shape, (2, 3, 3, 3), 2)
     with pytest.raises(ValueError, match="saved must be"):
         cpu_norm.local_response_norm_backward(x, x, x, x[:1], 5)
+
+
+@pytest.mark.parametrize("block_planes", [1, 2, 3])
+def test_local_response_norm_in_channel_blocks_is_the_whole_computation(rng, monkeypatch, block_planes):
+    """Blocks of channels (sized for the cache) recompute their edges' squares: the same sums."""
+    x = chwn(3 * rng.standard_normal((3, 8, 3, 2)))[:, :, :, ::2]  # a strided view too
+    g = rng.standard_normal(x.shape)
+    out, saved = cpu_norm.local_response_norm(x, 5, 0.1, 0.75, 2.0)
+    grad = cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 0.1, 0.75, 2.0)
+    monkeypatch.setattr(cpu_norm, "_BLOCK_BYTES", block_planes * x[0].nbytes)
+    blocked_out, blocked_saved = cpu_norm.local_response_norm(x, 5, 0.1, 0.75, 2.0)
+    np.testing.assert_array_equal(blocked_out, out)
+    np.testing.assert_array_equal(blocked_saved, saved)
+    np.testing.assert_array_equal(cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 0.1, 0.75, 2.0), grad)
+    want = F.local_response_norm_backward(nchw(g), nchw(x), nchw(out), 5, 0.1, 0.75, 2.0)
+    np.testing.assert_allclose(nchw(grad), want, rtol=1e-12, atol=1e-12)

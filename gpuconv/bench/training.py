@@ -64,7 +64,16 @@ def gpuconv_train(case: Case, device: str, rng) -> Workload:
         return _epoch((images, labels.astype(np.int32), what), s.batch, lambda a: to_device(a, device), step, rng)
     randn = normal_source(device, rng)
     return Workload(lambda: (randn(s.batch, *model.input_shape),
-                             to_device(rng.integers(0, 10, s.batch, dtype=np.int32), device)), step)
+                             to_device(rng.integers(0, 10, s.batch, dtype=np.int32), device)), step,
+                    _cpu_path(model, s.batch) if device == "cpu" else "")
+
+
+def _cpu_path(model, batch: int) -> str:
+    """The row's note on 'cpu': how the NumPy path runs the step (gpuconv.cpu's executor or not)."""
+    from .. import cpu
+
+    executor = cpu.executor_for(model, np.empty((batch, *model.input_shape), np.float32))
+    return "module path" if executor is None else f"cpu executor: {executor.describe(batch)}"
 
 
 def torch_train(case: Case, torch, device: str, rng) -> Workload:

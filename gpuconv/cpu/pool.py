@@ -4,9 +4,10 @@ Each function gives what its NCHW counterpart in :mod:`gpuconv.functional.pool` 
 ``x.transpose(3, 0, 1, 2)`` (PyTorch's rules: output size and ``ceil_mode``, windows clipped to
 the input, the first maximum in row-major window order, NaN propagating and winning, the average's
 divisor). A shifted window of a (C, H, W, N) array is a strided view whose innermost runs are N
-contiguous floats, so every pass is one NumPy call over whole views. Inputs, ``out=`` and
-``indices_out=`` may be views with any strides (half the batch for a thread, say): they are
-written in place, never copied to C order.
+contiguous floats, so every pass is one NumPy call over whole views (copied contiguous first where
+NumPy's ufuncs would crawl over the strides, see _contiguous). Inputs, ``out=`` and
+``indices_out=`` may be views with any strides (half the batch for a thread, say); results are
+written into the buffers given. Temporaries come from per-thread scratch buffers (:func:`scratch`).
 
 Max-pool indices are tap codes: ``dh * kw + dw``, the argmax's offset in its window counted from
 the window's top-left corner (padding included), in the smallest unsigned dtype that holds
@@ -14,6 +15,8 @@ the window's top-left corner (padding included), in the smallest unsigned dtype 
 them into PyTorch's int64 flat indices.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -23,9 +26,38 @@ from ..functional.pool import _Window, _avg_divisor, _window, _window_sums, _win
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype"]
 
-# Above this many window taps reaching the input, max_pool2d_backward scatters the gradients with
-# one bincount rather than one masked pass per tap.
+# Above this many window taps reaching the input, max_pool2d_backward scatters the gradients of
+# non-overlapping windows too, rather than making one masked pass per tap.
 _MAX_TAP_PASSES = 16
+
+
+_scratch_buffers = threading.local()
+
+
+def _thread_buffer(name: str, shape, dtype, allocate):
+    buffers = _scratch_buffers.__dict__
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if name not in buffers or buffers[name].size < nbytes:
+        buffers[name] = allocate(nbytes, np.uint8)
+    return buffers[name][:nbytes].view(dtype).reshape(shape)
+
+
+def scratch(name: str, shape, dtype, zero: bool = False):
+    """A reusable temporary of ``shape`` and ``dtype``, one per ``name`` and thread, grown as
+    needed and kept: a fresh multi-MB array per call costs its page faults every training step
+    (and the threads' munmaps contend). Never returned to a caller; each use has its own name."""
+    array = _thread_buffer(name, shape, dtype, np.empty)
+    if zero:
+        array.fill(0)
+    return array
+
+
+def _zeros(shape, dtype):
+    """A read-only array of zeros, per thread: ``np.maximum(x, zeros)`` runs several times faster
+    than ``np.maximum(x, 0)``, whose scalar operand misses NumPy's SIMD loop."""
+    zeros = _thread_buffer("zeros, read-only", shape, dtype, np.zeros)
+    zeros.flags.writeable = False
+    return zeros
 
 
 def _check_input(x, name: str):
@@ -53,22 +85,26 @@ def _output_shape(shape, window: _Window) -> tuple[int, int, int, int]:
     return shape[0], *window.out, shape[3]
 
 
+def _check_like(array, name: str, shape, dtype) -> None:
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
+        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
+        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+
+
 def _workspace(array, shape, dtype, name: str):
     """``array`` checked as a caller-owned result buffer of ``shape`` and ``dtype``, or a new one."""
     if array is None:
         return np.empty(shape, dtype)
-    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
-        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
-        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+    _check_like(array, name, shape, dtype)
     if not array.flags.writeable:
         raise ValueError(f"{name} of shape {tuple(shape)} is read-only")
     return array
 
 
-def _check_like(array, name: str, shape, dtype) -> None:
-    if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != dtype:
-        got = f"{array.dtype} array of shape {tuple(array.shape)}" if hasattr(array, "shape") else type(array).__name__
-        raise ValueError(f"{name} must be a {np.dtype(dtype)} NumPy array of shape {tuple(shape)}, got {got}")
+def _check_grad_output(grad_output, shape, input_shape) -> None:
+    if grad_output.shape != shape:
+        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
+                         f"of input_shape {input_shape}")
 
 
 def _along(axis: int, index):
@@ -89,6 +125,17 @@ def _taps(window: _Window, axis: int, size: int):
         yield inputs.start - outputs.start * stride + padding, outputs, inputs
 
 
+def _contiguous(view, buffer):
+    """``view`` itself if C-contiguous, else copied into the front of the flat ``buffer``. NumPy's
+    ufuncs run several times slower on strided inputs (runs of N or W_out * N floats: a shifted
+    window) than on contiguous ones, and a copy costs less than that difference."""
+    if view.flags.c_contiguous:
+        return view
+    copy = buffer[:view.size].reshape(view.shape)
+    np.copyto(copy, view)
+    return copy
+
+
 def code_dtype(kernel_size) -> np.dtype:
     """The dtype of :func:`max_pool2d`'s tap codes for a ``(kh, kw)`` kernel."""
     kh, kw = kernel_size
@@ -99,8 +146,9 @@ def code_dtype(kernel_size) -> np.dtype:
 
 
 def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
-    """The 2x2/2 pool without padding (an odd last row or column dropped) as four strided views of
-    ``x``: a compare and a maximum per window row, one of each between the rows, the codes from
+    """The 2x2/2 pool without padding (an odd last row or column dropped) from the four strided
+    views of ``x`` (copied contiguous): a compare and a maximum per window row, one of each
+    between the rows, the codes from
     the compares' outcomes. False (nothing written) for any other geometry. A compare cannot see
     a window's first NaN: the caller checks the output for NaN."""
     if window.kernel != (2, 2) or window.stride != (2, 2) or window.padding != (0, 0):
@@ -110,26 +158,28 @@ def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
         return False
     top, bottom = slice(0, 2 * oh, 2), slice(1, 2 * oh, 2)
     left, right = slice(0, 2 * ow, 2), slice(1, 2 * ow, 2)
-    top_left, top_right = x[:, top, left], x[:, top, right]
-    bottom_left, bottom_right = x[:, bottom, left], x[:, bottom, right]
+    quads = scratch("2x2 quads", (4, *out.shape), x.dtype)  # contiguous copies (see _contiguous)
+    for quad, (rows, columns) in zip(quads, ((top, left), (top, right), (bottom, left), (bottom, right))):
+        np.copyto(quad, x[:, rows, columns])
+    top_left, top_right, bottom_left, bottom_right = quads
     # A later position wins only when strictly greater (PyTorch's first maximum). The earlier
     # operand goes second: NumPy's maximum returns its second operand of an equal pair, so a 0.0
     # tied with an earlier -0.0 comes out as -0.0, the pixel the code names.
     right_in_top = np.greater(top_right, top_left)
-    top_max = np.maximum(top_right, top_left)
+    top_max = np.maximum(top_right, top_left, out=top_left)
     right_in_bottom = np.greater(bottom_right, bottom_left)
-    np.maximum(bottom_right, bottom_left, out=out)
-    bottom_wins = np.greater(out, top_max)
-    np.maximum(out, top_max, out=out)
+    bottom_max = np.maximum(bottom_right, bottom_left, out=bottom_left)
+    bottom_wins = np.greater(bottom_max, top_max)
+    np.maximum(bottom_max, top_max, out=out)
     column = np.bitwise_xor(right_in_top, right_in_bottom, out=right_in_bottom)  # the winning row's column
     column &= bottom_wins
     column ^= right_in_top
-    np.left_shift(bottom_wins.view(np.uint8), 1, out=codes)
+    np.add(bottom_wins.view(np.uint8), bottom_wins.view(np.uint8), out=codes)  # the row's code
     codes |= column.view(np.uint8)
     return True
 
 
-def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aware: bool) -> None:
+def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aware: bool, name: str) -> None:
     """``best``: every window's first maximum of ``source`` along ``axis``; ``codes``: the code of
     the tap it came from, ``tap_codes(offsets, inputs)`` giving the candidates' codes (strictly
     increasing with the offset, so a later winner's code is the maximum of the two)."""
@@ -143,8 +193,9 @@ def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aw
         best.fill(-np.inf)
         starts = window.starts(axis)
         np.copyto(codes, tap_codes(_on_axis(np.maximum(-starts, 0), axis), np.maximum(starts, 0)), casting="unsafe")
+    copies = scratch(name, best.size, best.dtype)
     for offset, outputs, inputs in taps:
-        candidate, current = source[_along(axis, inputs)], best[_along(axis, outputs)]
+        candidate, current = _contiguous(source[_along(axis, inputs)], copies), best[_along(axis, outputs)]
         wins = np.greater(candidate, current)
         if nan_aware:  # a first NaN wins too
             wins |= np.isnan(candidate) & ~np.isnan(current)
@@ -157,12 +208,12 @@ def _max_pool2d_separable(x, window: _Window, out, codes, nan_aware: bool) -> No
     """Columns first, then rows: the first maximum of each window row, then the first row whose
     maximum wins, is the first maximum in row-major window order (and the first NaN, nan_aware)."""
     c, h, _, n = x.shape
-    column_best = np.empty((c, h, window.out[1], n), x.dtype)
-    column_codes = np.empty(column_best.shape, codes.dtype)
-    _max_pass(x, window, 1, column_best, column_codes, lambda offsets, inputs: offsets, nan_aware)
-    kw = window.kernel[1]
+    column_best = scratch("column maxima", (c, h, window.out[1], n), x.dtype)
+    column_codes = scratch("column codes", column_best.shape, codes.dtype)
+    _max_pass(x, window, 1, column_best, column_codes, lambda offsets, inputs: offsets, nan_aware, "column taps")
+    kw, row_codes = window.kernel[1], scratch("row tap codes", column_best.size, codes.dtype)
     _max_pass(column_best, window, 0, out, codes,
-              lambda offsets, inputs: offsets * kw + column_codes[:, inputs], nan_aware)
+              lambda offsets, inputs: offsets * kw + _contiguous(column_codes[:, inputs], row_codes), nan_aware, "row taps")
 
 
 @ieee_arithmetic
@@ -182,20 +233,33 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, 
         if np.isnan(np.max(out)):  # some window holds a NaN: the compares did not find the first
             _max_pool2d_separable(x, window, out, codes, nan_aware=True)
     if relu:
-        np.maximum(out, 0, out=out)
+        np.maximum(out, _zeros(out.shape, out.dtype), out=out)
     return out, codes
 
 
-def _check_codes(indices, shape, window: _Window) -> None:
+def _check_codes(indices, shape, window: _Window, input_shape) -> None:
+    """``indices`` must be tap codes of ``shape`` naming pixels of the input (a window clipped by
+    the input's edge or padding has taps that name none)."""
     _check_like(indices, "indices", shape, code_dtype(window.kernel))
-    taps = window.kernel[0] * window.kernel[1]
-    if indices.size and int(np.max(indices)) >= taps:
+    if indices.size == 0:
+        return
+    taps, kw = window.kernel[0] * window.kernel[1], window.kernel[1]
+    if int(np.max(indices)) >= taps:
         raise ValueError(f"indices of shape {tuple(shape)} must be tap codes below {taps} for kernel_size="
                          f"{window.kernel}, got {int(np.max(indices))}")
+    for axis, size in enumerate(input_shape[1:3]):  # only the clipped windows can name a pixel past the edge
+        starts = window.starts(axis)
+        clipped = np.flatnonzero((starts < 0) | (starts + window.kernel[axis] > size))
+        if clipped.size:
+            codes = np.take(indices, clipped, axis=1 + axis).astype(np.int64)
+            positions = (codes // kw if axis == 0 else codes % kw) + _on_axis(starts[clipped], axis)
+            if positions.min() < 0 or positions.max() >= size:
+                raise ValueError(f"indices of shape {tuple(shape)} name pixels outside the input of shape "
+                                 f"{input_shape} (tap codes of another geometry?)")
 
 
 def _argmax_rows_columns(indices, window: _Window):
-    """The input row and column (int64, may be outside the input for a bad code) each code names."""
+    """The input row and column (int64) each code names."""
     codes = indices.astype(np.int64)
     kw = window.kernel[1]
     return codes // kw + _on_axis(window.starts(0), 0), codes % kw + _on_axis(window.starts(1), 1)
@@ -209,7 +273,7 @@ def indices_nchw(indices, input_shape, output_shape, kernel_size, stride=None, p
     shape = _output_shape(input_shape, window)
     if tuple(output_shape) != shape:
         raise ValueError(f"output_shape {tuple(output_shape)} is not the pooling output {shape} of input_shape {input_shape}")
-    _check_codes(indices, shape, window)
+    _check_codes(indices, shape, window, input_shape)
     rows, columns = _argmax_rows_columns(indices, window)
     rows *= input_shape[2]
     rows += columns
@@ -224,37 +288,48 @@ def _blocked_codes(codes, relu_output):
 
 
 def _max_pool2d_backward_taps(grad_output, codes, grad_input, window: _Window, row_taps, column_taps) -> None:
-    """One masked pass per tap: each window's gradient to the tap its code names. Taps run from
-    the last to the first, so an input pixel shared by overlapping windows sums their gradients in
-    the windows' row-major order (PyTorch's), from zero."""
-    overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
+    """Windows that do not overlap: every pixel takes the gradient of the one window holding it
+    if its code names it, one masked pass per tap (over contiguous arrays, then copied in place)."""
     tiled = all(p == 0 and k == s and o * k == size for p, k, s, o, size
                 in zip(window.padding, window.kernel, window.stride, window.out, grad_input.shape[1:3]))
-    if not tiled:  # some pixels are in no window (or overlapping windows accumulate)
+    if not tiled:  # some pixels are in no window
         grad_input.fill(0)
-    bits = np.dtype(f"i{grad_output.itemsize}")
-    gradient_bits, kw = grad_output.view(bits), window.kernel[1]
-    for row_offset, output_rows, input_rows in reversed(row_taps):
-        for column_offset, output_columns, input_columns in reversed(column_taps):
-            here = (slice(None), output_rows, output_columns)
+    bits, kw = np.dtype(f"i{grad_output.itemsize}"), window.kernel[1]
+    gradient = _contiguous(grad_output, scratch("gradient", grad_output.size, grad_output.dtype)).view(bits)
+    codes = _contiguous(codes, scratch("codes", codes.size, codes.dtype))
+    selected = scratch("tap gradient", grad_output.shape, bits)
+    for row_offset, output_rows, input_rows in row_taps:
+        for column_offset, output_columns, input_columns in column_taps:
             # all-ones or all-zeros words: a bitwise AND selects exactly (an inf elsewhere stays out)
-            mask = np.negative(np.equal(codes[here], row_offset * kw + column_offset).view(np.int8), dtype=bits)
-            target = grad_input[:, input_rows, input_columns]
-            if overlapping:
-                target += np.bitwise_and(gradient_bits[here], mask, out=mask).view(grad_input.dtype)
-            else:
-                np.bitwise_and(gradient_bits[here], mask, out=target.view(bits))
+            np.negative(np.equal(codes, row_offset * kw + column_offset).view(np.int8), out=selected)
+            selected &= gradient
+            np.copyto(grad_input[:, input_rows, input_columns],
+                      selected.view(grad_output.dtype)[:, output_rows, output_columns])
 
 
 def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window) -> None:
-    """One bincount over every window's argmax pixel (in the output's order: row-major windows)."""
+    """Every window's gradient added to the pixel its code names, by ``np.add.at`` in the output's
+    order: a pixel shared by overlapping windows sums them from zero in the windows' row-major
+    order (PyTorch's, in the gradient's dtype). NumPy 2's ``add.at`` is a fast loop: for 3x3/2
+    this beat nine masked passes (benchmarks/NOTES.md)."""
     c, h, w, n = grad_input.shape
-    rows, columns = _argmax_rows_columns(codes, window)
-    if grad_output.size and (rows.min() < 0 or rows.max() >= h or columns.min() < 0 or columns.max() >= w):
-        raise ValueError(f"indices of shape {tuple(codes.shape)} name pixels outside the input of shape {grad_input.shape}")
-    target = ((np.arange(c).reshape(-1, 1, 1, 1) * h + rows) * w + columns) * n + np.arange(n)
-    summed = np.bincount(target.ravel(), weights=grad_output.ravel(), minlength=grad_input.size)
-    np.copyto(grad_input, summed.reshape(grad_input.shape), casting="same_kind")
+    kw = window.kernel[1]
+    # The flat (C, H, W, N) position of every window's top-left tap (padding included) ...
+    corners = ((np.arange(c).reshape(-1, 1, 1, 1) * h + _on_axis(window.starts(0), 0)) * w
+               + _on_axis(window.starts(1), 1)) * n + np.arange(n)
+    if codes.dtype == np.uint8:  # ... plus each code's offset from it
+        taps = np.arange(window.kernel[0] * kw)
+        targets = np.take((taps // kw * w + taps % kw) * n, codes)
+    else:
+        wide = codes.astype(np.int64)
+        targets = (wide // kw * w + wide % kw) * n
+    targets += corners
+    total = grad_input if grad_input.flags.c_contiguous else scratch("scattered gradient", grad_input.shape,
+                                                                        grad_input.dtype)
+    total.fill(0)
+    np.add.at(total.reshape(-1), targets.reshape(-1), grad_output.reshape(-1))
+    if total is not grad_input:
+        np.copyto(grad_input, total)
 
 
 @ieee_arithmetic
@@ -267,17 +342,16 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     input_shape = _check_shape(input_shape)
     window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
     shape = _output_shape(input_shape, window)
-    if grad_output.shape != shape:
-        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
-                         f"of input_shape {input_shape}")
-    _check_codes(indices, shape, window)
+    _check_grad_output(grad_output, shape, input_shape)
+    _check_codes(indices, shape, window, input_shape)
     if relu_output is not None:
         _check_like(relu_output, "relu_output", shape, grad_output.dtype)
     grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
     if grad_input.size == 0:
         return grad_input
     row_taps, column_taps = list(_taps(window, 0, input_shape[1])), list(_taps(window, 1, input_shape[2]))
-    if len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES:
+    overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
+    if not overlapping and len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES:
         codes = indices if relu_output is None else _blocked_codes(indices, relu_output)
         _max_pool2d_backward_taps(grad_output, codes, grad_input, window, row_taps, column_taps)
     else:
@@ -316,9 +390,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
     input_shape = _check_shape(input_shape)
     window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
     shape = _output_shape(input_shape, window)
-    if grad_output.shape != shape:
-        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} is not the pooling output {shape} "
-                         f"of input_shape {input_shape}")
+    _check_grad_output(grad_output, shape, input_shape)
     grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
     share = grad_output / _divisor(window, input_shape, bool(count_include_pad), grad_output.dtype)
     rows = _window_sums_transposed(share[None], window, 0, input_shape[1])
