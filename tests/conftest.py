@@ -54,6 +54,14 @@ def kernel_device(request):
         yield name
 
 
+@pytest.fixture(autouse=True)
+def _fresh_conv_plans():
+    """Each test plans its convolutions anew: many replace the planner's choices (the tile, the
+    K split), which a plan kept from another test would not see."""
+    from gpuconv.functional import conv_plans
+    conv_plans.clear()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

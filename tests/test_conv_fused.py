@@ -10,7 +10,7 @@ import gpuconv
 import gpuconv.functional as F
 from gpuconv import emu, models, nn, optim
 from gpuconv.device import to_device, to_numpy
-from gpuconv.functional import conv_gemm
+from gpuconv.functional import conv_gemm, conv_plans
 from gpuconv.nn import containers
 from gpuconv.random import manual_seed
 
@@ -324,6 +324,7 @@ def _input_gradient(weight, grad_output, x_shape, args, in_place: bool, monkeypa
     with monkeypatch.context() as patch:
         if not in_place:
             patch.setattr(conv_gemm, "IN_PLACE_DATA_TILES", frozenset())
+        conv_plans.clear()  # a plan keeps the planner's choice
         with gpuconv.profile() as prof:
             grad = F.conv2d_input(x_shape, weight, grad_output, **args)
     return to_numpy(grad), prof.counts()

@@ -21,7 +21,7 @@ import pytest
 import gpuconv.functional as F
 from gpuconv import emu, emu_racecheck, kernels
 from gpuconv.device import to_device, to_numpy
-from gpuconv.functional import conv_gemm
+from gpuconv.functional import conv_gemm, conv_plans
 from gpuconv.optim import SGD, Adam
 
 pytestmark = pytest.mark.skipif(
@@ -236,6 +236,7 @@ def raced():
         patch.setattr(emu.EmuFunction, "__call__", recording)
         for name, ops in OPS.items():
             calls.clear()
+            conv_plans.clear()  # ops patch the planner's choices (the K split), which a kept plan would not see
             failure = None
             with pytest.MonkeyPatch.context() as op_patch:
                 try:

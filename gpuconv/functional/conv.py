@@ -29,7 +29,7 @@ from .. import kernels
 from ..device import array_module, common_device, contiguous, device_of, empty, zero_, zeros
 from ..precision import resolve as resolve_precision
 from ..precision import round_operand
-from . import conv_gemm, conv_tensorcore
+from . import conv_gemm, conv_plans, conv_tensorcore
 from ._checks import check_array, check_same_dtype, ieee_arithmetic, output_array, pair
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "conv2d_bias", "conv2d_output_size", "conv2d_plan"]
@@ -353,17 +353,42 @@ def _conv2d_v2(x, weight, bias, g: _Geometry, relu: bool):
     return conv_gemm.conv2d_forward_v2(x, weight, bias, g, relu, plan)
 
 
-def _conv2d_input_v2(weight, grad_output, g: _Geometry):
+def _conv2d_input_v2(weight, grad_output, g: _Geometry, key=None):
+    """``key``: the :func:`conv_plans.plan_key` to keep the op's plan under (None: keep none)."""
     plan = conv_gemm.plan_backward_data(g)
     if plan.version == 1:
         return _conv2d_input_kernel(weight, grad_output, g)
-    return conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
+    grad_input, op = conv_gemm.conv2d_backward_data_v2(weight, grad_output, g, plan)
+    if key is not None:
+        conv_plans.BACKWARD_DATA.remember(key, op)
+    return grad_input
 
 
-def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None, last_block_reduce=False):
+class _WeightGradOp:
+    """A planned :func:`conv2d_weight` call: ``op(input, grad_output, out, bias_out)``, the
+    outputs allocated where not given, the result as conv2d_weight returns it."""
+
+    __slots__ = ("op", "weight_shape", "bias_grad")
+
+    def __init__(self, op: conv_gemm.BackwardFilterOp, weight_shape, bias_grad: bool):
+        self.op, self.weight_shape, self.bias_grad = op, weight_shape, bias_grad
+
+    def __call__(self, input, grad_output, out, bias_out):
+        device = self.op.device
+        grad_weight = empty(self.weight_shape, np.float32, device) if out is None else out
+        if not self.bias_grad:
+            self.op(input, grad_output, grad_weight, None)
+            return grad_weight
+        grad_bias = empty(self.weight_shape[:1], np.float32, device) if bias_out is None else bias_out
+        self.op(input, grad_output, grad_weight, grad_bias)
+        return grad_weight, grad_bias
+
+
+def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None, last_block_reduce=False, key=None):
     """The weight gradient; with ``grad_bias`` (a checked (C_out,) array) also the bias gradient
     into it, from the same launch (version 1, where the plan falls back, runs its bias kernel).
-    ``last_block_reduce``: version 3, the splits added by the last block of each tile."""
+    ``last_block_reduce``: version 3, the splits added by the last block of each tile. ``key``:
+    the :func:`conv_plans.plan_key` to keep the op's plan under (None: keep none)."""
     plan = conv_gemm.plan_backward_filter(g, last_block_reduce)
     if plan.version == 1:
         grad_weight = _conv2d_weight_kernel(x, grad_output, g, out)
@@ -371,13 +396,16 @@ def _conv2d_weight_v2(x, grad_output, g: _Geometry, out, grad_bias=None, last_bl
             _conv2d_bias_kernel(grad_output, grad_bias)
         return grad_weight
     grad_weight = output_array(out, "out", g.weight_shape, np.float32, device_of(x))
-    return conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight, grad_bias)
+    grad_weight, op = conv_gemm.conv2d_backward_filter_v2(x, grad_output, g, plan, grad_weight, grad_bias)
+    if key is not None:
+        conv_plans.BACKWARD_FILTER.remember(key, _WeightGradOp(op, g.weight_shape, grad_bias is not None))
+    return grad_weight
 
 
 _FORWARD = {0: _conv2d_im2col, 1: _conv2d_kernel, 2: _conv2d_v2}
 _BACKWARD_DATA = {0: _conv2d_input_im2col, 1: _conv2d_input_kernel, 2: _conv2d_input_v2}
-def _conv2d_weight_v3(x, grad_output, g: _Geometry, out, grad_bias=None):
-    return _conv2d_weight_v2(x, grad_output, g, out, grad_bias, last_block_reduce=True)
+def _conv2d_weight_v3(x, grad_output, g: _Geometry, out, grad_bias=None, key=None):
+    return _conv2d_weight_v2(x, grad_output, g, out, grad_bias, last_block_reduce=True, key=key)
 
 
 _BACKWARD_FILTER = {0: _conv2d_weight_im2col, 1: _conv2d_weight_kernel, 2: _conv2d_weight_v2, 3: _conv2d_weight_v3}
@@ -465,6 +493,11 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
     As ``torch.nn.grad.conv2d_input``; ``padding`` also takes ``'same'`` and ``'valid'``;
     ``precision`` as for ``conv2d``.
     """
+    key = conv_plans.plan_key((weight, grad_output), (input_shape, stride, padding, dilation), precision,
+                              "conv2d_backward_data")
+    op = conv_plans.BACKWARD_DATA.lookup(key) if key is not None else None
+    if op is not None:
+        return op(weight, grad_output)
     input_shape = _shape4(input_shape, "input_shape")
     check_array(weight, "weight", 4, "OIHW")
     check_array(grad_output, "grad_output", 4, "NCHW")
@@ -479,7 +512,10 @@ def conv2d_input(input_shape, weight, grad_output, stride=1, padding=0, dilation
         if device != "cpu":
             return conv_tensorcore.conv2d_input(weight, grad_output, g, precision)
         weight, grad_output = round_operand(weight, precision), round_operand(grad_output, precision)
-    return _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)(weight, grad_output, g)
+    implementation = _implementation(device, "conv2d_backward_data", _BACKWARD_DATA)
+    if implementation is _conv2d_input_v2:
+        return implementation(weight, grad_output, g, key)
+    return implementation(weight, grad_output, g)
 
 
 @ieee_arithmetic
@@ -498,6 +534,11 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
     them in a fixed order, so the result is bit-identical from run to run; version 1 adds them
     with float ``atomicAdd`` (the last bits vary, as cuDNN's non-deterministic algorithms).
     """
+    key = conv_plans.plan_key((input, grad_output, out, bias_out), (weight_shape, stride, padding, dilation, bias_grad),
+                              precision, "conv2d_backward_filter")
+    op = conv_plans.BACKWARD_FILTER.lookup(key) if key is not None else None
+    if op is not None:
+        return op(input, grad_output, out, bias_out)
     check_array(input, "input", 4, "NCHW")
     weight_shape = _shape4(weight_shape, "weight_shape")
     check_array(grad_output, "grad_output", 4, "NCHW")
@@ -513,8 +554,9 @@ def conv2d_weight(input, weight_shape, grad_output, stride=1, padding=0, dilatio
         grad_weight = zero_(output_array(out, "out", g.weight_shape, grad_output.dtype, device))
         return (grad_weight, zero_(grad_bias)) if bias_grad else grad_weight
     implementation = _implementation(device, "conv2d_backward_filter", _BACKWARD_FILTER)
-    if precision == "fp32" and bias_grad and implementation in (_conv2d_weight_v2, _conv2d_weight_v3):
-        return implementation(input, grad_output, g, out, grad_bias), grad_bias
+    if precision == "fp32" and implementation in (_conv2d_weight_v2, _conv2d_weight_v3):
+        grad_weight = implementation(input, grad_output, g, out, grad_bias, key=key)
+        return (grad_weight, grad_bias) if bias_grad else grad_weight
     if precision != "fp32":
         if device != "cpu":
             grad_weight = conv_tensorcore.conv2d_weight(input, grad_output, g, precision, out)

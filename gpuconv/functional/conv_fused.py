@@ -6,6 +6,8 @@ from . import conv as _conv
 from . import conv_gemm
 from ._checks import ieee_arithmetic
 from .conv import check_conv2d, conv2d
+from .conv_plans import FORWARD_RELU_MAX_POOL as _plans
+from .conv_plans import plan_key
 from .pool import _check_plane, _window, max_pool2d
 
 __all__ = ["conv2d_relu_max_pool2d"]
@@ -27,6 +29,11 @@ def conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilati
     batch, shapes past the v2 kernels' 32-bit limits — runs the unfused kernels (the
     convolution with its ReLU in one, then the pool).
     """
+    key = plan_key((input, weight, bias), (stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                                            ceil_mode), precision, "conv2d_forward")
+    op = _plans.lookup(key) if key is not None else None
+    if op is not None:
+        return op(input, weight, bias)
     g, device, precision = check_conv2d(input, weight, bias, stride, padding, dilation, precision)
     window = _window(g.output_shape, pool_kernel_size, pool_stride, pool_padding, ceil_mode,
                      name="the convolution's output")
@@ -34,7 +41,10 @@ def conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilati
     if isinstance(plan, str):
         y = conv2d(input, weight, bias, stride, padding, dilation, activation="relu", precision=precision)
         return max_pool2d(y, pool_kernel_size, pool_stride, pool_padding, ceil_mode, return_indices=True)
-    return conv_gemm.conv2d_relu_max_pool2x2_v2(input, weight, bias, g, window.out, window.padding, plan)
+    result, op = conv_gemm.conv2d_relu_max_pool2x2_v2(input, weight, bias, g, window.out, window.padding, plan)
+    if key is not None:
+        _plans.remember(key, op)
+    return result
 
 
 def _fused_plan(g, window, device: str, precision: str):

@@ -193,10 +193,11 @@ def _lattice_kernel(tile) -> str:
     return _lattice_family(tile) if tile == NARROW_TILE else f"conv2d_gemm_v2_{tile[0]}x{tile[1]}"
 
 
-def _launch_lattice(tile, a, a_layout, src, tap_grid, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
+def _lattice_launch(tile, a, a_layout, src, tap_grid, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
                     src_origin, dst_hw, dst_step, dst_origin, relu: bool, kernel=None):
-    """One lattice GEMM launch; ``a_layout``: the kernel's last arguments, which say how it reads
-    ``a`` (the pitch of a row-major A, or the weight's kernel taps for ``kernel`` =
+    """One lattice GEMM launch as :func:`kernels.launch` takes it after its topic: (kernel,
+    grid, block, args); ``a_layout``: the kernel's last arguments, which say how it reads ``a``
+    (the pitch of a row-major A, or the weight's kernel taps for ``kernel`` =
     ``..._transposed_weight``)."""
     bm, bn = tile
     batch, lattice_h, lattice_w = lattice
@@ -204,9 +205,9 @@ def _launch_lattice(tile, a, a_layout, src, tap_grid, n_taps, bias, dst, rows, c
     has_bias = bias is not None
     if bias is None:
         bias = dst  # never read
-    kernels.launch("conv2d_gemm", kernel or _lattice_kernel(tile), grid, bn if tile == NARROW_TILE else TILES[tile][0],
-                   (a, src, bias, dst, rows, channels, n_taps, *tap_grid, *src_hw, batch, lattice_h, lattice_w,
-                    *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), *a_layout))
+    return (kernel or _lattice_kernel(tile), grid, bn if tile == NARROW_TILE else TILES[tile][0],
+            (a, src, bias, dst, rows, channels, n_taps, *tap_grid, *src_hw, batch, lattice_h, lattice_w,
+             *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), *a_layout))
 
 
 def _forward_taps(g) -> tuple[int, ...]:
@@ -227,10 +228,11 @@ def plan_forward(g) -> Plan:
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
     out = empty(g.output_shape, np.float32, device_of(x))
     a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
-    _launch_lattice(plan.tile, a, (pitch,), contiguous(x), _forward_taps(g), g.kernel_h * g.kernel_w,
-                    None if bias is None else contiguous(bias), out, g.c_out, g.c_in, (g.height, g.width),
-                    (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w), (-g.pad_top, -g.pad_left),
-                    (g.out_h, g.out_w), (1, 1), (0, 0), relu)
+    kernels.launch("conv2d_gemm", *_lattice_launch(
+        plan.tile, a, (pitch,), contiguous(x), _forward_taps(g), g.kernel_h * g.kernel_w,
+        None if bias is None else contiguous(bias), out, g.c_out, g.c_in, (g.height, g.width),
+        (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w), (-g.pad_top, -g.pad_left), (g.out_h, g.out_w), (1, 1),
+        (0, 0), relu))
     return out
 
 
@@ -257,19 +259,50 @@ def plan_relu_max_pool2x2(g, pool_out, pool_padding) -> Plan | str:
 
 def conv2d_relu_max_pool2x2_v2(x, weight, bias, g, pool_out, pool_padding, plan: Plan):
     """(out, indices) of max_pool2d(relu(conv2d(x, weight, bias)), 2, 2, pool_padding, ...) as
-    planned by :func:`plan_relu_max_pool2x2`: one launch, the convolution output never stored."""
-    device = device_of(x)
-    out = empty((g.batch, g.c_out, *pool_out), np.float32, device)
-    indices = empty(out.shape, np.int32, device)
-    a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
-    bm, bn = plan.tile
-    grid = (math.ceil(4 * g.batch * pool_out[0] * pool_out[1] / bn), math.ceil(g.c_out / bm))
-    kernels.launch("conv2d_gemm", f"conv2d_relu_max_pool2x2_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
-                   (a, contiguous(x), out if bias is None else contiguous(bias), out, indices, g.c_out, g.c_in,
-                    g.kernel_h * g.kernel_w, *_forward_taps(g), g.height, g.width, g.batch, g.out_h, g.out_w,
-                    g.stride_h, g.stride_w, -g.pad_top, -g.pad_left, *pool_out, *pool_padding, int(bias is not None),
-                    pitch))
-    return out, indices
+    planned by :func:`plan_relu_max_pool2x2`: one launch, the convolution output never stored.
+    Returns them with the :class:`ReluMaxPoolOp` that repeats the launch for new arrays."""
+    op = ReluMaxPoolOp(contiguous(x), contiguous(weight), None if bias is None else contiguous(bias), g, pool_out,
+                       pool_padding, plan)
+    return op.first, op
+
+
+class ReluMaxPoolOp:
+    """conv2d_relu_max_pool2x2_v2 for one geometry, its launch planned: ``op(x, weight, bias)``
+    takes C-contiguous arrays of the shapes, dtypes and device it was made for (the caller's
+    key says so) and returns fresh ``(out, indices)``. Built by a first, fully checked launch
+    (its result in ``first``)."""
+
+    __slots__ = ("launch", "g", "tile", "out_shape", "device", "first")
+
+    def __init__(self, x, weight, bias, g, pool_out, pool_padding, plan: Plan):
+        self.g, self.tile, self.device = g, plan.tile, device_of(x)
+        self.out_shape = (g.batch, g.c_out, *pool_out)
+        out, indices = self._outputs()
+        a, pitch = self._a(weight)
+        bm, bn = plan.tile
+        grid = (math.ceil(4 * g.batch * pool_out[0] * pool_out[1] / bn), math.ceil(g.c_out / bm))
+        self.launch = kernels.LaunchPlan(
+            "conv2d_gemm", f"conv2d_relu_max_pool2x2_v2_{bm}x{bn}", grid, TILES[plan.tile][0],
+            (a, x, out if bias is None else bias, out, indices, g.c_out, g.c_in, g.kernel_h * g.kernel_w,
+             *_forward_taps(g), g.height, g.width, g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, -g.pad_top,
+             -g.pad_left, *pool_out, *pool_padding, int(bias is not None), pitch))
+        self.launch(a, x, out if bias is None else bias, out, indices)
+        self.first = out, indices
+
+    def _outputs(self):
+        return empty(self.out_shape, np.float32, self.device), empty(self.out_shape, np.int32, self.device)
+
+    def _a(self, weight):
+        # The pitch depends on K alone (K % 4 == 0: K either way), the copy-or-not on the weight's
+        # address (large tiles), so that is decided per call.
+        g = self.g
+        return _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=self.tile)
+
+    def __call__(self, x, weight, bias):
+        out, indices = self._outputs()
+        a = weight if self.tile in SCALAR_A_TILES else self._a(weight)[0]
+        self.launch(a, x, out if bias is None else bias, out, indices)
+        return out, indices
 
 
 @dataclass(frozen=True)
@@ -331,30 +364,59 @@ def plan_backward_data(g) -> Plan:
 
 
 def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
-    phases = _data_phases(g)
-    reached = [(ph, pw) for ph, pw in phases if ph.taps and pw.taps]
-    # Pixels no tap reaches (a phase without taps, or one past every window) have zero gradient.
-    every_pixel = len(reached) == len(phases) == g.stride_h * g.stride_w
-    grad_input = (empty if every_pixel else zeros)(g.input_shape, np.float32, device_of(grad_output))
-    grad_output = contiguous(grad_output)
-    in_place = plan.tile in IN_PLACE_DATA_TILES
-    kernel = f"{_lattice_kernel(plan.tile)}_transposed_weight" if in_place else None
-    if in_place:
-        weight = contiguous(weight)
-    for ph, pw in reached:
-        (rows_taps, (shift_h, shift_h_step)), (cols_taps, (shift_w, shift_w_step)) = ph.tap_progression(), pw.tap_progression()
-        # A = the weight as C_in x (C_out, phase taps); B gathers grad_out at (q - shift, r - shift).
-        if in_place:
-            a, a_layout = weight, (g.kernel_h, g.kernel_w, rows_taps[0], rows_taps[1], cols_taps[0], cols_taps[1])
-        else:
-            a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True, tile=plan.tile)
-            a_layout = (pitch,)
-        tap_grid = (cols_taps[2], -shift_h, -shift_h_step, -shift_w, -shift_w_step)
-        _launch_lattice(plan.tile, a, a_layout, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input,
-                        g.c_in, g.c_out, (g.out_h, g.out_w), (g.batch, ph.count, pw.count), (1, 1),
-                        (ph.origin, pw.origin), (g.height, g.width), (g.stride_h, g.stride_w), (ph.first, pw.first),
-                        False, kernel)
-    return grad_input
+    """The input gradient as ``plan`` says, with the :class:`BackwardDataOp` that repeats it."""
+    op = BackwardDataOp(contiguous(weight), contiguous(grad_output), g, plan)
+    return op.first, op
+
+
+class BackwardDataOp:
+    """conv2d_gemm_v2's input gradient for one geometry and plan, one launch per stride phase
+    with taps, planned: ``op(weight, grad_output)`` takes C-contiguous arrays of the shapes,
+    dtypes and device it was made for and returns a fresh grad_input. Built by a first, fully
+    checked run (its result in ``first``)."""
+
+    __slots__ = ("g", "tile", "device", "phases", "every_pixel", "first")
+
+    def __init__(self, weight, grad_output, g, plan: Plan):
+        self.g, self.tile, self.device = g, plan.tile, device_of(grad_output)
+        phases = _data_phases(g)
+        reached = [(ph, pw) for ph, pw in phases if ph.taps and pw.taps]
+        # Pixels no tap reaches (a phase without taps, or one past every window) have zero gradient.
+        self.every_pixel = len(reached) == len(phases) == g.stride_h * g.stride_w
+        grad_input = self._output()
+        in_place = plan.tile in IN_PLACE_DATA_TILES
+        kernel = f"{_lattice_kernel(plan.tile)}_transposed_weight" if in_place else None
+        self.phases = []  # (launch plan, None or the re-layout's tap grids)
+        for ph, pw in reached:
+            (rows_taps, (shift_h, shift_h_step)), (cols_taps, (shift_w, shift_w_step)) = ph.tap_progression(), pw.tap_progression()
+            # A = the weight as C_in x (C_out, phase taps); B gathers grad_out at (q - shift, r - shift).
+            if in_place:
+                a, a_layout = weight, (g.kernel_h, g.kernel_w, rows_taps[0], rows_taps[1], cols_taps[0], cols_taps[1])
+                relayout = None
+            else:  # its pitch depends on the taps alone
+                relayout = rows_taps, cols_taps
+                a, pitch = self._a(weight, relayout)
+                a_layout = (pitch,)
+            tap_grid = (cols_taps[2], -shift_h, -shift_h_step, -shift_w, -shift_w_step)
+            launch = kernels.LaunchPlan("conv2d_gemm", *_lattice_launch(
+                plan.tile, a, a_layout, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input, g.c_in,
+                g.c_out, (g.out_h, g.out_w), (g.batch, ph.count, pw.count), (1, 1), (ph.origin, pw.origin),
+                (g.height, g.width), (g.stride_h, g.stride_w), (ph.first, pw.first), False, kernel))
+            launch(a, grad_output, grad_input, grad_input)
+            self.phases.append((launch, relayout))
+        self.first = grad_input
+
+    def _output(self):
+        return (empty if self.every_pixel else zeros)(self.g.input_shape, np.float32, self.device)
+
+    def _a(self, weight, relayout):
+        return _weight_rows(weight, self.g, *relayout, transpose=True, tile=self.tile)
+
+    def __call__(self, weight, grad_output):
+        grad_input = self._output()
+        for launch, relayout in self.phases:
+            launch(weight if relayout is None else self._a(weight, relayout)[0], grad_output, grad_input, grad_input)
+        return grad_input
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,31 +508,62 @@ def conv2d_backward_filter_v2(x, grad_output, g, plan: Plan, grad_weight, grad_b
     """grad_weight (and grad_bias, when given: the bias gradient from the same launch, summed by
     the blocks of the first column tile) as ``plan`` says; bit-identical from run to run, and the
     same bits whether a reduce kernel (version 2) or the last block of each tile (3) adds the
-    splits."""
-    device = device_of(x)
-    depth = g.batch * g.out_h * g.out_w
-    k_per_split = _padded(math.ceil(depth / plan.splits), BK)
-    bm, bn = plan.tile
-    size = g.c_out * g.patch_size
-    stride = size + (g.c_out if grad_bias is not None else 0)  # one split's weights, then its biases
-    if plan.splits == 1:
-        partials, bias_partials = grad_weight, grad_bias
-    else:
-        workspace = empty((plan.splits * stride,), np.float32, device)
-        partials, bias_partials = workspace, workspace[size:]
-    grid = (math.ceil(g.patch_size / bn), math.ceil(g.c_out / bm), plan.splits)
-    has_bias = grad_bias is not None
-    last_block_reduce = plan.version == 3
-    tickets = _tickets(device, grid[0] * grid[1])
-    try:
-        kernels.launch("conv2d_backward_filter", filter_kernel(plan, g), grid, TILES[plan.tile][0],
-                       (contiguous(x), contiguous(grad_output), partials, bias_partials if has_bias else partials,
-                        *g.kernel_sizes(), k_per_split, stride, int(has_bias), grad_weight,
-                        grad_bias if has_bias else grad_weight, tickets, int(last_block_reduce), *filter_walk_steps(g)))
-    except BaseException:
-        _TICKETS.pop(device, None)
-        raise
-    if plan.splits > 1 and not last_block_reduce:
-        kernels.launch("conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(stride), kernels.BLOCK,
-                       (partials, grad_weight, grad_bias if has_bias else grad_weight, plan.splits, stride, size))
-    return grad_weight
+    splits. Returns it with the :class:`BackwardFilterOp` that repeats the launches."""
+    op = BackwardFilterOp(contiguous(x), contiguous(grad_output), g, plan, grad_weight, grad_bias)
+    return grad_weight, op
+
+
+class BackwardFilterOp:
+    """conv2d_backward_filter_v2 (and version 2's reduce) for one geometry and plan, its launches
+    planned: ``op(x, grad_output, grad_weight, grad_bias)`` takes C-contiguous arrays of the
+    shapes, dtypes and device it was made for (grad_bias None as it was) and writes the
+    gradients. Built by a first, fully checked run."""
+
+    __slots__ = ("launch", "reduce", "device", "splits", "size", "stride", "tiles")
+
+    def __init__(self, x, grad_output, g, plan: Plan, grad_weight, grad_bias):
+        self.device = device_of(x)
+        depth = g.batch * g.out_h * g.out_w
+        k_per_split = _padded(math.ceil(depth / plan.splits), BK)
+        bm, bn = plan.tile
+        self.splits, self.size = plan.splits, g.c_out * g.patch_size
+        # one split's weights, then its biases
+        self.stride = self.size + (g.c_out if grad_bias is not None else 0)
+        grid = (math.ceil(g.patch_size / bn), math.ceil(g.c_out / bm), plan.splits)
+        self.tiles = grid[0] * grid[1]
+        last_block_reduce = plan.version == 3
+        arrays = self._arrays(x, grad_output, grad_weight, grad_bias)
+        self.launch = kernels.LaunchPlan(
+            "conv2d_backward_filter", filter_kernel(plan, g), grid, TILES[plan.tile][0],
+            (*arrays[:4], *g.kernel_sizes(), k_per_split, self.stride, int(grad_bias is not None), *arrays[4:],
+             int(last_block_reduce), *filter_walk_steps(g)))
+        self.reduce = None
+        if plan.splits > 1 and not last_block_reduce:
+            self.reduce = kernels.LaunchPlan(
+                "conv2d_backward_filter", "conv2d_split_k_reduce_v2", kernels.blocks_for(self.stride), kernels.BLOCK,
+                (arrays[2], arrays[4], arrays[5], plan.splits, self.stride, self.size))
+        self._launch(arrays)
+
+    def _arrays(self, x, grad_output, grad_weight, grad_bias):
+        """The pointer arguments of conv2d_backward_filter_v2, in order (a workspace for the
+        splits' partial sums, the split-K tickets)."""
+        if self.splits == 1:
+            partials, bias_partials = grad_weight, grad_bias
+        else:
+            partials = empty((self.splits * self.stride,), np.float32, self.device)
+            bias_partials = partials[self.size:]
+        has_bias = grad_bias is not None
+        return (x, grad_output, partials, bias_partials if has_bias else partials, grad_weight,
+                grad_bias if has_bias else grad_weight, _tickets(self.device, self.tiles))
+
+    def _launch(self, arrays) -> None:
+        try:
+            self.launch(*arrays)
+        except BaseException:  # a failed launch may leave tickets taken
+            _TICKETS.pop(self.device, None)
+            raise
+        if self.reduce is not None:
+            self.reduce(arrays[2], arrays[4], arrays[5])
+
+    def __call__(self, x, grad_output, grad_weight, grad_bias) -> None:
+        self._launch(self._arrays(x, grad_output, grad_weight, grad_bias))
