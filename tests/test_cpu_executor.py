@@ -104,6 +104,16 @@ def test_executor_matches_the_module_path_and_float64(name, n, two_lanes):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+def test_one_output_row_a_block_matches_the_module_path(name, two_lanes, monkeypatch):
+    """The forward and the weight gradient in blocks of a single output row (uneven blocks at the
+    default size are covered above: LeNet's conv1 at 8 images a lane is 18 + 10 rows)."""
+    monkeypatch.setattr(executor_module.stage_types.conv_ops, "BLOCK_COLUMNS", 1)
+    model = build(name)
+    x, y = batch(model, 7)
+    assert_same_step(step(model, x, y, executor=True), step(model, x, y, executor=False), 2e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_float64_executor_matches_the_float64_module_path(name, two_lanes):
     """float64 models take the module path by default; the executor itself runs them too, which
     holds it to the module path at float64 rounding (differences of order, nothing else)."""

@@ -8,6 +8,12 @@ column matrix ``cols`` (K = C*KH*KW rows ordered as the weight's (C, KH, KW), co
 weight gradient ``grad (C_out, P) @ cols.T`` reuses the forward's ``cols``. Backward data is
 ``W.T @ grad``, then col2im: KH*KW strided slice-adds into a zeroed padded gradient.
 
+The forward and the weight gradient run in blocks of whole output rows, about
+``BLOCK_COLUMNS`` columns each (:func:`row_blocks`): the forward fills one block of ``cols`` and
+multiplies it while it is still in cache, and one-thread OpenBLAS runs these skinny products
+(K = 25 and C_out = 6 for LeNet's conv1) up to 2-3x faster on blocks of a few thousand
+columns than on one of 100k (see benchmarks/NOTES.md).
+
 Geometry (padding resolved to top/left, output size, the rows and columns the windows reach) is
 the NCHW path's, :func:`gpuconv.functional.conv._geometry`, so both paths agree on every size.
 """
@@ -17,7 +23,11 @@ import numpy as np
 
 from ..functional.conv import _geometry, _padded_extent
 
-__all__ = ["geometry", "padded_shape", "interior", "needs_padding", "im2col", "col2im"]
+__all__ = ["geometry", "padded_shape", "interior", "needs_padding", "row_blocks", "im2col", "col2im"]
+
+# Columns of cols (output positions) per block of the blocked products: measured on LeNet's and
+# AlexNet's shapes, one thread; 2k-4k columns were best for conv1, neutral for the wider ones.
+BLOCK_COLUMNS = 4096
 
 
 def geometry(input_shape, conv):
@@ -50,10 +60,21 @@ def _windows(padded, g):
         writeable=False)
 
 
-def im2col(padded, g, cols) -> None:
-    """Fill ``cols`` (K, H_out*W_out*N) from a padded (C, H_pad, W_pad, N) input: one copy whose
-    inner runs are W_out*N long at stride 1."""
-    np.copyto(cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch), _windows(padded, g))
+def row_blocks(g):
+    """``(rows, columns)`` slices that cover the output: runs of whole output rows, and the
+    columns of cols (H_out*W_out*N) they are, about ``BLOCK_COLUMNS`` each."""
+    row_columns = g.out_w * g.batch
+    step = max(1, round(BLOCK_COLUMNS / row_columns))
+    for top in range(0, g.out_h, step):
+        bottom = min(g.out_h, top + step)
+        yield slice(top, bottom), slice(top * row_columns, bottom * row_columns)
+
+
+def im2col(padded, g, cols, rows=slice(None)) -> None:
+    """Fill ``cols`` (K, H_out*W_out*N) from a padded (C, H_pad, W_pad, N) input, or only the
+    columns of the output rows ``rows``: one copy whose inner runs are W_out*N long at stride 1."""
+    columns = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch)
+    np.copyto(columns[:, :, :, rows], _windows(padded, g)[:, :, :, rows])
 
 
 def col2im(cols, g, padded) -> None:
