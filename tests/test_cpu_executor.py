@@ -113,6 +113,24 @@ def test_one_output_row_a_block_matches_the_module_path(name, two_lanes, monkeyp
     assert_same_step(step(model, x, y, executor=True), step(model, x, y, executor=False), 2e-5)
 
 
+@pytest.mark.parametrize("block_columns", [1, executor_module.stage_types.conv_ops.BLOCK_COLUMNS])
+@pytest.mark.parametrize("name", ["lenet5", "small-alexnet"])
+def test_a_second_backward_of_one_forward_rebuilds_the_columns(name, block_columns, two_lanes, monkeypatch):
+    """The column gradients overwrite the forward's columns (in its one block) or not (several):
+    a second backward of the same forward must give the same gradients again."""
+    monkeypatch.setattr(executor_module.stage_types.conv_ops, "BLOCK_COLUMNS", block_columns)
+    model = build(name)
+    x, y = batch(model, 6)
+    model.requires_input_grad = True
+    logits, grad_input, grads = step(model, x, y, executor=True)
+    criterion = nn.CrossEntropyLoss()
+    criterion(logits, y)
+    again = model.backward(criterion.backward())
+    np.testing.assert_array_equal(again, grad_input)
+    for name, param in model.named_parameters():
+        assert_close(param.grad, 2 * grads[name], 1e-6, name)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_float64_executor_matches_the_float64_module_path(name, two_lanes):
     """float64 models take the module path by default; the executor itself runs them too, which

@@ -5,14 +5,16 @@ one contiguous run of ``W_out * N`` values (``W_out`` runs of N at a column stri
 column matrix ``cols`` (K = C*KH*KW rows ordered as the weight's (C, KH, KW), columns
 (H_out, W_out, N)) is one strided copy of the padded input, the forward one GEMM
 ``W (C_out, K) @ cols`` whose result is already the (C_out, H_out, W_out, N) output, and the
-weight gradient ``grad (C_out, P) @ cols.T`` reuses the forward's ``cols``. Backward data is
+weight gradient ``grad (C_out, P) @ cols.T``. Backward data is
 ``W.T @ grad``, then col2im: KH*KW strided slice-adds into a zeroed padded gradient.
 
-The forward and the weight gradient run in blocks of whole output rows, about
-``BLOCK_COLUMNS`` columns each (:func:`row_blocks`): the forward fills one block of ``cols`` and
-multiplies it while it is still in cache, and one-thread OpenBLAS runs these skinny products
-(K = 25 and C_out = 6 for LeNet's conv1) up to 2-3x faster on blocks of a few thousand
-columns than on one of 100k (see benchmarks/NOTES.md).
+The forward and the weight gradient run in blocks of whole output rows, at most about
+``BLOCK_COLUMNS`` columns each (:func:`row_blocks`) where K is small: each block's columns are
+copied into a small buffer that stays in cache while the product reads it, and rebuilt from the
+(kept) padded input for the weight gradient rather than kept: the whole K x P matrix (10 MB for a
+lane of LeNet's conv1) costs more to write to memory and read back than to copy twice from
+cache. One-thread OpenBLAS also runs these skinny products (K = 25, C_out = 6 for LeNet's
+conv1) 2-3x faster on blocks of a few thousand columns than on one of 100k (benchmarks/NOTES.md).
 
 Geometry (padding resolved to top/left, output size, the rows and columns the windows reach) is
 the NCHW path's, :func:`gpuconv.functional.conv._geometry`, so both paths agree on every size.
@@ -25,9 +27,12 @@ from ..functional.conv import _geometry, _padded_extent
 
 __all__ = ["geometry", "padded_shape", "interior", "needs_padding", "row_blocks", "im2col", "col2im"]
 
-# Columns of cols (output positions) per block of the blocked products: measured on LeNet's and
-# AlexNet's shapes, one thread; 2k-4k columns were best for conv1, neutral for the wider ones.
+# At most this many columns (output positions) a block: on one thread, LeNet's conv1 products ran
+# 2-3x faster on 2k-4k columns than on 7k or more; conv2's (K 150) 1.3x.
 BLOCK_COLUMNS = 4096
+# Blocks only where one of BLOCK_COLUMNS columns is at most this large (K * BLOCK_COLUMNS * itemsize):
+# a larger K (AlexNet's 363-3456) keeps its products whole, as they run well, and cols is built once.
+BLOCK_BYTES = 4 << 20
 
 
 def geometry(input_shape, conv):
@@ -60,21 +65,31 @@ def _windows(padded, g):
         writeable=False)
 
 
-def row_blocks(g):
-    """``(rows, columns)`` slices that cover the output: runs of whole output rows, and the
-    columns of cols (H_out*W_out*N) they are, about ``BLOCK_COLUMNS`` each."""
-    row_columns = g.out_w * g.batch
-    step = max(1, round(BLOCK_COLUMNS / row_columns))
+def block_rows(g, itemsize: int) -> int:
+    """Output rows a block of the blocked products holds: as many whole rows as fit in
+    ``BLOCK_COLUMNS`` columns, at least one; all of them (one block) for a large K."""
+    if g.patch_size * BLOCK_COLUMNS * itemsize > BLOCK_BYTES:
+        return g.out_h
+    return min(g.out_h, max(1, BLOCK_COLUMNS // (g.out_w * g.batch)))
+
+
+def row_blocks(g, itemsize: int):
+    """``(rows, columns)`` slices that cover the output: runs of ``block_rows`` whole output
+    rows (the last one shorter), and the columns of the flat (H_out*W_out*N) output they are."""
+    row_columns, step = g.out_w * g.batch, block_rows(g, itemsize)
     for top in range(0, g.out_h, step):
         bottom = min(g.out_h, top + step)
         yield slice(top, bottom), slice(top * row_columns, bottom * row_columns)
 
 
-def im2col(padded, g, cols, rows=slice(None)) -> None:
-    """Fill ``cols`` (K, H_out*W_out*N) from a padded (C, H_pad, W_pad, N) input, or only the
-    columns of the output rows ``rows``: one copy whose inner runs are W_out*N long at stride 1."""
-    columns = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch)
-    np.copyto(columns[:, :, :, rows], _windows(padded, g)[:, :, :, rows])
+def im2col(padded, g, rows, block) -> np.ndarray:
+    """The columns of the output rows ``rows`` (a slice of ``row_blocks``) from a padded
+    (C, H_pad, W_pad, N) input, copied into the front of ``block`` (K, at least their count) and
+    returned as a (K, columns) view: one copy whose inner runs are W_out*N long at stride 1."""
+    windows = _windows(padded, g)[:, :, :, rows]
+    cols = block[:, :windows[0, 0, 0].size]
+    np.copyto(cols.reshape(windows.shape), windows)
+    return cols
 
 
 def col2im(cols, g, padded) -> None:
