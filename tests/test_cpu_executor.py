@@ -269,11 +269,13 @@ def test_the_checker_catches_a_wrong_col2im(monkeypatch):
     reference = step(model, x, y, executor=False)
     real = executor_module.stage_types.conv_ops.col2im
 
-    def dropping_one_offset(cols, g, padded):
-        real(cols, g, padded)
-        last = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch)[:, -1, -1]
-        top, left = (g.kernel_h - 1) * g.dilation_h, (g.kernel_w - 1) * g.dilation_w
-        padded[:, top:top + (g.out_h - 1) * g.stride_h + 1:g.stride_h,
+    def dropping_one_offset(cols, g, rows, padded):
+        real(cols, g, rows, padded)
+        count = rows.stop - rows.start
+        last = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, count, g.out_w, g.batch)[:, -1, -1]
+        top = rows.start * g.stride_h + (g.kernel_h - 1) * g.dilation_h
+        left = (g.kernel_w - 1) * g.dilation_w
+        padded[:, top:top + (count - 1) * g.stride_h + 1:g.stride_h,
                left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] -= last
 
     monkeypatch.setattr(executor_module.stage_types.conv_ops, "col2im", dropping_one_offset)

@@ -6,7 +6,8 @@ column matrix ``cols`` (K = C*KH*KW rows ordered as the weight's (C, KH, KW), co
 (H_out, W_out, N)) is one strided copy of the padded input, the forward one GEMM
 ``W (C_out, K) @ cols`` whose result is already the (C_out, H_out, W_out, N) output, and the
 weight gradient ``grad (C_out, P) @ cols.T``. Backward data is
-``W.T @ grad``, then col2im: KH*KW strided slice-adds into a zeroed padded gradient.
+``W.T @ grad``, then col2im: KH*KW strided slice-adds into a zeroed padded gradient, block by
+block for a small K (the block of column gradients still in cache when it is added).
 
 The forward and the weight gradient run in blocks of whole output rows, at most about
 ``BLOCK_COLUMNS`` columns each (:func:`row_blocks`) where K is small: each block's columns are
@@ -92,15 +93,16 @@ def im2col(padded, g, rows, block) -> np.ndarray:
     return cols
 
 
-def col2im(cols, g, padded) -> None:
-    """The transpose of :func:`im2col`: ``padded`` (C, H_pad, W_pad, N) := the sum of every
-    column's values at the input positions it was copied from. The lattices of different kernel
-    offsets overlap, so they are added one offset at a time."""
-    padded.fill(0)
-    columns = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch)
+def col2im(cols, g, rows, padded) -> None:
+    """The transpose of :func:`im2col`: add the columns ``cols`` of the output rows ``rows`` (a
+    slice of ``row_blocks``) into ``padded`` (C, H_pad, W_pad, N) at the input positions they were
+    copied from. The lattices of different kernel offsets overlap, so they are added one offset
+    at a time; the caller zeroes ``padded`` before the first block."""
+    first, count = rows.start, rows.stop - rows.start
+    columns = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, count, g.out_w, g.batch)
     for i in range(g.kernel_h):
-        top = i * g.dilation_h
-        rows = slice(top, top + (g.out_h - 1) * g.stride_h + 1, g.stride_h)
+        top = first * g.stride_h + i * g.dilation_h
+        input_rows = slice(top, top + (count - 1) * g.stride_h + 1, g.stride_h)
         for j in range(g.kernel_w):
             left = j * g.dilation_w
-            padded[:, rows, left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] += columns[:, i, j]
+            padded[:, input_rows, left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] += columns[:, i, j]

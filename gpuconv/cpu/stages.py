@@ -200,20 +200,23 @@ class ConvStage(Stage):
             np.sum(flat_grad, axis=1, out=grad_bias)
         if not needs_input_grad:
             return None
-        if len(blocks) == 1:  # the column gradients into the one block, which a rerun rebuilds
-            grad_cols = block
-            saved["block_holds"] = None
+        # The column gradients block by block into ``block`` (a rerun rebuilds the columns), each
+        # added into the input gradient while in cache.
+        saved["block_holds"] = None
+        if conv_ops.needs_padding(g):
+            target = ws.array("grad_padded", conv_ops.padded_shape(g), grad.dtype)
         else:
-            grad_cols = ws.array("grad_cols", (g.patch_size, flat_grad.shape[1]), grad.dtype)
-        np.matmul(weight.data.reshape(g.c_out, -1).T, flat_grad, out=grad_cols)
+            target = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
+        target.fill(0)
+        weight_t = weight.data.reshape(g.c_out, -1).T
+        for output_rows, columns in blocks:
+            grad_cols = block[:, :columns.stop - columns.start]
+            np.matmul(weight_t, flat_grad[:, columns], out=grad_cols)
+            conv_ops.col2im(grad_cols, g, output_rows, target)
         if not conv_ops.needs_padding(g):
-            grad_input = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
-            conv_ops.col2im(grad_cols, g, grad_input)
-            return grad_input
-        padded = ws.array("grad_padded", conv_ops.padded_shape(g), grad.dtype)
-        conv_ops.col2im(grad_cols, g, padded)
+            return target
         grad_input = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
-        np.copyto(grad_input, conv_ops.interior(padded, g))
+        np.copyto(grad_input, conv_ops.interior(target, g))
         return grad_input
 
 
