@@ -21,6 +21,16 @@
 //   Limits: n_taps <= 256; batch*lattice_h*lattice_w, channels*n_taps, channels*src_h*src_w and
 //   rows*dst_h*dst_w below 2^31 - 128; gridDim.y <= 65535.
 //
+// conv2d_gemm_v2_<BM>x<BN>_transposed_weight, BM x BN = 64x128 and 32x128, and
+// conv2d_gemm_narrow_v2_transposed_weight (at most 4 rows)
+//   The backward-data GEMM above with A the OIHW weight w (channels, rows, kernel_h, kernel_w)
+//   read in place, A[m][c*n_taps + t] = w[c][m][tap_i0 + a*tap_i_step][tap_j0 + b*tap_j_step]
+//   for t = a*taps_w + b (the kernel taps of one stride phase): no re-laid copy (32-bit loads,
+//   conv::TransposedWeightA). The last six arguments replace a_pitch; the rest as above.
+//   Layout: w float32 C-contiguous at any 4-byte alignment. Launch and limits as above, with
+//   channels*rows*kernel_h*kernel_w below 2^31 - 128. Only the small tiles: in place, 128x128
+//   would spill and 128x64 lose 4 points of FFMA share (see benchmarks/NOTES.md, issue 9).
+//
 // conv2d_relu_max_pool2x2_v2_<BM>x<BN>
 //   out[n][m][i][j] = max over (dy, dx) in {0, 1}^2 with (q, r) = (2i - pad_h + dy, 2j - pad_w + dx)
 //   inside the conv_h x conv_w convolution output of relu(bias[m] + the forward sum above at
@@ -52,10 +62,10 @@ conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ sr
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<128, 128> shared;
-    conv::lattice_conv<128, 128, VECTOR_A_128x128>(
-        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+    conv::lattice_conv<128, 128>(
+        shared, conv::RowMajorSource<VECTOR_A_128x128>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
         src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -67,10 +77,10 @@ conv2d_gemm_v2_128x64(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<128, 64> shared;
-    conv::lattice_conv<128, 64, VECTOR_A_128x64>(
-        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+    conv::lattice_conv<128, 64>(
+        shared, conv::RowMajorSource<VECTOR_A_128x64>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
         src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
@@ -82,10 +92,10 @@ conv2d_gemm_v2_64x128(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<64, 128> shared;
-    conv::lattice_conv<64, 128, VECTOR_A_64x128>(
-        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+    conv::lattice_conv<64, 128>(
+        shared, conv::RowMajorSource<VECTOR_A_64x128>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
         src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(64, 6)
@@ -97,10 +107,46 @@ conv2d_gemm_v2_32x128(const float* __restrict__ a, const float* __restrict__ src
                    int relu, int a_pitch)
 {
     __shared__ __align__(16) conv::Shared<32, 128> shared;
-    conv::lattice_conv<32, 128, VECTOR_A_32x128>(
-        shared, a, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+    conv::lattice_conv<32, 128>(
+        shared, conv::RowMajorSource<VECTOR_A_32x128>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
         src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu, a_pitch);
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_gemm_v2_64x128_transposed_weight(const float* __restrict__ w, const float* __restrict__ src,
+                                      const float* __restrict__ bias, float* __restrict__ dst, int rows, int channels,
+                                      int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0, int tap_w_step,
+                                      int src_h, int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
+                                      int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
+                                      int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
+                                      int relu, int kernel_h, int kernel_w, int tap_i0, int tap_i_step, int tap_j0,
+                                      int tap_j_step)
+{
+    __shared__ __align__(16) conv::Shared<64, 128> shared;
+    const conv::TransposedWeightSource weight{w, kernel_h, {{taps_w, tap_i0, tap_i_step, tap_j0, tap_j_step}, kernel_w}};
+    conv::lattice_conv<64, 128>(
+        shared, weight, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(64, 6)
+conv2d_gemm_v2_32x128_transposed_weight(const float* __restrict__ w, const float* __restrict__ src,
+                                      const float* __restrict__ bias, float* __restrict__ dst, int rows, int channels,
+                                      int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0, int tap_w_step,
+                                      int src_h, int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
+                                      int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
+                                      int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
+                                      int relu, int kernel_h, int kernel_w, int tap_i0, int tap_i_step, int tap_j0,
+                                      int tap_j_step)
+{
+    __shared__ __align__(16) conv::Shared<32, 128> shared;
+    const conv::TransposedWeightSource weight{w, kernel_h, {{taps_w, tap_i0, tap_i_step, tap_j0, tap_j_step}, kernel_w}};
+    conv::lattice_conv<32, 128>(
+        shared, weight, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
+        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
+        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -167,19 +213,23 @@ conv2d_relu_max_pool2x2_v2_32x128(const float* __restrict__ a, const float* __re
 constexpr int NARROW_STAGE = 1024;
 constexpr int NARROW_THREADS = 256;
 
-// Four blocks per SM asked for explicitly: left to itself, the NVRTC 13.0 that torch pins picks
-// 32 registers for sm_80 and spills 20 bytes in the tap loop; 13.5 picks 40 without spilling.
-extern "C" __global__ void __launch_bounds__(256, 4)
-conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
-                      float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
-                      int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
-                      int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
-                      int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                      int relu, int a_pitch)
+// The narrow kernels' body: at most 4 rows, one thread per lattice pixel, the rows' A values of
+// as many whole channels as fit staged in shared memory per pass (read with a_source.element:
+// outside the tap loop, so its divisions cost nothing there).
+template <class ASource>
+__device__ __forceinline__ void narrow_lattice_conv(const ASource& a_source, const float* __restrict__ src,
+                                                    const float* __restrict__ bias, float* __restrict__ dst, int rows,
+                                                    int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
+                                                    int tap_w0, int tap_w_step, int src_h, int src_w, int batch,
+                                                    int lattice_h, int lattice_w, int src_step_h, int src_step_w,
+                                                    int src_origin_h, int src_origin_w, int dst_h, int dst_w,
+                                                    int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w,
+                                                    int has_bias, int relu)
 {
     __shared__ int4 tap_table[conv::MAX_TAPS];
     __shared__ float4 stage[NARROW_STAGE];
-    conv::fill_tap_table(tap_table, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, n_taps, src_w);
+    conv::fill_tap_table(tap_table, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, n_taps, src_w,
+                         conv::NO_KERNEL_TAPS);
 
     const int columns = batch * lattice_h * lattice_w;
     const int n = blockIdx.x * NARROW_THREADS + threadIdx.x;
@@ -199,7 +249,7 @@ conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src
             const int column = c0 * n_taps + k;
             float v[4];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) v[r] = r < rows ? __ldg(a + (long long)r * a_pitch + column) : 0.0f;
+            for (int r = 0; r < 4; ++r) v[r] = r < rows ? a_source.element(r, column, rows, n_taps) : 0.0f;
             stage[k] = make_float4(v[0], v[1], v[2], v[3]);
         }
         __syncthreads();  // the stage (and, the first time, the tap table) is filled
@@ -231,6 +281,38 @@ conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src
         if (relu && value < 0.0f) value = 0.0f;  // not fmaxf: NaN propagates, as PyTorch's ReLU
         pixel[r * dst_plane] = value;
     }
+}
+
+// Four blocks per SM asked for explicitly: left to itself, the NVRTC 13.0 that torch pins picks
+// 32 registers for sm_80 and spills 20 bytes in the tap loop; 13.5 picks 40 without spilling.
+extern "C" __global__ void __launch_bounds__(256, 4)
+conv2d_gemm_narrow_v2(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
+                      float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
+                      int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
+                      int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
+                      int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
+                      int relu, int a_pitch)
+{
+    narrow_lattice_conv(conv::RowMajorSource<false>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, taps_w, tap_h0,
+                        tap_h_step, tap_w0, tap_w_step, src_h, src_w, batch, lattice_h, lattice_w, src_step_h,
+                        src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h,
+                        dst_origin_w, has_bias, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 4)
+conv2d_gemm_narrow_v2_transposed_weight(const float* __restrict__ w, const float* __restrict__ src,
+                                        const float* __restrict__ bias, float* __restrict__ dst, int rows,
+                                        int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0,
+                                        int tap_w_step, int src_h, int src_w, int batch, int lattice_h, int lattice_w,
+                                        int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
+                                        int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w,
+                                        int has_bias, int relu, int kernel_h, int kernel_w, int tap_i0, int tap_i_step,
+                                        int tap_j0, int tap_j_step)
+{
+    const conv::TransposedWeightSource weight{w, kernel_h, {{taps_w, tap_i0, tap_i_step, tap_j0, tap_j_step}, kernel_w}};
+    narrow_lattice_conv(weight, src, bias, dst, rows, channels, n_taps, taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step,
+                        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w,
+                        dst_h, dst_w, dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -113,7 +113,8 @@ __device__ __forceinline__ void conv_relu_max_pool2x2(Shared<BM, BN>& shared, co
     const PooledColumns columns{batch * pool_h * pool_w, pool_h, pool_w, pad_h, pad_w, conv_h, conv_w,
                                 step_h, step_w, origin_h, origin_w};
     const StoreReluMaxPool2x2<gemm::Tile<BM, BN>> store{out, indices, rows, columns, has_bias ? bias : nullptr};
-    lattice_gemm<BM, BN, VECTOR_A>(shared, a, a_pitch, rows, src, channels, n_taps, taps, src_h, src_w, columns, store);
+    lattice_gemm<BM, BN>(shared, RowMajorSource<VECTOR_A>{a, a_pitch}, rows, src, channels, n_taps, taps, src_h, src_w,
+                         columns, store);
 }
 
 }  // namespace conv

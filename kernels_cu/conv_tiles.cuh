@@ -14,7 +14,7 @@
 //                   C_in x (C_out, phase taps), M = C_in: no zero tap is ever multiplied;
 //   backward-filter: the roles swap: K runs over the output pixels, N over (tap, channel).
 //
-// The tap table sits in shared memory as int4 {dh*src_w + dw, dh, dw, 0}, filled once per
+// The tap table sits in shared memory as int4 {dh*src_w + dw, dh, dw, kernel tap}, filled once per
 // block, so a gather is one 128-bit shared load per K row, then per element an add, two
 // unsigned compares and a predicated load. (channel, tap) of each K row advances by BK with two
 // adds and one compare; nothing in the K loop divides.
@@ -50,11 +50,24 @@ struct TapGrid {
     }
 };
 
-__device__ __forceinline__ void fill_tap_table(int4 (&table)[MAX_TAPS], const TapGrid& grid, int n_taps, int src_w)
+// The kernel taps (i, j) behind a GEMM's taps, for an A loader that reads the OIHW weight as it
+// is: tap t's offset in a kernel plane is i*kernel_w + j, (i, j) = grid.offset(t). The empty one
+// (kernel_w 0) gives offset 0: A loaders that read a row-major A need none.
+struct KernelTaps {
+    TapGrid grid;
+    int kernel_w;
+};
+
+constexpr KernelTaps NO_KERNEL_TAPS{{1, 0, 0, 0, 0}, 0};
+
+// Entry t: {offset of tap t in src (dh*src_w + dw), dh, dw, offset of its kernel tap (KernelTaps)}.
+__device__ __forceinline__ void fill_tap_table(int4 (&table)[MAX_TAPS], const TapGrid& grid, int n_taps, int src_w,
+                                               const KernelTaps& kernel)
 {
     for (int t = threadIdx.x; t < n_taps; t += blockDim.x) {
         const int2 d = grid.offset(t);
-        table[t] = make_int4(d.x * src_w + d.y, d.x, d.y, 0);
+        const int2 ij = kernel.grid.offset(t);
+        table[t] = make_int4(d.x * src_w + d.y, d.x, d.y, ij.x * kernel.kernel_w + ij.y);
     }
 }
 
@@ -130,6 +143,104 @@ struct RowMajorA {
             tile[k4 + 2][local_row(g)] = v[g].z;
             tile[k4 + 3][local_row(g)] = v[g].w;
         }
+    }
+};
+
+// lattice_gemm's A as a row-major matrix (RowMajorA): the forward weight, as it is or re-laid,
+// and backward-data's re-laid transposed copy.
+template <bool VECTOR>
+struct RowMajorSource {
+    const float* a;
+    int pitch;
+
+    __device__ __forceinline__ KernelTaps kernel_taps() const { return NO_KERNEL_TAPS; }
+    // A[m][k] on its own (the narrow kernel's staging); the loader reads tiles of them.
+    __device__ __forceinline__ float element(int m, int k, int, int) const { return __ldg(a + ((long long)m * pitch + k)); }
+    template <class T>
+    __device__ __forceinline__ RowMajorA<T, VECTOR> loader(int m0, int rows, int, int, const int4*) const
+    {
+        return RowMajorA<T, VECTOR>(a, m0, rows, pitch);
+    }
+};
+
+// Backward-data's A read in place: the OIHW weight w seen as C_in x (C_out, phase taps),
+// A[m][k] = w[channel][m][i][j] for k = channel*n_taps + t, at m*kernel_plane +
+// channel*channel_stride + the tap table's kernel-tap offset of t (KernelTaps; taps of one phase
+// are not contiguous, so each K row looks its tap up). Thread tid loads one K row,
+// k = tid % BK, for ROWS consecutive rows tid / BK * ROWS + r, with 32-bit loads at any layout,
+// and stores them with ROWS / 4 128-bit stores: no re-laid copy, so no launch per call (the
+// optimizer updates the weight in place, so a copy cannot be kept either). (channel, tap) of the
+// K row advances by BK as the B loader's do. A row past M loads row M - 1 (see RowMajorA).
+template <class T>
+struct TransposedWeightA {
+    static constexpr int ROWS = T::BM * BK / T::THREADS;
+    static_assert(ROWS % 4 == 0, "a thread's rows are stored 4 at a time");
+    const float* w;
+    const int4* taps;
+    int row[ROWS];
+    int channel, tap, channels, n_taps, channel_stride, d_channel, d_tap;
+    float v[ROWS];
+
+    __device__ __forceinline__ TransposedWeightA(const float* __restrict__ w_, const int4* taps_, int m0, int rows,
+                                                 int channels_, int n_taps_, int kernel_plane)
+        : w(w_), taps(taps_), channels(channels_), n_taps(n_taps_), channel_stride(rows * kernel_plane),
+          d_channel(BK / n_taps_), d_tap(BK % n_taps_)
+    {
+        const int k = threadIdx.x % BK;
+        channel = k / n_taps;
+        tap = k - channel * n_taps;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) row[r] = min(m0 + local_row(r), rows - 1) * kernel_plane;
+    }
+    __device__ __forceinline__ static int local_row(int r) { return threadIdx.x / BK * ROWS + r; }
+
+    __device__ __forceinline__ void fetch()
+    {
+        const bool k_ok = channel < channels;
+        const int offset = channel * channel_stride + taps[tap].w;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) v[r] = k_ok ? __ldg(w + (row[r] + offset)) : 0.0f;
+    }
+    __device__ __forceinline__ void advance()
+    {
+        tap += d_tap;
+        channel += d_channel;
+        if (tap >= n_taps) {
+            tap -= n_taps;
+            ++channel;
+        }
+    }
+    __device__ __forceinline__ void store(float (&tile)[BK][T::A_PITCH]) const
+    {
+#pragma unroll
+        for (int r = 0; r < ROWS; r += 4)
+            *reinterpret_cast<float4*>(&tile[threadIdx.x % BK][local_row(r)]) =
+                make_float4(v[r], v[r + 1], v[r + 2], v[r + 3]);
+    }
+};
+
+// lattice_gemm's A as TransposedWeightA reads it: the OIHW weight of kernel_h x kernel_w taps,
+// and the kernel taps of the GEMM's taps.
+struct TransposedWeightSource {
+    const float* w;
+    int kernel_h;
+    KernelTaps taps;
+
+    __device__ __forceinline__ KernelTaps kernel_taps() const { return taps; }
+    // A[m][k] on its own, for rows m < rows (C_in) and n_taps per channel: with divisions, for
+    // code outside a K loop (the narrow kernel's staging).
+    __device__ __forceinline__ float element(int m, int k, int rows, int n_taps) const
+    {
+        const int channel = k / n_taps;
+        const int2 ij = taps.grid.offset(k - channel * n_taps);
+        const int kernel_plane = kernel_h * taps.kernel_w;
+        return __ldg(w + (((channel * rows + m) * kernel_plane) + ij.x * taps.kernel_w + ij.y));
+    }
+    template <class T>
+    __device__ __forceinline__ TransposedWeightA<T> loader(int m0, int rows, int channels, int n_taps,
+                                                           const int4* table) const
+    {
+        return TransposedWeightA<T>(w, table, m0, rows, channels, n_taps, kernel_h * taps.kernel_w);
     }
 };
 
@@ -447,23 +558,23 @@ struct StoreLattice {
     }
 };
 
-// The forward / backward-data kernel body: A (rows x channels*n_taps, 128-bit loads when
-// VECTOR_A, see RowMajorA) times B gathered from src at the pixels `columns` names, handed to
-// `epilogue(acc, thread tile, m0, n0)`.
-template <int BM, int BN, bool VECTOR_A, class Columns, class Epilogue>
-__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float* __restrict__ a, int a_pitch,
-                                             int rows, const float* __restrict__ src, int channels, int n_taps,
+// The forward / backward-data kernel body: A (rows x channels*n_taps, as `a_source` reads it:
+// RowMajorSource or TransposedWeightSource) times B gathered from src at the pixels `columns`
+// names, handed to `epilogue(acc, thread tile, m0, n0)`.
+template <int BM, int BN, class ASource, class Columns, class Epilogue>
+__device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const ASource& a_source, int rows,
+                                             const float* __restrict__ src, int channels, int n_taps,
                                              const TapGrid& taps, int src_h, int src_w, const Columns& columns,
                                              const Epilogue& epilogue)
 {
     using T = gemm::Tile<BM, BN>;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int depth = channels * n_taps;
-    fill_tap_table(shared.taps, taps, n_taps, src_w);
+    fill_tap_table(shared.taps, taps, n_taps, src_w, a_source.kernel_taps());
     __syncthreads();
 
     const gemm::ThreadTile<T> t;
-    RowMajorA<T, VECTOR_A> a_loader(a, m0, rows, a_pitch);
+    auto a_loader = a_source.template loader<T>(m0, rows, channels, n_taps, shared.taps);
     PixelColumnsB<T> b_loader(src, shared.taps, n0, columns, channels, n_taps, src_h, src_w);
     float acc[8][8];
     gemm::mainloop(acc, shared.tiles, a_loader, b_loader, (depth + BK - 1) / BK, t);
@@ -471,21 +582,21 @@ __device__ __forceinline__ void lattice_gemm(Shared<BM, BN>& shared, const float
 }
 
 // conv2d_gemm_v2's body: the lattice GEMM stored by StoreLattice.
-template <int BM, int BN, bool VECTOR_A>
-__device__ __forceinline__ void lattice_conv(Shared<BM, BN>& shared, const float* __restrict__ a,
+template <int BM, int BN, class ASource>
+__device__ __forceinline__ void lattice_conv(Shared<BM, BN>& shared, const ASource& a_source,
                                              const float* __restrict__ src, const float* __restrict__ bias,
                                              float* __restrict__ dst, int rows, int channels, int n_taps,
                                              const TapGrid& taps, int src_h, int src_w, int batch, int lattice_h,
                                              int lattice_w, int src_step_h, int src_step_w, int src_origin_h,
                                              int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w,
-                                             int dst_origin_h, int dst_origin_w, int has_bias, int relu, int a_pitch)
+                                             int dst_origin_h, int dst_origin_w, int has_bias, int relu)
 {
     const int columns = batch * lattice_h * lattice_w;
     const LatticeColumns lattice{columns, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w};
     const StoreLattice<gemm::Tile<BM, BN>> store{dst, rows, columns, lattice_h, lattice_w, dst_h, dst_w, dst_step_h,
                                                  dst_step_w, dst_origin_h, dst_origin_w, has_bias ? bias : nullptr,
                                                  relu != 0};
-    lattice_gemm<BM, BN, VECTOR_A>(shared, a, a_pitch, rows, src, channels, n_taps, taps, src_h, src_w, lattice, store);
+    lattice_gemm<BM, BN>(shared, a_source, rows, src, channels, n_taps, taps, src_h, src_w, lattice, store);
 }
 
 // The bias gradient's share of a backward-filter block: out[m] = sum of grad_out[k][m] over

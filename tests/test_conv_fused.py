@@ -311,3 +311,73 @@ def test_a_misaligned_weight_view(tile, monkeypatch, rng):
         got = _fused(x, view, b, case)
     assert ("conv2d_weight_rows_v2" in prof.counts()) == (tile not in conv_gemm.SCALAR_A_TILES)
     _assert_identical(got, _unfused(x, to_device(w, "emu"), b, case))
+
+
+# --- backward-data reading the weight in place ----------------------------------------------
+
+# tests/test_conv.py's cases: strides 2x1, 3, 4 (phases no tap reaches) and 2 with dilation
+# (1, 2); 'same' padding with dilation 2; batch 1; C_in / C_out 1, 3, 6, 16, 20 and 96.
+DATA_CASES = [0, 1, 2, 4, 6, 8, 9, 11, 12, 13]
+
+
+def _input_gradient(weight, grad_output, x_shape, args, in_place: bool, monkeypatch):
+    with monkeypatch.context() as patch:
+        if not in_place:
+            patch.setattr(conv_gemm, "IN_PLACE_DATA_TILES", frozenset())
+        with gpuconv.profile() as prof:
+            grad = F.conv2d_input(x_shape, weight, grad_output, **args)
+    return to_numpy(grad), prof.counts()
+
+
+@pytest.mark.parametrize("tile", sorted(conv_gemm.IN_PLACE_DATA_TILES), ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("index", DATA_CASES)
+def test_backward_data_reads_the_weight_in_place(kernel_device, index, tile, monkeypatch):
+    # against the float64 reference, and bit for bit against the re-laid copy (the same A values
+    # in the same K order): no conv2d_weight_rows_v2 launch, one launch per phase with taps
+    from test_conv import _assert_close, _on, _problem
+
+    monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: (tile, "the tile under test"))
+    x, weight, _, grad_output, args, (_, dx, _, _) = _problem(index)
+    if tile == conv_gemm.NARROW_TILE and x.shape[1] > tile[0]:
+        pytest.skip(f"C_in {x.shape[1]}: more rows than the narrow kernel has")
+    wd, god = _on(kernel_device, weight, grad_output)
+    got, counts = _input_gradient(wd, god, x.shape, args, True, monkeypatch)
+    _assert_close(got, dx, weight.shape[0] * weight[0, 0].size, kernel_device)
+    plan = conv_gemm.plan_backward_data(F.conv._geometry(x.shape, weight.shape, **args))
+    assert counts[f"{conv_gemm._lattice_kernel(tile)}_transposed_weight"] == plan.launches, counts
+    assert "conv2d_weight_rows_v2" not in counts, counts
+    relaid, relaid_counts = _input_gradient(wd, god, x.shape, args, False, monkeypatch)
+    assert relaid_counts["conv2d_weight_rows_v2"] == plan.launches
+    np.testing.assert_array_equal(got, relaid)
+
+
+@pytest.mark.parametrize("order", ["reverse", "random:5"])
+def test_backward_data_in_place_in_another_block_order(order, monkeypatch):
+    # C_in 67 and 96: several row tiles, a row tile past C_in (rows clamped to the last)
+    from test_conv import _on, _problem
+
+    monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: ((32, 128), "the tile under test"))
+    name, _, seed = order.partition(":")
+    for index in (6, 11):
+        x, weight, _, grad_output, args, _ = _problem(index)
+        wd, god = _on("emu", weight, grad_output)
+        expected, _ = _input_gradient(wd, god, x.shape, args, False, monkeypatch)
+        with emu.block_order(name, int(seed or 0)):
+            got, _ = _input_gradient(wd, god, x.shape, args, True, monkeypatch)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_misaligned_weight_view_in_backward_data(monkeypatch, rng):
+    # the 32-bit loads take an OIHW view 4 bytes into its buffer as it is
+    monkeypatch.setattr(conv_gemm, "choose_tile", lambda rows, columns: ((64, 128), "the tile under test"))
+    w = rng.standard_normal((5, 6, 3, 2)).astype(np.float32)
+    buffer = to_device(np.concatenate([[0.0], w.ravel()]).astype(np.float32), "emu")
+    view = buffer[1:].reshape(w.shape)
+    assert conv_gemm._address(view) % 16 != 0
+    grad_output = to_device(rng.standard_normal((2, 5, 4, 6)).astype(np.float32), "emu")
+    args = dict(stride=(2, 1), padding=1)
+    got, counts = _input_gradient(view, grad_output, (2, 6, 8, 5), args, True, monkeypatch)
+    assert "conv2d_weight_rows_v2" not in counts
+    expected = torch.nn.grad.conv2d_input((2, 6, 8, 5), torch.from_numpy(w).double(),
+                                          torch.from_numpy(to_numpy(grad_output)).double(), **args)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)

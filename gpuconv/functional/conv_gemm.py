@@ -42,6 +42,12 @@ FFMA_SHARE = {(128, 128): 0.81, (128, 64): 0.81, (64, 128): 0.75, (32, 128): 0.6
 # and the narrow kernel): the forward pass gives them the weights as they are, with no re-layout
 # launch; the large tiles' 128-bit loads need K % 4 == 0 and 16-byte alignment (see NOTES).
 SCALAR_A_TILES = frozenset({(64, 128), (32, 128), NARROW_TILE})
+# The tiles whose backward-data GEMM reads the OIHW weight in place along C_out
+# (conv2d_gemm_v2_<tile>_transposed_weight: 32-bit loads, a tap table lookup per K row; the
+# narrow kernel's conv2d_gemm_narrow_v2_transposed_weight stages its A so), with no
+# per-call transposed re-layout launch. The large tiles keep 128-bit loads of the re-laid copy:
+# in place, 128x128 spills 16 B and 128x64 loses 4 points of FFMA share (benchmarks/NOTES.md).
+IN_PLACE_DATA_TILES = frozenset({(64, 128), (32, 128), NARROW_TILE})
 # Offsets inside the v2 kernels are 32-bit ints, with a tile of headroom.
 INT_LIMIT = np.iinfo(np.int32).max - 128
 MAX_GRID_Y = 65535
@@ -121,7 +127,8 @@ def _weight_rows(weight, g, rows_taps, cols_taps, transpose: bool, tile=None):
     or where it already suits 128-bit loads (K % 4 == 0, 16-byte aligned). Otherwise a kernel
     re-lays it with the pitch a multiple of 4 and zeros past K (a kernel, not an array operation,
     so that a CUDA graph replays it after each weight update); backward-data's transposed,
-    per-phase weight always is such a copy."""
+    per-phase weight always is such a copy (asked for only by tiles outside
+    :data:`IN_PLACE_DATA_TILES`, whose kernels read the OIHW weight along C_out in place)."""
     n_taps = rows_taps[2] * cols_taps[2]
     rows, depth = (g.c_in, g.c_out * n_taps) if transpose else (g.c_out, g.c_in * n_taps)
     weight = contiguous(weight)
@@ -186,17 +193,20 @@ def _lattice_kernel(tile) -> str:
     return _lattice_family(tile) if tile == NARROW_TILE else f"conv2d_gemm_v2_{tile[0]}x{tile[1]}"
 
 
-def _launch_lattice(tile, a, pitch, src, tap_grid, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
-                    src_origin, dst_hw, dst_step, dst_origin, relu: bool):
+def _launch_lattice(tile, a, a_layout, src, tap_grid, n_taps, bias, dst, rows, channels, src_hw, lattice, src_step,
+                    src_origin, dst_hw, dst_step, dst_origin, relu: bool, kernel=None):
+    """One lattice GEMM launch; ``a_layout``: the kernel's last arguments, which say how it reads
+    ``a`` (the pitch of a row-major A, or the weight's kernel taps for ``kernel`` =
+    ``..._transposed_weight``)."""
     bm, bn = tile
     batch, lattice_h, lattice_w = lattice
     grid = (math.ceil(batch * lattice_h * lattice_w / bn), math.ceil(rows / bm))
     has_bias = bias is not None
     if bias is None:
         bias = dst  # never read
-    kernels.launch("conv2d_gemm", _lattice_kernel(tile), grid, bn if tile == NARROW_TILE else TILES[tile][0],
+    kernels.launch("conv2d_gemm", kernel or _lattice_kernel(tile), grid, bn if tile == NARROW_TILE else TILES[tile][0],
                    (a, src, bias, dst, rows, channels, n_taps, *tap_grid, *src_hw, batch, lattice_h, lattice_w,
-                    *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), pitch))
+                    *src_step, *src_origin, *dst_hw, *dst_step, *dst_origin, int(has_bias), int(relu), *a_layout))
 
 
 def _forward_taps(g) -> tuple[int, ...]:
@@ -217,7 +227,7 @@ def plan_forward(g) -> Plan:
 def conv2d_forward_v2(x, weight, bias, g, relu: bool, plan: Plan):
     out = empty(g.output_shape, np.float32, device_of(x))
     a, pitch = _weight_rows(weight, g, (0, 1, g.kernel_h), (0, 1, g.kernel_w), transpose=False, tile=plan.tile)
-    _launch_lattice(plan.tile, a, pitch, contiguous(x), _forward_taps(g), g.kernel_h * g.kernel_w,
+    _launch_lattice(plan.tile, a, (pitch,), contiguous(x), _forward_taps(g), g.kernel_h * g.kernel_w,
                     None if bias is None else contiguous(bias), out, g.c_out, g.c_in, (g.height, g.width),
                     (g.batch, g.out_h, g.out_w), (g.stride_h, g.stride_w), (-g.pad_top, -g.pad_left),
                     (g.out_h, g.out_w), (1, 1), (0, 0), relu)
@@ -315,6 +325,8 @@ def plan_backward_data(g) -> Plan:
                    for ph, pw in phases)
     if g.stride_h * g.stride_w > 1:
         reason += f", {g.stride_h}x{g.stride_w} stride phases"
+    if tile in IN_PLACE_DATA_TILES:
+        reason += ", weight read in place"
     return Plan("backward_data", 2, _lattice_family(tile), tile, len(phases), 1, _macs(g) / max(executed, 1), reason)
 
 
@@ -325,15 +337,23 @@ def conv2d_backward_data_v2(weight, grad_output, g, plan: Plan):
     every_pixel = len(reached) == len(phases) == g.stride_h * g.stride_w
     grad_input = (empty if every_pixel else zeros)(g.input_shape, np.float32, device_of(grad_output))
     grad_output = contiguous(grad_output)
+    in_place = plan.tile in IN_PLACE_DATA_TILES
+    kernel = f"{_lattice_kernel(plan.tile)}_transposed_weight" if in_place else None
+    if in_place:
+        weight = contiguous(weight)
     for ph, pw in reached:
         (rows_taps, (shift_h, shift_h_step)), (cols_taps, (shift_w, shift_w_step)) = ph.tap_progression(), pw.tap_progression()
         # A = the weight as C_in x (C_out, phase taps); B gathers grad_out at (q - shift, r - shift).
-        a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True, tile=plan.tile)
+        if in_place:
+            a, a_layout = weight, (g.kernel_h, g.kernel_w, rows_taps[0], rows_taps[1], cols_taps[0], cols_taps[1])
+        else:
+            a, pitch = _weight_rows(weight, g, rows_taps, cols_taps, transpose=True, tile=plan.tile)
+            a_layout = (pitch,)
         tap_grid = (cols_taps[2], -shift_h, -shift_h_step, -shift_w, -shift_w_step)
-        _launch_lattice(plan.tile, a, pitch, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input,
+        _launch_lattice(plan.tile, a, a_layout, grad_output, tap_grid, rows_taps[2] * cols_taps[2], None, grad_input,
                         g.c_in, g.c_out, (g.out_h, g.out_w), (g.batch, ph.count, pw.count), (1, 1),
                         (ph.origin, pw.origin), (g.height, g.width), (g.stride_h, g.stride_w), (ph.first, pw.first),
-                        False)
+                        False, kernel)
     return grad_input
 
 
