@@ -104,6 +104,34 @@ def test_executor_matches_the_module_path_and_float64(name, n, two_lanes):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+def test_one_output_row_a_block_matches_the_module_path(name, two_lanes, monkeypatch):
+    """The forward and the weight gradient in blocks of a single output row (uneven blocks at the
+    default size are covered above: LeNet's conv1 at 8 images a lane is 18 + 10 rows)."""
+    monkeypatch.setattr(executor_module.stage_types.conv_ops, "BLOCK_COLUMNS", 1)
+    model = build(name)
+    x, y = batch(model, 7)
+    assert_same_step(step(model, x, y, executor=True), step(model, x, y, executor=False), 2e-5)
+
+
+@pytest.mark.parametrize("block_columns", [1, executor_module.stage_types.conv_ops.BLOCK_COLUMNS])
+@pytest.mark.parametrize("name", ["lenet5", "small-alexnet"])
+def test_a_second_backward_of_one_forward_rebuilds_the_columns(name, block_columns, two_lanes, monkeypatch):
+    """The column gradients overwrite the forward's columns (in its one block) or not (several):
+    a second backward of the same forward must give the same gradients again."""
+    monkeypatch.setattr(executor_module.stage_types.conv_ops, "BLOCK_COLUMNS", block_columns)
+    model = build(name)
+    x, y = batch(model, 6)
+    model.requires_input_grad = True
+    logits, grad_input, grads = step(model, x, y, executor=True)
+    criterion = nn.CrossEntropyLoss()
+    criterion(logits, y)
+    again = model.backward(criterion.backward())
+    np.testing.assert_array_equal(again, grad_input)
+    for name, param in model.named_parameters():
+        assert_close(param.grad, 2 * grads[name], 1e-6, name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_float64_executor_matches_the_float64_module_path(name, two_lanes):
     """float64 models take the module path by default; the executor itself runs them too, which
     holds it to the module path at float64 rounding (differences of order, nothing else)."""
@@ -241,11 +269,13 @@ def test_the_checker_catches_a_wrong_col2im(monkeypatch):
     reference = step(model, x, y, executor=False)
     real = executor_module.stage_types.conv_ops.col2im
 
-    def dropping_one_offset(cols, g, padded):
-        real(cols, g, padded)
-        last = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch)[:, -1, -1]
-        top, left = (g.kernel_h - 1) * g.dilation_h, (g.kernel_w - 1) * g.dilation_w
-        padded[:, top:top + (g.out_h - 1) * g.stride_h + 1:g.stride_h,
+    def dropping_one_offset(cols, g, rows, padded):
+        real(cols, g, rows, padded)
+        count = rows.stop - rows.start
+        last = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, count, g.out_w, g.batch)[:, -1, -1]
+        top = rows.start * g.stride_h + (g.kernel_h - 1) * g.dilation_h
+        left = (g.kernel_w - 1) * g.dilation_w
+        padded[:, top:top + (count - 1) * g.stride_h + 1:g.stride_h,
                left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] -= last
 
     monkeypatch.setattr(executor_module.stage_types.conv_ops, "col2im", dropping_one_offset)

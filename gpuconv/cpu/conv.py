@@ -5,8 +5,17 @@ one contiguous run of ``W_out * N`` values (``W_out`` runs of N at a column stri
 column matrix ``cols`` (K = C*KH*KW rows ordered as the weight's (C, KH, KW), columns
 (H_out, W_out, N)) is one strided copy of the padded input, the forward one GEMM
 ``W (C_out, K) @ cols`` whose result is already the (C_out, H_out, W_out, N) output, and the
-weight gradient ``grad (C_out, P) @ cols.T`` reuses the forward's ``cols``. Backward data is
-``W.T @ grad``, then col2im: KH*KW strided slice-adds into a zeroed padded gradient.
+weight gradient ``grad (C_out, P) @ cols.T``. Backward data is
+``W.T @ grad``, then col2im: KH*KW strided slice-adds into a zeroed padded gradient, block by
+block for a small K (the block of column gradients still in cache when it is added).
+
+The forward and the weight gradient run in blocks of whole output rows, at most about
+``BLOCK_COLUMNS`` columns each (:func:`row_blocks`) where K is small: each block's columns are
+copied into a small buffer that stays in cache while the product reads it, and rebuilt from the
+(kept) padded input for the weight gradient rather than kept: the whole K x P matrix (10 MB for a
+lane of LeNet's conv1) costs more to write to memory and read back than to copy twice from
+cache. One-thread OpenBLAS also runs these skinny products (K = 25, C_out = 6 for LeNet's
+conv1) 2-3x faster on blocks of a few thousand columns than on one of 100k (benchmarks/NOTES.md).
 
 Geometry (padding resolved to top/left, output size, the rows and columns the windows reach) is
 the NCHW path's, :func:`gpuconv.functional.conv._geometry`, so both paths agree on every size.
@@ -17,7 +26,14 @@ import numpy as np
 
 from ..functional.conv import _geometry, _padded_extent
 
-__all__ = ["geometry", "padded_shape", "interior", "needs_padding", "im2col", "col2im"]
+__all__ = ["geometry", "padded_shape", "interior", "needs_padding", "row_blocks", "im2col", "col2im"]
+
+# At most this many columns (output positions) a block: on one thread, LeNet's conv1 products ran
+# 2-3x faster on 2k-4k columns than on 7k or more; conv2's (K 150) 1.3x.
+BLOCK_COLUMNS = 4096
+# Blocks only where one of BLOCK_COLUMNS columns is at most this large (K * BLOCK_COLUMNS * itemsize):
+# a larger K (AlexNet's 363-3456) keeps its products whole, as they run well, and cols is built once.
+BLOCK_BYTES = 4 << 20
 
 
 def geometry(input_shape, conv):
@@ -50,21 +66,43 @@ def _windows(padded, g):
         writeable=False)
 
 
-def im2col(padded, g, cols) -> None:
-    """Fill ``cols`` (K, H_out*W_out*N) from a padded (C, H_pad, W_pad, N) input: one copy whose
-    inner runs are W_out*N long at stride 1."""
-    np.copyto(cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch), _windows(padded, g))
+def block_rows(g, itemsize: int) -> int:
+    """Output rows a block of the blocked products holds: as many whole rows as fit in
+    ``BLOCK_COLUMNS`` columns, at least one; all of them (one block) for a large K."""
+    if g.patch_size * BLOCK_COLUMNS * itemsize > BLOCK_BYTES:
+        return g.out_h
+    return min(g.out_h, max(1, BLOCK_COLUMNS // (g.out_w * g.batch)))
 
 
-def col2im(cols, g, padded) -> None:
-    """The transpose of :func:`im2col`: ``padded`` (C, H_pad, W_pad, N) := the sum of every
-    column's values at the input positions it was copied from. The lattices of different kernel
-    offsets overlap, so they are added one offset at a time."""
-    padded.fill(0)
-    columns = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, g.out_h, g.out_w, g.batch)
+def row_blocks(g, itemsize: int):
+    """``(rows, columns)`` slices that cover the output: runs of ``block_rows`` whole output
+    rows (the last one shorter), and the columns of the flat (H_out*W_out*N) output they are."""
+    row_columns, step = g.out_w * g.batch, block_rows(g, itemsize)
+    for top in range(0, g.out_h, step):
+        bottom = min(g.out_h, top + step)
+        yield slice(top, bottom), slice(top * row_columns, bottom * row_columns)
+
+
+def im2col(padded, g, rows, block) -> np.ndarray:
+    """The columns of the output rows ``rows`` (a slice of ``row_blocks``) from a padded
+    (C, H_pad, W_pad, N) input, copied into the front of ``block`` (K, at least their count) and
+    returned as a (K, columns) view: one copy whose inner runs are W_out*N long at stride 1."""
+    windows = _windows(padded, g)[:, :, :, rows]
+    cols = block[:, :windows[0, 0, 0].size]
+    np.copyto(cols.reshape(windows.shape), windows)
+    return cols
+
+
+def col2im(cols, g, rows, padded) -> None:
+    """The transpose of :func:`im2col`: add the columns ``cols`` of the output rows ``rows`` (a
+    slice of ``row_blocks``) into ``padded`` (C, H_pad, W_pad, N) at the input positions they were
+    copied from. The lattices of different kernel offsets overlap, so they are added one offset
+    at a time; the caller zeroes ``padded`` before the first block."""
+    first, count = rows.start, rows.stop - rows.start
+    columns = cols.reshape(g.c_in, g.kernel_h, g.kernel_w, count, g.out_w, g.batch)
     for i in range(g.kernel_h):
-        top = i * g.dilation_h
-        rows = slice(top, top + (g.out_h - 1) * g.stride_h + 1, g.stride_h)
+        top = first * g.stride_h + i * g.dilation_h
+        input_rows = slice(top, top + (count - 1) * g.stride_h + 1, g.stride_h)
         for j in range(g.kernel_w):
             left = j * g.dilation_w
-            padded[:, rows, left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] += columns[:, i, j]
+            padded[:, input_rows, left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] += columns[:, i, j]

@@ -155,15 +155,19 @@ class ConvStage(Stage):
     def forward(self, ws, x, rows):
         g = conv_ops.geometry(x.shape, self.conv)
         source = self._source(ws, x, g)
-        cols = ws.array("cols", (g.patch_size, g.out_h * g.out_w * g.batch), x.dtype)
-        conv_ops.im2col(source, g, cols)
+        block = ws.array("cols", (g.patch_size, conv_ops.block_rows(g, x.itemsize) * g.out_w * g.batch), x.dtype)
         out = ws.array("out", (g.c_out, g.out_h, g.out_w, g.batch), x.dtype)
         flat = out.reshape(g.c_out, -1)
-        np.matmul(self.conv.weight.data.reshape(g.c_out, -1), cols, out=flat)
-        if self.conv.bias is not None:
-            flat += self.conv.bias.data[:, None]
+        weight = self.conv.weight.data.reshape(g.c_out, -1)
+        bias = None if self.conv.bias is None else self.conv.bias.data[:, None]
+        for output_rows, columns in conv_ops.row_blocks(g, x.itemsize):
+            cols = conv_ops.im2col(source, g, output_rows, block)
+            np.matmul(weight, cols, out=flat[:, columns])
+            if bias is not None:
+                flat[:, columns] += bias
         activate(self.kind, out)
-        ws.saved = {"geometry": g, "source": source, "cols_hold_input": True, "output": out}
+        # block_holds: the output rows whose columns ``block`` holds (None: overwritten)
+        ws.saved = {"geometry": g, "source": source, "block_holds": output_rows, "output": out}
         return out
 
     def backward(self, ws, grad, needs_input_grad, grads):
@@ -171,32 +175,48 @@ class ConvStage(Stage):
         g, weight, bias = saved["geometry"], self.conv.weight, self.conv.bias
         differentiate(self.kind, grad, saved["output"], ws)
         flat_grad = grad.reshape(g.c_out, -1)
-        cols = ws.array("cols", (g.patch_size, flat_grad.shape[1]), grad.dtype)
-        if not saved["cols_hold_input"]:  # a second backward of one forward: cols were overwritten
-            conv_ops.im2col(saved["source"], g, cols)
-            saved["cols_hold_input"] = True
+        blocks = list(conv_ops.row_blocks(g, grad.itemsize))
+        block = ws.array("cols", (g.patch_size, conv_ops.block_rows(g, grad.itemsize) * g.out_w * g.batch),
+                         grad.dtype)
         grad_weight = grads(weight)
         if grad_weight is not None:
             # cols (K, P) @ grad.T (P, C_out), then transposed: OpenBLAS runs this orientation up to
             # 3x faster than grad (C_out, P) @ cols.T when P is long (AlexNet's conv1: 68 against 213 ms).
+            # Last block first: the forward left its columns in ``block``.
             transposed = ws.array("grad_weight_t", (g.patch_size, g.c_out), grad.dtype)
-            np.matmul(cols, flat_grad.T, out=transposed)
+            partial = ws.array("grad_weight_block", transposed.shape, grad.dtype)
+            for index, (output_rows, columns) in enumerate(reversed(blocks)):
+                if saved["block_holds"] == output_rows:
+                    cols = block[:, :columns.stop - columns.start]
+                else:
+                    cols = conv_ops.im2col(saved["source"], g, output_rows, block)
+                    saved["block_holds"] = output_rows
+                np.matmul(cols, flat_grad[:, columns].T, out=partial if index else transposed)
+                if index:
+                    transposed += partial
             np.copyto(grad_weight.reshape(g.c_out, -1), transposed.T)
         grad_bias = grads(bias)
         if grad_bias is not None:
             np.sum(flat_grad, axis=1, out=grad_bias)
         if not needs_input_grad:
             return None
-        np.matmul(weight.data.reshape(g.c_out, -1).T, flat_grad, out=cols)  # the column gradients, in cols
-        saved["cols_hold_input"] = False
+        # The column gradients block by block into ``block`` (a rerun rebuilds the columns), each
+        # added into the input gradient while in cache.
+        saved["block_holds"] = None
+        if conv_ops.needs_padding(g):
+            target = ws.array("grad_padded", conv_ops.padded_shape(g), grad.dtype)
+        else:
+            target = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
+        target.fill(0)
+        weight_t = weight.data.reshape(g.c_out, -1).T
+        for output_rows, columns in blocks:
+            grad_cols = block[:, :columns.stop - columns.start]
+            np.matmul(weight_t, flat_grad[:, columns], out=grad_cols)
+            conv_ops.col2im(grad_cols, g, output_rows, target)
         if not conv_ops.needs_padding(g):
-            grad_input = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
-            conv_ops.col2im(cols, g, grad_input)
-            return grad_input
-        padded = ws.array("grad_padded", conv_ops.padded_shape(g), grad.dtype)
-        conv_ops.col2im(cols, g, padded)
+            return target
         grad_input = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
-        np.copyto(grad_input, conv_ops.interior(padded, g))
+        np.copyto(grad_input, conv_ops.interior(target, g))
         return grad_input
 
 
