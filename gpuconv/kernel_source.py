@@ -71,6 +71,7 @@ class Param:
         return np.dtype(_C_TYPES[self.ctype])
 
 
+_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\n]*)$", re.M)
 _KERNEL_RE = re.compile(
     r'extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?void\s+'
     r"(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)",
@@ -92,11 +93,25 @@ def _parse_param(text: str, kernel: str) -> Param:
 
 def parse_signatures(source: str) -> dict[str, tuple[Param, ...]]:
     """``{kernel name: parameters}`` for every ``extern "C" __global__`` kernel in ``source``."""
-    source = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S)
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S).replace("\\\n", " ")
+    # A parameter may be an object-like macro of the file standing for several (the tiles of one
+    # kernel family share their list that way): it is read as its text, as the compilers read it.
+    macros = {m.group(1): m.group(2).strip() for m in _DEFINE_RE.finditer(source)}
+
+    def expand(params: str, seen: frozenset = frozenset()) -> list[str]:
+        parts = []
+        for part in params.split(","):
+            part = part.strip()
+            if part in macros and part not in seen:
+                parts += expand(macros[part], seen | {part})
+            elif part:
+                parts.append(part)
+        return parts
+
     signatures = {}
     for match in _KERNEL_RE.finditer(source):
         name, params = match.group(1), match.group(2).strip()
-        parts = [p for p in params.split(",") if p.strip()] if params and params != "void" else []
+        parts = expand(params) if params != "void" else []
         signatures[name] = tuple(_parse_param(p, name) for p in parts)
     return signatures
 

@@ -159,14 +159,16 @@ conv2d_bias_grad_v1(const float* __restrict__ grad_out, float* __restrict__ grad
     }
 }
 
+#define BACKWARD_FILTER_V2_PARAMS const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials, \
+    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w, \
+    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split, \
+    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias, \
+    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap, \
+    int a_wrap_h, int b_wrap_w, int b_wrap_h
+
 // The body every v2 entry point below runs, with its tile and B loader.
 template <int BM, int BN, bool SAME_TAP_RUNS>
-__device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared, const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+__device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared, BACKWARD_FILTER_V2_PARAMS)
 {
     const conv::PixelSteps steps{d_a, d_b, d_ih, d_iw, ih_end, iw_end, ih_wrap, iw_wrap, a_wrap_h, b_wrap_w, b_wrap_h};
     conv::weight_gradient_gemm<BM, BN, SAME_TAP_RUNS>(
@@ -177,8 +179,8 @@ __device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared,
 }
 
 // An entry point's body: its static shared memory (declared in the kernel itself, not in the
-// template) and the call with every parameter. The signatures stay spelled out: the host reads
-// them from this file's text.
+// template) and the call with every parameter. The entry points' parameter list is the macro
+// BACKWARD_FILTER_V2_PARAMS (kernel_source.parse_signatures reads it as the compilers do).
 #define BACKWARD_FILTER_V2(BM, BN, SAME_TAP_RUNS)                                                                   \
     __shared__ __align__(16) conv::Shared<BM, BN> shared;                                                            \
     backward_filter_v2<BM, BN, SAME_TAP_RUNS>(shared, x, grad_out, partials, bias_partials, batch, c_in, height,      \
@@ -189,67 +191,37 @@ __device__ __forceinline__ void backward_filter_v2(conv::Shared<BM, BN>& shared,
                                               a_wrap_h, b_wrap_w, b_wrap_h)
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-conv2d_backward_filter_v2_128x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+conv2d_backward_filter_v2_128x128(BACKWARD_FILTER_V2_PARAMS)
 {
     BACKWARD_FILTER_V2(128, 128, false);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-conv2d_backward_filter_v2_128x128_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+conv2d_backward_filter_v2_128x128_c4(BACKWARD_FILTER_V2_PARAMS)
 {
     BACKWARD_FILTER_V2(128, 128, true);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_backward_filter_v2_128x64(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+conv2d_backward_filter_v2_128x64(BACKWARD_FILTER_V2_PARAMS)
 {
     BACKWARD_FILTER_V2(128, 64, false);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_backward_filter_v2_128x64_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+conv2d_backward_filter_v2_128x64_c4(BACKWARD_FILTER_V2_PARAMS)
 {
     BACKWARD_FILTER_V2(128, 64, true);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_backward_filter_v2_64x128(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+conv2d_backward_filter_v2_64x128(BACKWARD_FILTER_V2_PARAMS)
 {
     BACKWARD_FILTER_V2(64, 128, false);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_backward_filter_v2_64x128_c4(const float* __restrict__ x, const float* __restrict__ grad_out, float* __restrict__ partials,
-    float* __restrict__ bias_partials, int batch, int c_in, int height, int width, int c_out, int kernel_h, int kernel_w,
-    int stride_h, int stride_w, int pad_top, int pad_left, int dil_h, int dil_w, int out_h, int out_w, int k_per_split,
-    long long split_stride, int has_bias, float* __restrict__ grad_weight, float* __restrict__ grad_bias,
-    int* __restrict__ tickets, int last_block_reduce, int d_a, int d_b, int d_ih, int d_iw, int ih_end, int iw_end, int ih_wrap, int iw_wrap,
-    int a_wrap_h, int b_wrap_w, int b_wrap_h)
+conv2d_backward_filter_v2_64x128_c4(BACKWARD_FILTER_V2_PARAMS)
 {
     BACKWARD_FILTER_V2(64, 128, true);
 }

@@ -23,7 +23,7 @@
 //
 // conv2d_gemm_v2_<BM>x<BN>_transposed_weight, BM x BN = 64x128 and 32x128, and
 // conv2d_gemm_narrow_v2_transposed_weight (at most 4 rows)
-//   The backward-data GEMM above with A the OIHW weight w (channels, rows, kernel_h, kernel_w)
+//   The backward-data GEMM above with A (parameter a) the OIHW weight w (channels, rows, kernel_h, kernel_w)
 //   read in place, A[m][c*n_taps + t] = w[c][m][tap_i0 + a*tap_i_step][tap_j0 + b*tap_j_step]
 //   for t = a*taps_w + b (the kernel taps of one stride phase): no re-laid copy (32-bit loads,
 //   conv::TransposedWeightA). The last six arguments replace a_pitch; the rest as above.
@@ -53,161 +53,91 @@ constexpr bool VECTOR_A_128x64 = true;
 constexpr bool VECTOR_A_64x128 = false;
 constexpr bool VECTOR_A_32x128 = false;
 
-extern "C" __global__ void __launch_bounds__(256, 2)
-conv2d_gemm_v2_128x128(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
-                   float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
-                   int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
-                   int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
-                   int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                   int relu, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<128, 128> shared;
-    conv::lattice_conv<128, 128>(
-        shared, conv::RowMajorSource<VECTOR_A_128x128>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
-        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
-}
+// The tiles of a kernel family differ only in their tile and launch bounds: each family's parameter
+// list is one macro (kernel_source.parse_signatures reads it as the compilers do) and its body
+// another, so every entry point below is its name, launch bounds and tile.
+#define CONV2D_GEMM_V2_LATTICE_PARAMS const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias, \
+    float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0, \
+    int tap_w_step, int src_h, int src_w, int batch, int lattice_h, int lattice_w, int src_step_h, int src_step_w, \
+    int src_origin_h, int src_origin_w, int dst_h, int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, \
+    int dst_origin_w, int has_bias, int relu
+#define CONV2D_GEMM_V2_LATTICE_ARGS src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, lattice_h, \
+        lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w, dst_step_h, dst_step_w, \
+        dst_origin_h, dst_origin_w, has_bias, relu
 
-extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_gemm_v2_128x64(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
-                   float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
-                   int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
-                   int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
-                   int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                   int relu, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<128, 64> shared;
-    conv::lattice_conv<128, 64>(
-        shared, conv::RowMajorSource<VECTOR_A_128x64>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
-        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_gemm_v2_64x128(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
-                   float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
-                   int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
-                   int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
-                   int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                   int relu, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<64, 128> shared;
-    conv::lattice_conv<64, 128>(
-        shared, conv::RowMajorSource<VECTOR_A_64x128>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
-        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
-}
-
-extern "C" __global__ void __launch_bounds__(64, 6)
-conv2d_gemm_v2_32x128(const float* __restrict__ a, const float* __restrict__ src, const float* __restrict__ bias,
-                   float* __restrict__ dst, int rows, int channels, int n_taps, int taps_w, int tap_h0,
-                   int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int lattice_h,
-                   int lattice_w, int src_step_h, int src_step_w, int src_origin_h, int src_origin_w, int dst_h,
-                   int dst_w, int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                   int relu, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<32, 128> shared;
-    conv::lattice_conv<32, 128>(
-        shared, conv::RowMajorSource<VECTOR_A_32x128>{a, a_pitch}, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
-        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_gemm_v2_64x128_transposed_weight(const float* __restrict__ w, const float* __restrict__ src,
-                                      const float* __restrict__ bias, float* __restrict__ dst, int rows, int channels,
-                                      int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0, int tap_w_step,
-                                      int src_h, int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
-                                      int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
-                                      int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                                      int relu, int kernel_h, int kernel_w, int tap_i0, int tap_i_step, int tap_j0,
-                                      int tap_j_step)
-{
-    __shared__ __align__(16) conv::Shared<64, 128> shared;
-    const conv::TransposedWeightSource weight{w, kernel_h, {{taps_w, tap_i0, tap_i_step, tap_j0, tap_j_step}, kernel_w}};
-    conv::lattice_conv<64, 128>(
-        shared, weight, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
-        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
-}
-
-extern "C" __global__ void __launch_bounds__(64, 6)
-conv2d_gemm_v2_32x128_transposed_weight(const float* __restrict__ w, const float* __restrict__ src,
-                                      const float* __restrict__ bias, float* __restrict__ dst, int rows, int channels,
-                                      int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0, int tap_w_step,
-                                      int src_h, int src_w, int batch, int lattice_h, int lattice_w, int src_step_h,
-                                      int src_step_w, int src_origin_h, int src_origin_w, int dst_h, int dst_w,
-                                      int dst_step_h, int dst_step_w, int dst_origin_h, int dst_origin_w, int has_bias,
-                                      int relu, int kernel_h, int kernel_w, int tap_i0, int tap_i_step, int tap_j0,
-                                      int tap_j_step)
-{
-    __shared__ __align__(16) conv::Shared<32, 128> shared;
-    const conv::TransposedWeightSource weight{w, kernel_h, {{taps_w, tap_i0, tap_i_step, tap_j0, tap_j_step}, kernel_w}};
-    conv::lattice_conv<32, 128>(
-        shared, weight, src, bias, dst, rows, channels, n_taps, conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step},
-        src_h, src_w, batch, lattice_h, lattice_w, src_step_h, src_step_w, src_origin_h, src_origin_w, dst_h, dst_w,
-        dst_step_h, dst_step_w, dst_origin_h, dst_origin_w, has_bias, relu);
-}
+// Weights row-major (forward: OIHW as [C_out][K]; backward-data: the re-laid copy), a_pitch floats a row.
+#define CONV2D_GEMM_V2_PARAMS CONV2D_GEMM_V2_LATTICE_PARAMS, int a_pitch
+#define CONV2D_GEMM_V2_BODY(BM, BN)                                                                        \
+    {                                                                                                   \
+        __shared__ __align__(16) conv::Shared<BM, BN> shared;                                           \
+        conv::lattice_conv<BM, BN>(shared, conv::RowMajorSource<VECTOR_A_##BM##x##BN>{a, a_pitch},       \
+                                   CONV2D_GEMM_V2_LATTICE_ARGS);                                        \
+    }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-conv2d_relu_max_pool2x2_v2_128x128(const float* __restrict__ a, const float* __restrict__ src,
-                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
-                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
-                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
-                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
-                                 int pad_w, int has_bias, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<128, 128> shared;
-    conv::conv_relu_max_pool2x2<128, 128, VECTOR_A_128x128>(
-        shared, a, src, bias, out, indices, rows, channels, n_taps,
-        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
-        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
-}
+conv2d_gemm_v2_128x128(CONV2D_GEMM_V2_PARAMS)
+CONV2D_GEMM_V2_BODY(128, 128)
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_relu_max_pool2x2_v2_128x64(const float* __restrict__ a, const float* __restrict__ src,
-                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
-                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
-                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
-                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
-                                 int pad_w, int has_bias, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<128, 64> shared;
-    conv::conv_relu_max_pool2x2<128, 64, VECTOR_A_128x64>(
-        shared, a, src, bias, out, indices, rows, channels, n_taps,
-        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
-        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
-}
+conv2d_gemm_v2_128x64(CONV2D_GEMM_V2_PARAMS)
+CONV2D_GEMM_V2_BODY(128, 64)
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-conv2d_relu_max_pool2x2_v2_64x128(const float* __restrict__ a, const float* __restrict__ src,
-                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
-                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
-                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
-                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
-                                 int pad_w, int has_bias, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<64, 128> shared;
-    conv::conv_relu_max_pool2x2<64, 128, VECTOR_A_64x128>(
-        shared, a, src, bias, out, indices, rows, channels, n_taps,
-        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
-        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
-}
+conv2d_gemm_v2_64x128(CONV2D_GEMM_V2_PARAMS)
+CONV2D_GEMM_V2_BODY(64, 128)
 
 extern "C" __global__ void __launch_bounds__(64, 6)
-conv2d_relu_max_pool2x2_v2_32x128(const float* __restrict__ a, const float* __restrict__ src,
-                                 const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices,
-                                 int rows, int channels, int n_taps, int taps_w, int tap_h0, int tap_h_step,
-                                 int tap_w0, int tap_w_step, int src_h, int src_w, int batch, int conv_h, int conv_w,
-                                 int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h,
-                                 int pad_w, int has_bias, int a_pitch)
-{
-    __shared__ __align__(16) conv::Shared<32, 128> shared;
-    conv::conv_relu_max_pool2x2<32, 128, VECTOR_A_32x128>(
-        shared, a, src, bias, out, indices, rows, channels, n_taps,
-        conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h, conv_w, step_h,
-        step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch);
-}
+conv2d_gemm_v2_32x128(CONV2D_GEMM_V2_PARAMS)
+CONV2D_GEMM_V2_BODY(32, 128)
+
+// Backward-data reading the OIHW weight in place along C_out (TransposedWeightSource).
+#define CONV2D_GEMM_V2_TRANSPOSED_WEIGHT_PARAMS CONV2D_GEMM_V2_LATTICE_PARAMS, int kernel_h, int kernel_w, \
+    int tap_i0, int tap_i_step, int tap_j0, int tap_j_step
+#define CONV2D_GEMM_V2_TRANSPOSED_WEIGHT_BODY(BM, BN)                                                      \
+    {                                                                                                   \
+        __shared__ __align__(16) conv::Shared<BM, BN> shared;                                           \
+        const conv::TransposedWeightSource weight{                                                      \
+            a, kernel_h, {{taps_w, tap_i0, tap_i_step, tap_j0, tap_j_step}, kernel_w}};                  \
+        conv::lattice_conv<BM, BN>(shared, weight, CONV2D_GEMM_V2_LATTICE_ARGS);                        \
+    }
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_gemm_v2_64x128_transposed_weight(CONV2D_GEMM_V2_TRANSPOSED_WEIGHT_PARAMS)
+CONV2D_GEMM_V2_TRANSPOSED_WEIGHT_BODY(64, 128)
+
+extern "C" __global__ void __launch_bounds__(64, 6)
+conv2d_gemm_v2_32x128_transposed_weight(CONV2D_GEMM_V2_TRANSPOSED_WEIGHT_PARAMS)
+CONV2D_GEMM_V2_TRANSPOSED_WEIGHT_BODY(32, 128)
+
+#define CONV2D_RELU_MAX_POOL2X2_V2_PARAMS const float* __restrict__ a, const float* __restrict__ src, \
+    const float* __restrict__ bias, float* __restrict__ out, int* __restrict__ indices, int rows, int channels, \
+    int n_taps, int taps_w, int tap_h0, int tap_h_step, int tap_w0, int tap_w_step, int src_h, int src_w, int batch, \
+    int conv_h, int conv_w, int step_h, int step_w, int origin_h, int origin_w, int pool_h, int pool_w, int pad_h, \
+    int pad_w, int has_bias, int a_pitch
+#define CONV2D_RELU_MAX_POOL2X2_V2_BODY(BM, BN)                                                            \
+    {                                                                                                   \
+        __shared__ __align__(16) conv::Shared<BM, BN> shared;                                           \
+        conv::conv_relu_max_pool2x2<BM, BN, VECTOR_A_##BM##x##BN>(                                      \
+            shared, a, src, bias, out, indices, rows, channels, n_taps,                                 \
+            conv::TapGrid{taps_w, tap_h0, tap_h_step, tap_w0, tap_w_step}, src_h, src_w, batch, conv_h,  \
+            conv_w, step_h, step_w, origin_h, origin_w, pool_h, pool_w, pad_h, pad_w, has_bias, a_pitch); \
+    }
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+conv2d_relu_max_pool2x2_v2_128x128(CONV2D_RELU_MAX_POOL2X2_V2_PARAMS)
+CONV2D_RELU_MAX_POOL2X2_V2_BODY(128, 128)
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_relu_max_pool2x2_v2_128x64(CONV2D_RELU_MAX_POOL2X2_V2_PARAMS)
+CONV2D_RELU_MAX_POOL2X2_V2_BODY(128, 64)
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+conv2d_relu_max_pool2x2_v2_64x128(CONV2D_RELU_MAX_POOL2X2_V2_PARAMS)
+CONV2D_RELU_MAX_POOL2X2_V2_BODY(64, 128)
+
+extern "C" __global__ void __launch_bounds__(64, 6)
+conv2d_relu_max_pool2x2_v2_32x128(CONV2D_RELU_MAX_POOL2X2_V2_PARAMS)
+CONV2D_RELU_MAX_POOL2X2_V2_BODY(32, 128)
 
 // Channels of A staged per pass: NARROW_STAGE k values, as many whole channels as fit.
 constexpr int NARROW_STAGE = 1024;

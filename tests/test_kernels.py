@@ -27,6 +27,25 @@ def test_parse_signatures_reads_types_and_pointers():
     assert sigs["nothing"] == ()
 
 
+def test_parse_signatures_reads_a_parameter_list_macro_as_the_compiler_does():
+    """A kernel family's tiles share their parameter list through object-like macros (nested,
+    continued over lines, beside other parameters); a function-like macro is not one."""
+    source = r'''
+#define SHAPE int rows, \
+    int cols
+#define PARAMS const float* __restrict__ a, SHAPE
+#define TWICE(x) (2 * (x))
+extern "C" __global__ void __launch_bounds__(64, 6) tile_64(PARAMS) {}
+extern "C" __global__ void tile_pitch(PARAMS, int pitch) {}
+'''
+    sigs = kernels.parse_signatures(source)
+    assert [(p.ctype, p.name, p.pointer) for p in sigs["tile_64"]] == [
+        ("float", "a", True), ("int", "rows", False), ("int", "cols", False)]
+    assert [p.name for p in sigs["tile_pitch"]] == ["a", "rows", "cols", "pitch"]
+    with pytest.raises(kernels.KernelArgumentError, match="cannot parse parameter 'TWICE'"):
+        kernels.parse_signatures('extern "C" __global__ void k(TWICE) {}\n#define TWICE(x) x\n')
+
+
 def test_cast_args_gives_exact_scalar_types():
     params = kernels.parse_signatures(SOURCE)["scale"]
     x = np.zeros(4, np.float32)
