@@ -329,6 +329,13 @@ class OpPlan:
         return outputs
 
 
+def arguments_key(*values) -> tuple:
+    """``values`` with their types, tuples element by element, for a plan's key: ``stride=True``
+    or ``kernel_size=2.0`` equal 1 and 2 as keys but are refused where those are not (a list:
+    unhashable, no plan)."""
+    return tuple((v, tuple(map(type, v))) if type(v) is tuple else (v, type(v)) for v in values)
+
+
 class PlanCache(dict):
     """``key -> plan``, a key being the :func:`signature` of an op's arrays (never None) and its
     other arguments; forgets everything past ``limit`` entries (a model sees a few shapes)."""

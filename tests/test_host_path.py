@@ -243,6 +243,21 @@ def test_a_planned_op_refuses_bad_input_as_its_first_call_does(rng):
             F.cross_entropy(F.linear(x, w), labels)
 
 
+def test_a_planned_pool_refuses_arguments_equal_to_its_plans_but_of_another_type(rng):
+    """2.0 == 2 and True == 1 as keys, but max_pool2d refuses a float size (as torch does)."""
+    import gpuconv.functional as F
+
+    x = to_device(rng.standard_normal((1, 2, 4, 4)).astype(np.float32), "emu")
+    out, indices = F.max_pool2d(x, 2, return_indices=True)
+    F.max_pool2d(x, 2)  # planned from here
+    F.max_pool2d_backward(out, indices, x.shape, 2)
+    F.max_pool2d_backward(out, indices, x.shape, 2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints, got 2.0"):
+        F.max_pool2d(x, 2.0)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints, got 2.0"):
+        F.max_pool2d_backward(out, indices, x.shape, 2.0)
+
+
 def test_an_op_on_a_non_contiguous_array_is_right_and_makes_no_plan(rng):
     import gpuconv.functional as F
 

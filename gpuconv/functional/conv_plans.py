@@ -30,11 +30,6 @@ def clear() -> None:
         cache.clear()
 
 
-def arguments_key(*values) -> tuple:
-    """``values`` with their types, tuples element by element (a list: unhashable, no plan)."""
-    return tuple((v, tuple(map(type, v))) if type(v) is tuple else (v, type(v)) for v in values)
-
-
 def plan_key(arrays, values, precision, op: str):
     """The key of a convolution op's plan, or None where no plan may be kept (an array that is not
     C-contiguous, or not an array). ``arrays``: those the op reads and writes (None allowed),
@@ -44,5 +39,5 @@ def plan_key(arrays, values, precision, op: str):
     if arrays_key is None:
         return None
     dtype = next(a.dtype for a in arrays if a is not None)
-    return (arrays_key, arguments_key(*values), resolve_precision(precision, dtype),
+    return (arrays_key, kernels.arguments_key(*values), resolve_precision(precision, dtype),
             os.environ.get(f"GPUCONV_KERNEL_{op.upper()}"))

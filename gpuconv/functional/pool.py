@@ -258,7 +258,7 @@ def _max_pool2d_kernel(x, window: _Window, key):
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode: bool = False, return_indices: bool = False):
     """2-D max pooling of an NCHW ``input``; with ``return_indices``, also the int32 in-plane argmax positions."""
-    key = ("forward", kernels.signature(input), kernel_size, stride, padding, ceil_mode)
+    key = ("forward", kernels.signature(input), kernels.arguments_key(kernel_size, stride, padding, ceil_mode))
     plan = _plans.lookup(key) if key[1] is not None else None
     out, indices = _max_pool2d(input, kernel_size, stride, padding, ceil_mode, key) if plan is None else plan(input)
     return (out, indices) if return_indices else out
@@ -323,8 +323,8 @@ def max_pool2d_relu_backward(grad_output, indices, output, input_shape, kernel_s
     ``relu_backward(max_pool2d_backward(...), relu(x))`` in one pass (one kernel on a device),
     bit-identical to it. The pool's output is relu(x) at each window's argmax, so its sign there
     is the ReLU's mask."""
-    key = ("backward", kernels.signature(grad_output, indices, output), input_shape, kernel_size, stride, padding,
-           ceil_mode)
+    key = ("backward", kernels.signature(grad_output, indices, output),
+           kernels.arguments_key(input_shape, kernel_size, stride, padding, ceil_mode))
     plan = _plans.lookup(key) if key[1] is not None else None
     if plan is not None:
         return plan(grad_output, indices, output)[0]
@@ -337,7 +337,8 @@ def max_pool2d_relu_backward(grad_output, indices, output, input_shape, kernel_s
 
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
     """Gradient of :func:`max_pool2d` w.r.t. its input of shape ``input_shape``, given its ``indices``."""
-    key = ("backward", kernels.signature(grad_output, indices), input_shape, kernel_size, stride, padding, ceil_mode)
+    key = ("backward", kernels.signature(grad_output, indices),
+           kernels.arguments_key(input_shape, kernel_size, stride, padding, ceil_mode))
     plan = _plans.lookup(key) if key[1] is not None else None
     if plan is not None:
         return plan(grad_output, indices)[0]
