@@ -285,7 +285,9 @@ class _PoolStage(Stage):
 
 
 class MaxPoolStage(_PoolStage):
-    """MaxPool2d, with the ReLU before it (``relu``) folded in."""
+    """MaxPool2d, with the ReLU before it (``relu``) folded in. Each lane's workspace keeps the
+    :class:`~gpuconv.cpu.pool.MaxPool2dPlan` of its input shape from step to step: the window
+    checked once, the views of the same buffers built once."""
 
     def __init__(self, layer, relu=None):
         super().__init__(layer)
@@ -294,17 +296,20 @@ class MaxPoolStage(_PoolStage):
             self.layers = (relu, layer)
 
     def forward(self, ws, x, rows):
-        out = ws.array("out", self.output_shape(x.shape), x.dtype)
-        out, indices = pool.max_pool2d(x, *self.window, relu=self.relu, out=out,
-                                       indices_out=ws.saved.get("indices"))
-        ws.saved = {"indices": indices, "input_shape": x.shape, "output": out}
+        plan = ws.saved.get("plan")
+        if plan is None or plan.input_shape != x.shape or plan.dtype != x.dtype:
+            plan = pool.MaxPool2dPlan(x.shape, x.dtype, *self.window, keep=True)
+        out = ws.array("out", plan.output_shape, x.dtype)
+        indices = ws.array("indices", plan.output_shape, plan.code_dtype)
+        plan.forward(x, out, indices, relu=self.relu)
+        ws.saved = {"plan": plan, "indices": indices, "output": out}
         return out
 
     def backward(self, ws, grad, needs_input_grad, grads):
         saved = ws.saved
-        return pool.max_pool2d_backward(grad, saved["indices"], saved["input_shape"], *self.window,
-                                        relu_output=saved["output"] if self.relu else None,
-                                        out=ws.array("grad_input", saved["input_shape"], grad.dtype))
+        plan = saved["plan"]
+        return plan.backward(grad, saved["indices"], ws.array("grad_input", plan.input_shape, grad.dtype),
+                             relu_output=saved["output"] if self.relu else None)
 
 
 class AvgPoolStage(_PoolStage):
