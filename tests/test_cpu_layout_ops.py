@@ -17,7 +17,8 @@ DTYPES = [np.float32, np.float64]
 
 # (NCHW shape, kernel, stride, padding, ceil_mode): the 2x2/2 fast path (even and odd planes),
 # AlexNet's overlapping 3x3/2, kernels 1-3 and asymmetric ones, strides 1-3, padding, ceil_mode
-# windows past the input, batch 1, one channel, a 1x1 plane.
+# windows past the input, batch 1, one channel, a 1x1 plane; windows side by side (kernel =
+# stride, no padding: the tiled backward) covering the plane or leaving rows and columns out.
 GEOMETRIES = [
     ((3, 2, 8, 6), 2, 2, 0, False),
     ((2, 3, 7, 5), 2, 2, 0, False),
@@ -30,9 +31,11 @@ GEOMETRIES = [
     ((2, 2, 5, 4), 1, 1, 0, False),
     ((1, 1, 1, 1), 2, 2, 1, True),
     ((2, 1, 7, 7), 2, 3, 1, False),
+    ((2, 3, 7, 8), 3, 3, 0, False),
+    ((3, 2, 6, 5), (2, 1), (2, 1), 0, False),
 ]
 IDS = ["2x2s2", "2x2s2-odd", "2x2s2-odd-ceil", "3x3s2", "3x3s2p1-ceil", "3x2s1x2p1x0-ceil", "3x3s3x2p1-ceil",
-       "1x3s1x3p0x1", "1x1", "1x1-plane-pad", "2x2s3p1"]
+       "1x3s1x3p0x1", "1x1", "1x1-plane-pad", "2x2s3p1", "3x3s3-odd", "2x1s2x1"]
 
 
 def chwn(x):
@@ -194,6 +197,57 @@ def test_max_pool2d_huge_window_over_one_pixel():
     g = np.arange(out.size, dtype=np.float64).reshape(out.shape)
     grad = cpu_pool.max_pool2d_backward(g, indices, x.shape, *args)
     np.testing.assert_array_equal(nchw(grad), F.max_pool2d_backward(nchw(g), want_indices, nchw(x).shape, *args))
+
+
+def _check_kept_plan(rng, geometry, relu, dtype=np.float32):
+    """A kept plan (a layer's lane) called step after step gives what the functions give: with new
+    values in the same buffers (its kept views), then with other buffers (views rebuilt)."""
+    shape, args = _pool_args(geometry)
+    x = chwn(tricky(rng, shape, dtype))
+    plan = cpu_pool.MaxPool2dPlan(x.shape, dtype, *args, keep=True)
+    out, codes = np.empty(plan.output_shape, dtype), np.empty(plan.output_shape, plan.code_dtype)
+    grad_input = np.empty(x.shape, dtype)
+    g = np.empty(out.shape, dtype)
+    for step in range(4):
+        if step == 2:  # the next layer's buffers are other arrays now (and strided views)
+            x = np.empty(x.shape[:3] + (2 * x.shape[3],), dtype)[..., ::2]
+            out, g = np.empty_like(out), np.empty(out.shape[:3] + (2 * out.shape[3],), dtype)[..., 1::2]
+            codes, grad_input = np.empty_like(codes), np.empty_like(grad_input)
+        x[...] = chwn(tricky(rng, shape, dtype))
+        g[...] = rng.standard_normal(out.shape)
+        got = plan.forward(x, out, codes, relu=relu)
+        assert got[0] is out and got[1] is codes
+        with np.errstate(all="ignore"):
+            assert plan.backward(g, codes, grad_input, relu_output=out if relu else None) is grad_input
+        want_out, want_codes = cpu_pool.max_pool2d(x, *args, relu=relu)
+        assert_identical(out, want_out)
+        np.testing.assert_array_equal(codes, want_codes)
+        want = cpu_pool.max_pool2d_backward(g, want_codes, x.shape, *args, relu_output=want_out if relu else None)
+        assert_identical(grad_input, want)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_a_kept_plan_gives_the_functions_results_step_after_step(rng, geometry, relu):
+    _check_kept_plan(rng, geometry, relu)
+
+
+def test_a_kept_plan_in_float64_and_one_image(rng):
+    _check_kept_plan(rng, ((1, 3, 8, 6), 2, 2, 0, False), True, np.float64)
+    _check_kept_plan(rng, ((1, 2, 7, 9), 3, 3, 0, False), False, np.float64)
+
+
+def test_the_checker_catches_views_kept_past_their_arrays(rng, monkeypatch):
+    """A planted defect: a plan that keeps its views even when called with other arrays."""
+    def stale(self, name, arrays, build):
+        kept = self._views.get(name)
+        if kept is None:
+            kept = self._views[name] = (arrays, build(*arrays))
+        return kept[1]
+
+    monkeypatch.setattr(cpu_pool.MaxPool2dPlan, "_bound", stale)
+    with pytest.raises(AssertionError):
+        _check_kept_plan(rng, GEOMETRIES[0], False)
 
 
 # ------------------------------------------------------------------------------------------ avg
