@@ -10,6 +10,7 @@ import torch
 import gpuconv.functional as F
 from gpuconv.cpu import norm as cpu_norm
 from gpuconv.cpu import pool as cpu_pool
+from gpuconv.cpu.kept import KeptViews
 
 from gradcheck import numerical_gradient
 
@@ -240,12 +241,11 @@ def test_a_kept_plan_in_float64_and_one_image(rng):
 def test_the_checker_catches_views_kept_past_their_arrays(rng, monkeypatch):
     """A planted defect: a plan that keeps its views even when called with other arrays."""
     def stale(self, name, arrays, build):
-        kept = self._views.get(name)
-        if kept is None:
-            kept = self._views[name] = (arrays, build(*arrays))
-        return kept[1]
+        if name not in self._kept:
+            self._kept[name] = (arrays, build(*arrays))
+        return self._kept[name][1]
 
-    monkeypatch.setattr(cpu_pool.MaxPool2dPlan, "_bound", stale)
+    monkeypatch.setattr(KeptViews, "get", stale)
     with pytest.raises(AssertionError):
         _check_kept_plan(rng, GEOMETRIES[0], False)
 

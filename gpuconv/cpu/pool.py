@@ -28,6 +28,7 @@ import numpy as np
 from ..functional._checks import check_array, ieee_arithmetic
 from ..functional.activation import select
 from ..functional.pool import _Window, _avg_divisor, _window, _window_sums, _window_sums_transposed
+from .kept import KeptViews
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype",
            "MaxPool2dPlan"]
@@ -324,7 +325,7 @@ class MaxPool2dPlan:
         few = len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES
         self._tap_passes = (row_taps, column_taps) if few and not overlapping else None
         self._keep = keep
-        self._buffers, self._views = {}, {}
+        self._buffers, self._views = {}, KeptViews() if keep else None
 
     def _buffer(self, name: str, shape, dtype):
         if not self._keep:
@@ -346,14 +347,9 @@ class MaxPool2dPlan:
     def _bound(self, name: str, arrays: tuple, build):
         """``build(*arrays)``: views of ``arrays`` (and of the plan's buffers); a kept plan's from
         its last call when that was with these same arrays."""
-        if self._keep:
-            kept = self._views.get(name)
-            if kept is not None and len(kept[0]) == len(arrays) and all(a is b for a, b in zip(kept[0], arrays)):
-                return kept[1]
-        views = build(*arrays)
-        if self._keep:
-            self._views[name] = (arrays, views)
-        return views
+        if self._views is None:
+            return build(*arrays)
+        return self._views.get(name, arrays, build)
 
     # -- forward ----------------------------------------------------------------------------------
 
