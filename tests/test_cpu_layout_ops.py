@@ -1,6 +1,7 @@
 """Pooling and LRN in the NumPy executor's (C, H, W, N) layout against the NCHW functional ops on
 the transposed data (identical values and indices, the same gradients), PyTorch, and finite
-differences; the fused ReLU; caller-owned result buffers; views as inputs."""
+differences; the fused ReLU; caller-owned result buffers; views as inputs; the per-shape plans
+of the pool and the convolution stage, kept from step to step, against fresh ones."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,12 @@ import pytest
 import torch
 
 import gpuconv.functional as F
+from gpuconv import nn
+from gpuconv.cpu import conv as cpu_conv
 from gpuconv.cpu import norm as cpu_norm
 from gpuconv.cpu import pool as cpu_pool
 from gpuconv.cpu.kept import KeptViews
+from gpuconv.cpu.stages import ConvStage, Workspace
 
 from gradcheck import numerical_gradient
 
@@ -238,18 +242,6 @@ def test_a_kept_plan_in_float64_and_one_image(rng):
     _check_kept_plan(rng, ((1, 2, 7, 9), 3, 3, 0, False), False, np.float64)
 
 
-def test_the_checker_catches_views_kept_past_their_arrays(rng, monkeypatch):
-    """A planted defect: a plan that keeps its views even when called with other arrays."""
-    def stale(self, name, arrays, build):
-        if name not in self._kept:
-            self._kept[name] = (arrays, build(*arrays))
-        return self._kept[name][1]
-
-    monkeypatch.setattr(KeptViews, "get", stale)
-    with pytest.raises(AssertionError):
-        _check_kept_plan(rng, GEOMETRIES[0], False)
-
-
 # ------------------------------------------------------------------------------------------ avg
 
 
@@ -412,3 +404,78 @@ def test_local_response_norm_in_channel_blocks_is_the_whole_computation(rng, mon
     np.testing.assert_array_equal(cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 0.1, 0.75, 2.0), grad)
     want = F.local_response_norm_backward(nchw(g), nchw(x), nchw(out), 5, 0.1, 0.75, 2.0)
     np.testing.assert_allclose(nchw(grad), want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- conv stage plan
+
+# (NCHW input shape, C_out, kernel, stride, padding, dilation): LeNet's two layers, odd planes,
+# strides, asymmetric padding and kernels, dilation, one image.
+CONV_GEOMETRIES = [
+    ((3, 1, 12, 12), 4, 5, 1, 2, 1),
+    ((2, 3, 9, 7), 5, 3, 2, 1, 1),
+    ((1, 2, 8, 11), 3, (3, 2), (1, 2), (0, 1), 1),
+    ((2, 2, 10, 9), 3, 3, 1, 2, 2),
+    ((1, 1, 5, 5), 2, 5, 1, 0, 1),
+]
+
+
+def _conv_step(stage, ws, x, g, needs_input_grad):
+    out = stage.forward(ws, x, slice(None))
+    grads = {}
+
+    def target(param):
+        return grads.setdefault(id(param), np.empty(param.shape, param.dtype)) if param is not None else None
+
+    grad = np.array(g)  # backward may overwrite its gradient
+    grad_input = stage.backward(ws, grad, needs_input_grad, target)
+    return (np.array(out), None if grad_input is None else np.array(grad_input),
+            grads[id(stage.conv.weight)], grads.get(id(stage.conv.bias)))
+
+
+@pytest.mark.parametrize("block_columns", [1, cpu_conv.BLOCK_COLUMNS])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=[str(i) for i in range(len(CONV_GEOMETRIES))])
+def test_a_kept_conv_plan_gives_a_fresh_ones_results_step_after_step(rng, geometry, block_columns, monkeypatch):
+    """A ConvStage's lane workspace keeps its plan and views: step after step with new values in
+    the same buffers, then other buffers (a strided input), the bits of a fresh stage and
+    workspace; and the NCHW ops' values (float64) to float32 rounding."""
+    monkeypatch.setattr(cpu_conv, "BLOCK_COLUMNS", block_columns)
+    shape, c_out, k, stride, padding, dilation = geometry
+    layer = nn.Conv2d(shape[1], c_out, k, stride=stride, padding=padding, dilation=dilation)
+    stage, ws = ConvStage(layer, nn.ReLU()), Workspace()
+    x = np.empty(shape[1:] + shape[:1], np.float32)
+    for step in range(4):
+        if step == 2:
+            x = np.empty(shape[1:] + (2 * shape[0],), np.float32)[..., 1::2]
+        nchw_x = rng.standard_normal(shape).astype(np.float32)
+        x[...] = nchw_x.transpose(1, 2, 3, 0)
+        g = rng.standard_normal(stage.output_shape(x.shape)).astype(np.float32)
+        kept = _conv_step(stage, ws, x, g, needs_input_grad=step != 1)
+        fresh = _conv_step(ConvStage(layer, nn.ReLU()), Workspace(), x, g, needs_input_grad=step != 1)
+        for got, want in zip(kept, fresh):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert_identical(got, want)
+    # The last step against the NCHW ops in float64.
+    weight, bias = layer.weight.data.astype(np.float64), layer.bias.data.astype(np.float64)
+    x64, args = nchw_x.astype(np.float64), (stride, padding, dilation)
+    y = np.maximum(F.conv2d(x64, weight, bias, *args), 0)
+    g64 = nchw(g).astype(np.float64) * (y > 0)
+    out, grad_input, grad_weight, grad_bias = kept
+    np.testing.assert_allclose(nchw(out), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nchw(grad_input), F.conv2d_input(x64.shape, weight, g64, *args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_weight, F.conv2d_weight(x64, weight.shape, g64, *args), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(grad_bias, g64.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def test_the_checkers_catch_views_kept_past_their_arrays(rng, monkeypatch):
+    """A planted defect: plans that keep their views even when called with other arrays."""
+    def stale(self, name, arrays, build):
+        if name not in self._kept:
+            self._kept[name] = (arrays, build(*arrays))
+        return self._kept[name][1]
+
+    monkeypatch.setattr(KeptViews, "get", stale)
+    with pytest.raises(AssertionError):
+        _check_kept_plan(rng, GEOMETRIES[0], False)
+    with pytest.raises(AssertionError):
+        test_a_kept_conv_plan_gives_a_fresh_ones_results_step_after_step(rng, CONV_GEOMETRIES[1], 1, monkeypatch)
