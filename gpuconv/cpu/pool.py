@@ -360,7 +360,7 @@ class MaxPool2dPlan:
                 self._forward_2x2(x, out, codes)
             else:
                 _max_pool2d_separable(x, self.window, out, codes, nan_aware=False)
-            if np.isnan(np.max(out)):  # some window holds a NaN: the compares did not find the first
+            if np.isnan(np.maximum.reduce(out, axis=None)):  # some window holds a NaN: the compares did not find the first
                 _max_pool2d_separable(x, self.window, out, codes, nan_aware=True)
         if relu:
             np.maximum(out, self._zeros(), out=out)

@@ -198,7 +198,7 @@ class ConvStage(Stage):
             np.copyto(grad_weight.reshape(g.c_out, -1), transposed.T)
         grad_bias = grads(bias)
         if grad_bias is not None:
-            np.sum(grad.reshape(g.c_out, -1), axis=1, out=grad_bias)
+            np.add.reduce(grad.reshape(g.c_out, -1), axis=1, out=grad_bias)
         if not needs_input_grad:
             return None
         # The column gradients block by block into ``block`` (a rerun rebuilds the columns), each
@@ -276,10 +276,15 @@ class _PoolStage(Stage):
         self.pool = layer
         self.layers = (layer,)
         self.window = (layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode)
+        self._output_shapes = {}  # the executor asks at every forward
 
     def output_shape(self, shape):
-        c, h, w, n = shape
-        return (c, *F.pool2d_output_size((h, w), *self.window), n)
+        shape = tuple(shape)
+        output = self._output_shapes.get(shape)
+        if output is None:
+            c, h, w, n = shape
+            output = self._output_shapes[shape] = (c, *F.pool2d_output_size((h, w), *self.window), n)
+        return output
 
 
 class MaxPoolStage(_PoolStage):
