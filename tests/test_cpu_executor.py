@@ -11,7 +11,7 @@ import pytest
 
 from gpuconv import cpu, models, nn, optim
 from gpuconv.cpu import executor as executor_module
-from gpuconv.cpu import threads
+from gpuconv.cpu import lane_process, threads
 from gpuconv.random import manual_seed
 
 
@@ -86,10 +86,34 @@ def assert_same_step(a, b, rtol):
             assert_close(grads_a[name], grads_b[name], rtol, name)
 
 
-@pytest.fixture
-def two_lanes(monkeypatch):
-    """The batch split into two threads, whatever the machine's BLAS thread count."""
+@pytest.fixture(params=["process", "thread"])
+def two_lanes(request, monkeypatch):
+    """The batch split into two lanes, whatever the machine's BLAS thread count: the second in the
+    helper process, or on a second thread."""
     monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    monkeypatch.setenv(lane_process.LANES_SWITCH, request.param)
+    return request.param
+
+
+@pytest.fixture
+def thread_lanes(monkeypatch):
+    """Two lanes on threads: for a test that patches the stages' code, which the helper process
+    does not see."""
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    monkeypatch.setenv(lane_process.LANES_SWITCH, "thread")
+
+
+@pytest.fixture
+def own_helper(monkeypatch):
+    """A helper process of this test's own (the shared one is restored after it)."""
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    monkeypatch.setenv(lane_process.LANES_SWITCH, "process")
+    monkeypatch.setattr(lane_process.LaneProcess, "_current", None)
+    monkeypatch.setattr(lane_process.LaneProcess, "_failure", None)
+    yield
+    helper = lane_process.LaneProcess._current
+    if helper is not None:
+        helper.close()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -104,7 +128,7 @@ def test_executor_matches_the_module_path_and_float64(name, n, two_lanes):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_one_output_row_a_block_matches_the_module_path(name, two_lanes, monkeypatch):
+def test_one_output_row_a_block_matches_the_module_path(name, thread_lanes, monkeypatch):
     """The forward and the weight gradient in blocks of a single output row (uneven blocks at the
     default size are covered above: LeNet's conv1 at 8 images a lane is 18 + 10 rows)."""
     monkeypatch.setattr(executor_module.stage_types.conv_ops, "BLOCK_COLUMNS", 1)
@@ -115,7 +139,7 @@ def test_one_output_row_a_block_matches_the_module_path(name, two_lanes, monkeyp
 
 @pytest.mark.parametrize("block_columns", [1, executor_module.stage_types.conv_ops.BLOCK_COLUMNS])
 @pytest.mark.parametrize("name", ["lenet5", "small-alexnet"])
-def test_a_second_backward_of_one_forward_rebuilds_the_columns(name, block_columns, two_lanes, monkeypatch):
+def test_a_second_backward_of_one_forward_rebuilds_the_columns(name, block_columns, thread_lanes, monkeypatch):
     """The column gradients overwrite the forward's columns (in its one block) or not (several):
     a second backward of the same forward must give the same gradients again."""
     monkeypatch.setattr(executor_module.stage_types.conv_ops, "BLOCK_COLUMNS", block_columns)
@@ -299,3 +323,61 @@ def test_a_forked_child_runs_lanes_of_its_own(two_lanes):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_second_lane_runs_in_a_helper_process(own_helper):
+    model = build("lenet5")
+    x, y = batch(model, 6)
+    ours = step(model, x, y, executor=True)
+    lanes = model._executed_by._last[0]
+    assert isinstance(lanes[1], lane_process.ProcessLane) and lanes[1].rows == slice(3, 6)
+    helper = lane_process.LaneProcess._current
+    assert helper.process.pid != os.getpid() and helper.process.poll() is None
+    assert "helper process" in model._executed_by.describe(6)
+    assert_same_step(ours, step(model, x, y, executor=False), 2e-5)
+
+
+@pytest.mark.parametrize("when", ["before forward", "between forward and backward"])
+def test_a_lost_helper_process_is_replaced_by_a_thread(when, own_helper):
+    """The helper killed: that step's lane runs again here (a warning says so), later ones on a thread."""
+    model = build("small-alexnet")
+    x, y = batch(model, 8)
+    reference = step(model, x, y, executor=False)
+    step(model, x, y, executor=True)  # the helper now holds this model's replica
+
+    def kill():
+        helper = lane_process.LaneProcess._current
+        helper.process.kill()
+        helper.process.wait()
+
+    model.zero_grad()
+    manual_seed(11)
+    criterion = nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="helper process"):
+        if when == "before forward":
+            kill()
+        logits = model(x)
+        if when != "before forward":
+            kill()
+        criterion(logits, y)
+        grad_input = model.backward(criterion.backward())
+    grads = {name: p.grad.copy() for name, p in model.named_parameters()}
+    assert_same_step((logits, grad_input, grads), reference, 2e-5)
+    assert lane_process.LaneProcess.get() is None  # not restarted: this process uses threads now
+    assert_same_step(step(model, x, y, executor=True), reference, 2e-5)
+    assert type(model._executed_by._last[0][1]) is executor_module.Lane
+    assert "second thread" in model._executed_by.describe(8)
+
+
+def test_the_lane_switch(monkeypatch):
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    model = build("lenet5")
+    x, y = batch(model, 4)
+    monkeypatch.setenv(lane_process.LANES_SWITCH, "one")
+    ours = step(model, x, y, executor=True)
+    assert len(model._executed_by._last[0]) == 1
+    assert_same_step(ours, step(model, x, y, executor=False), 2e-5)
+    monkeypatch.setenv(lane_process.LANES_SWITCH, "many")
+    model.cpu_executor = True
+    with pytest.raises(ValueError, match="GPUCONV_CPU_LANES must be one of process, thread, one, got 'many'"):
+        model(x)

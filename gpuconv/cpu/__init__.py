@@ -14,9 +14,14 @@ Turn it off with ``model.cpu_executor = False`` on a model, or ``GPUCONV_CPU_EXE
 environment for every model; both paths compute the same values to float32 rounding (the sums
 run in another order), dropout masks included.
 
+A batch of two or more is split into two lanes: the first runs here, the second in a helper
+process (``lane_process``; ``GPUCONV_CPU_LANES=thread`` puts it on a thread of this process,
+``GPUCONV_CPU_LANES=one`` runs the batch as one lane).
+
 Modules: ``conv`` (im2col, col2im in this layout), ``pool`` and ``norm`` (pooling and LRN in this
 layout), ``stages`` (the layers as the executor runs them, with their folds), ``executor`` (lanes,
-workspaces, gradients), ``threads`` (BLAS threads, worker threads).
+workspaces, gradients), ``threads`` (BLAS threads, worker threads), ``lane_process`` and
+``lane_worker`` (the helper process's two sides).
 """
 from .executor import ENV_SWITCH, ModelExecutor, enabled, executor_for
 

@@ -104,6 +104,15 @@ class Stage:
     def start_step(self, input_shape, dtype, training: bool) -> None:
         """Called once per forward on the whole batch, before the lanes run (draws randomness)."""
 
+    def step_arrays(self) -> dict:
+        """What ``start_step`` drew for the whole batch, batch-major, by name: a helper-process
+        lane is sent its rows of each (see :meth:`use_step_arrays`). Nothing for most stages."""
+        return {}
+
+    def use_step_arrays(self, arrays: dict) -> None:
+        """In a helper process: the lane's rows of this step's :meth:`step_arrays`, as if
+        ``start_step`` had drawn them for a batch of just those rows."""
+
 
 class ActivationStage(Stage):
     def __init__(self, layer):
@@ -371,6 +380,12 @@ class DropoutStage(Stage):
             factor = dropout_mask(input_shape, p, seed).astype(dtype)
             factor *= dtype.type(1.0 / (1.0 - p))
         self._factor = factor
+
+    def step_arrays(self):
+        return {} if self._factor is None else {"factor": self._factor}
+
+    def use_step_arrays(self, arrays):
+        self._factor = arrays.get("factor")
 
     def _lane_factor(self, rows):
         return np.moveaxis(self._factor[rows], 0, -1)  # batch-major rows -> the lane's batch-innermost view
