@@ -204,25 +204,38 @@ def test_max_pool2d_huge_window_over_one_pixel():
     np.testing.assert_array_equal(nchw(grad), F.max_pool2d_backward(nchw(g), want_indices, nchw(x).shape, *args))
 
 
-def _check_kept_plan(rng, geometry, relu, dtype=np.float32):
+def _check_kept_plan(rng, geometry, relu, dtype=np.float32, kind="max"):
     """A kept plan (a layer's lane) called step after step gives what the functions give: with new
-    values in the same buffers (its kept views), then with other buffers (views rebuilt)."""
+    values in the same buffers (its kept views), then with other buffers (views rebuilt).
+    ``kind``: 'max' (``relu`` fused or not), or 'avg' (``relu``: count_include_pad)."""
     shape, args = _pool_args(geometry)
     x = chwn(tricky(rng, shape, dtype))
-    plan = cpu_pool.MaxPool2dPlan(x.shape, dtype, *args, keep=True)
-    out, codes = np.empty(plan.output_shape, dtype), np.empty(plan.output_shape, plan.code_dtype)
-    grad_input = np.empty(x.shape, dtype)
+    if kind == "max":
+        plan = cpu_pool.MaxPool2dPlan(x.shape, dtype, *args, keep=True)
+        codes = np.empty(plan.output_shape, plan.code_dtype)
+    else:
+        plan = cpu_pool.AvgPool2dPlan(x.shape, dtype, *args, relu, keep=True)
+    out, grad_input = np.empty(plan.output_shape, dtype), np.empty(x.shape, dtype)
     g = np.empty(out.shape, dtype)
     for step in range(4):
         if step == 2:  # the next layer's buffers are other arrays now (and strided views)
             x = np.empty(x.shape[:3] + (2 * x.shape[3],), dtype)[..., ::2]
             out, g = np.empty_like(out), np.empty(out.shape[:3] + (2 * out.shape[3],), dtype)[..., 1::2]
-            codes, grad_input = np.empty_like(codes), np.empty_like(grad_input)
+            grad_input = np.empty_like(grad_input)
+            if kind == "max":
+                codes = np.empty_like(codes)
         x[...] = chwn(tricky(rng, shape, dtype))
         g[...] = rng.standard_normal(out.shape)
-        got = plan.forward(x, out, codes, relu=relu)
-        assert got[0] is out and got[1] is codes
+        g[rng.random(out.shape) < 0.2] = -0.0
         with np.errstate(all="ignore"):
+            if kind == "avg":
+                assert plan.forward(x, out) is out
+                assert plan.backward(g, grad_input) is grad_input
+                assert_identical(out, cpu_pool.avg_pool2d(x, *args, relu))
+                assert_identical(grad_input, cpu_pool.avg_pool2d_backward(g, x.shape, *args, relu))
+                continue
+            got = plan.forward(x, out, codes, relu=relu)
+            assert got[0] is out and got[1] is codes
             assert plan.backward(g, codes, grad_input, relu_output=out if relu else None) is grad_input
         want_out, want_codes = cpu_pool.max_pool2d(x, *args, relu=relu)
         assert_identical(out, want_out)
@@ -235,11 +248,13 @@ def _check_kept_plan(rng, geometry, relu, dtype=np.float32):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_a_kept_plan_gives_the_functions_results_step_after_step(rng, geometry, relu):
     _check_kept_plan(rng, geometry, relu)
+    _check_kept_plan(rng, geometry, relu, kind="avg")
 
 
 def test_a_kept_plan_in_float64_and_one_image(rng):
     _check_kept_plan(rng, ((1, 3, 8, 6), 2, 2, 0, False), True, np.float64)
     _check_kept_plan(rng, ((1, 2, 7, 9), 3, 3, 0, False), False, np.float64)
+    _check_kept_plan(rng, ((1, 2, 7, 9), 3, 3, 0, False), True, np.float64, kind="avg")
 
 
 # ------------------------------------------------------------------------------------------ avg
@@ -249,17 +264,34 @@ def test_a_kept_plan_in_float64_and_one_image(rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_avg_pool2d_and_backward_give_the_nchw_ops_results(rng, geometry, dtype, count_include_pad):
+    """The same bits as the NCHW ops' sums from zero (signed zeros included: the side by side
+    windows' sums skip the zeros and add +0 once), PyTorch's values to rounding."""
     shape, args = _pool_args(geometry)
-    x = rng.standard_normal(shape).astype(dtype)
+    x = tricky(rng, shape, dtype)
     out = cpu_pool.avg_pool2d(chwn(x), *args, count_include_pad)
     want = F.avg_pool2d(x, *args, count_include_pad)
     assert out.dtype == dtype
-    np.testing.assert_array_equal(nchw(out), want)
+    assert_identical(nchw(out), want)
     np.testing.assert_allclose(nchw(out), torch.nn.functional.avg_pool2d(
         torch.from_numpy(x), *args, count_include_pad).numpy(), rtol=1e-5 if dtype == np.float32 else 1e-12)
-    g = rng.standard_normal(out.shape).astype(dtype)
+    g = tricky(rng, out.shape, dtype)
+    g[np.isinf(g)] = 1.5
     grad = cpu_pool.avg_pool2d_backward(g, chwn(x).shape, *args, count_include_pad)
-    np.testing.assert_array_equal(nchw(grad), F.avg_pool2d_backward(nchw(g), shape, *args, count_include_pad))
+    assert_identical(nchw(grad), F.avg_pool2d_backward(nchw(g), shape, *args, count_include_pad))
+
+
+@pytest.mark.parametrize("args", [(2, 2, 0, False), (3, 3, 0, False), (3, 2, 1, True)])
+def test_avg_pool2d_of_negative_zeros_is_positive_zero(args):
+    """Sums from zero, as the NCHW ops and PyTorch: an all -0 window averages to +0 and a -0
+    gradient passes as +0 (the side by side windows' path adds the +0 explicitly)."""
+    x = np.full((2, 7, 6, 3), -0.0, np.float32)
+    out = cpu_pool.avg_pool2d(x, *args)
+    want = torch.nn.functional.avg_pool2d(torch.from_numpy(nchw(x)), *args).numpy()
+    assert_identical(nchw(out), want)
+    assert not np.signbit(out).any()
+    grad = cpu_pool.avg_pool2d_backward(np.full(out.shape, -0.0, np.float32), x.shape, *args)
+    assert_identical(nchw(grad), F.avg_pool2d_backward(np.full(nchw(out).shape, -0.0, np.float32), nchw(x).shape, *args))
+    assert not np.signbit(grad).any()
 
 
 # ------------------------------------------------------------------------------------------ LRN
@@ -475,7 +507,8 @@ def test_the_checkers_catch_views_kept_past_their_arrays(rng, monkeypatch):
         return self._kept[name][1]
 
     monkeypatch.setattr(KeptViews, "get", stale)
-    with pytest.raises(AssertionError):
-        _check_kept_plan(rng, GEOMETRIES[0], False)
+    for kind in ("max", "avg"):
+        with pytest.raises(AssertionError):
+            _check_kept_plan(rng, GEOMETRIES[0], False, kind=kind)
     with pytest.raises(AssertionError):
         test_a_kept_conv_plan_gives_a_fresh_ones_results_step_after_step(rng, CONV_GEOMETRIES[1], 1, monkeypatch)

@@ -14,7 +14,7 @@ the window's top-left corner (padding included), in the smallest unsigned dtype 
 ``kh * kw`` (uint8 up to 15x15), so the all-ones code names no tap. :func:`indices_nchw` turns
 them into PyTorch's int64 flat indices.
 
-:class:`MaxPool2dPlan` is what the functions run: the window of one input shape and dtype
+:class:`MaxPool2dPlan` and :class:`AvgPool2dPlan` are what the functions run: the window of one input shape and dtype
 resolved (and checked) once. A layer pooling the same shape every step keeps one and calls it
 directly: no argument checks, its temporaries and the views of its buffers kept from call to
 call (at a lane of 8 images the checks and view building cost as much as the arithmetic).
@@ -31,7 +31,7 @@ from ..functional.pool import _Window, _avg_divisor, _window, _window_sums, _win
 from .kept import KeptViews
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype",
-           "MaxPool2dPlan"]
+           "MaxPool2dPlan", "AvgPool2dPlan"]
 
 # Above this many window taps reaching the input, max_pool2d_backward scatters the gradients of
 # non-overlapping windows too, rather than making one masked pass per tap.
@@ -292,38 +292,21 @@ def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window
         np.copyto(grad_input, total)
 
 
-class MaxPool2dPlan:
-    """:func:`max_pool2d` and its backward on (C, H, W, N) inputs of one ``input_shape`` and
-    ``dtype``: the window resolved and checked once (the functions' errors, raised here), the path
-    chosen once. :meth:`forward` and :meth:`backward` check nothing: they take arrays of the
-    plan's shapes (``input_shape``, ``output_shape``) and dtypes (``dtype``, ``code_dtype``), any
-    strides. Call them under ``np.errstate(all="ignore")`` (NaN and inf pass silently); the
-    functions do.
+class _PoolPlan:
+    """What a pooling plan holds: the checked window of one ``input_shape`` and ``dtype``, the
+    output shape, whether the windows lie side by side, the temporaries and kept views."""
 
-    ``keep=False`` (the functions' plans): temporaries from the per-thread scratch buffers.
-    ``keep=True`` (a layer's, one per lane): the plan owns its temporaries and keeps the views it
-    builds of the arrays it is called with, rebuilt only when called with other arrays; such a
-    plan is for one thread at a time.
-    """
-
-    def __init__(self, input_shape, dtype, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *,
-                 keep: bool = False, name: str = "input_shape"):
+    def __init__(self, input_shape, dtype, kernel_size, stride, padding, ceil_mode, keep: bool, name: str):
         self.input_shape = _check_shape(input_shape)
         self.dtype = np.dtype(dtype)
         self.window = window = _geometry(self.input_shape, kernel_size, stride, padding, ceil_mode, name=name)
         self.output_shape = _output_shape(self.input_shape, window)
-        self.code_dtype = code_dtype(window.kernel)
         size = self.input_shape[1:3]
         # Windows side by side from the top-left corner, none reaching past the input: each tap of
         # every window is one strided view (_tiles).
         self._tiled = window.padding == (0, 0) and window.kernel == window.stride and all(
             o * k <= n for o, k, n in zip(window.out, window.kernel, size))
         self._covered = self._tiled and all(o * k == n for o, k, n in zip(window.out, window.kernel, size))
-        self._two_by_two = self._tiled and window.kernel == (2, 2)
-        row_taps, column_taps = list(_taps(window, 0, size[0])), list(_taps(window, 1, size[1]))
-        overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
-        few = len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES
-        self._tap_passes = (row_taps, column_taps) if few and not overlapping else None
         self._keep = keep
         self._buffers, self._views = {}, KeptViews() if keep else None
 
@@ -350,6 +333,42 @@ class MaxPool2dPlan:
         if self._views is None:
             return build(*arrays)
         return self._views.get(name, arrays, build)
+
+    def _uncovered(self, grad_input):
+        """The rows and columns of ``grad_input`` past the last window (side by side windows)."""
+        if self._covered:
+            return ()
+        (kh, kw), (oh, ow) = self.window.kernel, self.window.out
+        return grad_input[:, oh * kh:], grad_input[:, :oh * kh, ow * kw:]
+
+
+_PLAN_DOCSTRING = """{what} on (C, H, W, N) inputs of one ``input_shape`` and ``dtype``: the
+    window resolved and checked once (the functions' errors, raised here), the path chosen once.
+    :meth:`forward` and :meth:`backward` check nothing: they take arrays of the plan's shapes
+    (``input_shape``, ``output_shape``) and dtypes{dtypes}, any strides. Call them under
+    ``np.errstate(all="ignore")`` (NaN and inf pass silently); the functions do.
+
+    ``keep=False`` (the functions' plans): temporaries from the per-thread scratch buffers.
+    ``keep=True`` (a layer's, one per lane): the plan owns its temporaries and keeps the views it
+    builds of the arrays it is called with, rebuilt only when called with other arrays; such a
+    plan is for one thread at a time.
+    """
+
+
+class MaxPool2dPlan(_PoolPlan):
+    __doc__ = _PLAN_DOCSTRING.format(what=":func:`max_pool2d` and its backward",
+                                     dtypes=" (``dtype``, ``code_dtype``)")
+
+    def __init__(self, input_shape, dtype, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *,
+                 keep: bool = False, name: str = "input_shape"):
+        super().__init__(input_shape, dtype, kernel_size, stride, padding, ceil_mode, keep, name)
+        window, size = self.window, self.input_shape[1:3]
+        self.code_dtype = code_dtype(window.kernel)
+        self._two_by_two = self._tiled and window.kernel == (2, 2)
+        row_taps, column_taps = list(_taps(window, 0, size[0])), list(_taps(window, 1, size[1]))
+        overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
+        few = len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES
+        self._tap_passes = (row_taps, column_taps) if few and not overlapping else None
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -419,9 +438,8 @@ class MaxPool2dPlan:
         taps = np.arange(kh * kw, dtype=self.code_dtype).reshape(-1, 1, 1, 1, 1)
         selected = self._buffer("tap selected", (kh * kw, c, oh, ow, n), np.bool_)
         words = selected.view(np.int8)
-        uncovered = () if self._covered else (grad_input[:, oh * kh:], grad_input[:, :oh * kh, ow * kw:])
         return (taps, selected, words, words.reshape(kh, kw, c, oh, ow, n), grad_output.view(bits),
-                _tiles(grad_input.view(bits), window.kernel, window.out), uncovered)
+                _tiles(grad_input.view(bits), window.kernel, window.out), self._uncovered(grad_input))
 
     def _backward_tiled(self, grad_output, codes, grad_input, relu_output) -> None:
         """Windows side by side: each pixel takes its window's gradient where the window's code
@@ -478,15 +496,73 @@ def _divisor(window: _Window, input_shape, count_include_pad: bool, dtype):
     return _avg_divisor(window, (n, c, h, w), count_include_pad).astype(dtype)[:, :, None]
 
 
+def _fold(terms, out):
+    """``out := ((terms[0] + terms[1]) + terms[2]) + ...``: the terms summed in order."""
+    if len(terms) == 1:
+        np.copyto(out, terms[0])
+        return out
+    np.add(terms[0], terms[1], out=out)
+    for term in terms[2:]:
+        out += term
+    return out
+
+
+class AvgPool2dPlan(_PoolPlan):
+    __doc__ = _PLAN_DOCSTRING.format(what=":func:`avg_pool2d` and its backward", dtypes=" (``dtype``)")
+
+    def __init__(self, input_shape, dtype, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, *, keep: bool = False, name: str = "input_shape"):
+        super().__init__(input_shape, dtype, kernel_size, stride, padding, ceil_mode, keep, name)
+        self._divisor = _divisor(self.window, self.input_shape, bool(count_include_pad), self.dtype)
+
+    # The separable sums start from zero: a sum in order that starts from +0 is the same sum
+    # without it, plus +0 (only -0 can tell them apart: -0 + -0 is -0, +0 + -0 is +0). So the side
+    # by side windows' sums skip the zeros and add +0 once, bit for bit the general path's.
+
+    def forward(self, x, out):
+        """:func:`avg_pool2d` of ``x`` written into ``out``, returned."""
+        if not self._tiled:
+            sums = _window_sums(_window_sums(x[None], self.window, 1), self.window, 0)[0]
+            return np.divide(sums, self._divisor, out=out)
+        pixels, row_sums, total, zeros = self._bound("tiled forward", (x,), self._bind_forward)
+        _fold(pixels, row_sums)  # columns first, as the separable sums
+        _fold(row_sums, total)
+        np.add(total, zeros, out=total)
+        return np.divide(total, self._divisor, out=out)
+
+    def _bind_forward(self, x):
+        kh, kw = self.window.kernel
+        pixels = _tiles(x, self.window.kernel, self.window.out, writeable=False).swapaxes(0, 1)  # (KW, KH, ...)
+        row_sums = self._buffer("row sums", (kh, *self.output_shape), self.dtype)
+        return tuple(pixels), row_sums, self._buffer("window sums", self.output_shape, self.dtype), self._zeros()
+
+    def backward(self, grad_output, grad_input):
+        """:func:`avg_pool2d_backward` into ``grad_input``, returned."""
+        if not self._tiled:
+            share = grad_output / self._divisor
+            rows = _window_sums_transposed(share[None], self.window, 0, self.input_shape[1])
+            np.copyto(grad_input, _window_sums_transposed(rows, self.window, 1, self.input_shape[2])[0])
+            return grad_input
+        share, zeros, target, uncovered = self._bound("tiled backward", (grad_input,), self._bind_backward)
+        np.divide(grad_output, self._divisor, out=share)
+        np.add(share, zeros, out=target)  # each pixel's one window's share (+0: see above)
+        for strip in uncovered:
+            strip.fill(0)
+        return grad_input
+
+    def _bind_backward(self, grad_input):
+        share = self._buffer("share", self.output_shape, self.dtype)
+        return share, self._zeros(), _tiles(grad_input, self.window.kernel, self.window.out), \
+            self._uncovered(grad_input)
+
+
 @ieee_arithmetic
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True,
                *, out=None):
     """Average pooling of a (C, H, W, N) ``x`` with PyTorch's divisor; ``out``: the result buffer."""
     _check_input(x, "input")
-    window = _geometry(x.shape, kernel_size, stride, padding, ceil_mode)
-    out = _workspace(out, _output_shape(x.shape, window), x.dtype, "out")
-    sums = _window_sums(_window_sums(x[None], window, 1), window, 0)[0]
-    return np.divide(sums, _divisor(window, x.shape, bool(count_include_pad), x.dtype), out=out)
+    plan = AvgPool2dPlan(x.shape, x.dtype, kernel_size, stride, padding, ceil_mode, count_include_pad, name="input")
+    return plan.forward(x, _workspace(out, plan.output_shape, x.dtype, "out"))
 
 
 @ieee_arithmetic
@@ -494,12 +570,6 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
                         count_include_pad: bool = True, *, out=None):
     """Gradient of :func:`avg_pool2d` w.r.t. its (C, H, W, N) input of ``input_shape``."""
     _check_input(grad_output, "grad_output")
-    input_shape = _check_shape(input_shape)
-    window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
-    shape = _output_shape(input_shape, window)
-    _check_grad_output(grad_output, shape, input_shape)
-    grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
-    share = grad_output / _divisor(window, input_shape, bool(count_include_pad), grad_output.dtype)
-    rows = _window_sums_transposed(share[None], window, 0, input_shape[1])
-    np.copyto(grad_input, _window_sums_transposed(rows, window, 1, input_shape[2])[0])
-    return grad_input
+    plan = AvgPool2dPlan(input_shape, grad_output.dtype, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    _check_grad_output(grad_output, plan.output_shape, plan.input_shape)
+    return plan.backward(grad_output, _workspace(out, plan.input_shape, grad_output.dtype, "out"))

@@ -325,15 +325,19 @@ class MaxPoolStage(_PoolStage):
 
 
 class AvgPoolStage(_PoolStage):
+    """AvgPool2d; each lane's workspace keeps the :class:`~gpuconv.cpu.pool.AvgPool2dPlan` of its
+    input shape (see MaxPoolStage)."""
+
     def forward(self, ws, x, rows):
-        out = ws.array("out", self.output_shape(x.shape), x.dtype)
-        ws.saved = {"input_shape": x.shape}
-        return pool.avg_pool2d(x, *self.window, self.pool.count_include_pad, out=out)
+        plan = ws.saved.get("plan")
+        if plan is None or plan.input_shape != x.shape or plan.dtype != x.dtype:
+            plan = pool.AvgPool2dPlan(x.shape, x.dtype, *self.window, self.pool.count_include_pad, keep=True)
+        ws.saved = {"plan": plan}
+        return plan.forward(x, ws.array("out", plan.output_shape, x.dtype))
 
     def backward(self, ws, grad, needs_input_grad, grads):
-        shape = ws.saved["input_shape"]
-        return pool.avg_pool2d_backward(grad, shape, *self.window, self.pool.count_include_pad,
-                                        out=ws.array("grad_input", shape, grad.dtype))
+        plan = ws.saved["plan"]
+        return plan.backward(grad, ws.array("grad_input", plan.input_shape, grad.dtype))
 
 
 class LRNStage(Stage):
