@@ -496,8 +496,8 @@ def _divisor(window: _Window, input_shape, count_include_pad: bool, dtype):
     return _avg_divisor(window, (n, c, h, w), count_include_pad).astype(dtype)[:, :, None]
 
 
-def _fold(terms, out):
-    """``out := ((terms[0] + terms[1]) + terms[2]) + ...``: the terms summed in order."""
+def sum_in_order(terms, out):
+    """``out := ((terms[0] + terms[1]) + terms[2]) + ...``: the terms summed in order, returned."""
     if len(terms) == 1:
         np.copyto(out, terms[0])
         return out
@@ -525,8 +525,8 @@ class AvgPool2dPlan(_PoolPlan):
             sums = _window_sums(_window_sums(x[None], self.window, 1), self.window, 0)[0]
             return np.divide(sums, self._divisor, out=out)
         pixels, row_sums, total, zeros = self._bound("tiled forward", (x,), self._bind_forward)
-        _fold(pixels, row_sums)  # columns first, as the separable sums
-        _fold(row_sums, total)
+        sum_in_order(pixels, row_sums)  # columns first, as the separable sums
+        sum_in_order(row_sums, total)
         np.add(total, zeros, out=total)
         return np.divide(total, self._divisor, out=out)
 
