@@ -432,13 +432,14 @@ class MaxPool2dPlan(_PoolPlan):
             _max_pool2d_backward_scatter(grad_output, codes, grad_input, self.window)
         return grad_input
 
-    def _bind_tiled(self, grad_output, grad_input):
+    def _bind_tiled(self, grad_input):
         window, (c, oh, ow, n) = self.window, self.output_shape
-        (kh, kw), bits = window.kernel, np.dtype(f"i{grad_output.itemsize}")
+        kh, kw = window.kernel
         taps = np.arange(kh * kw, dtype=self.code_dtype).reshape(-1, 1, 1, 1, 1)
         selected = self._buffer("tap selected", (kh * kw, c, oh, ow, n), np.bool_)
         words = selected.view(np.int8)
-        return (taps, selected, words, words.reshape(kh, kw, c, oh, ow, n), grad_output.view(bits),
+        bits = np.dtype(f"i{grad_input.itemsize}")
+        return (taps, selected, words, words.reshape(kh, kw, c, oh, ow, n),
                 _tiles(grad_input.view(bits), window.kernel, window.out), self._uncovered(grad_input))
 
     def _backward_tiled(self, grad_output, codes, grad_input, relu_output) -> None:
@@ -448,11 +449,12 @@ class MaxPool2dPlan(_PoolPlan):
         pixels."""
         if relu_output is not None:
             codes = _blocked_codes(codes, relu_output, self._buffer("blocked codes", codes.shape, codes.dtype))
-        taps, selected, words, tap_words, gradient, target, uncovered = self._bound(
-            "tiled backward", (grad_output, grad_input), self._bind_tiled)
+        # Not kept for grad_output: the gradient after a flatten is a new view every step.
+        taps, selected, words, tap_words, target, uncovered = self._bound("tiled backward", (grad_input,),
+                                                                          self._bind_tiled)
         np.equal(codes, taps, out=selected)
         np.negative(words, out=words)  # True -> -1: all bits set
-        np.bitwise_and(gradient, tap_words, out=target)
+        np.bitwise_and(grad_output.view(target.dtype), tap_words, out=target)
         for strip in uncovered:  # the rows and columns past the last window
             strip.fill(0)
 
