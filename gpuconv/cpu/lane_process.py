@@ -152,9 +152,12 @@ class LaneProcess:
             if not hasattr(socket, "send_fds") or os.name != "posix":
                 cls._failure = "this platform cannot pass a shared-memory file to a helper process"
                 return None
+            if getattr(sys, "frozen", False) or not sys.executable:
+                cls._failure = "no Python interpreter to start (a frozen application)"
+                return None
             try:
                 cls._current = LaneProcess()
-            except (OSError, LaneProcessError, EOFError) as exc:
+            except (OSError, ValueError, LaneProcessError, EOFError) as exc:
                 cls._failure = f"the helper process did not start: {exc}"
                 cls._current = None
             return cls._current
