@@ -227,8 +227,8 @@ class LaneProcess:
             status, value = self._connection.recv()
         except (EOFError, OSError) as exc:
             self._fail(f"it ended (exit code {self.process.poll()}): {exc or 'connection closed'}")
-        if status != "ok":
-            self._fail(value)
+        if status != "ok":  # the helper raised, and serves on
+            raise LaneProcessError(f"the executor's helper process raised: {value}")
         return value
 
     def _fail(self, why: str):
@@ -245,7 +245,11 @@ class LaneProcess:
         stages; dropped there when ``owner`` (the executor) is collected."""
         replica = self._next_replica
         self._next_replica += 1
-        self.request(("replica", replica, pickle_replica(model, parameters), lane_stages))
+        try:
+            payload = pickle_replica(model, parameters)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a layer holding what cannot be pickled
+            raise LaneProcessError(f"the model's layers cannot be sent to the helper process: {exc}") from exc
+        self.request(("replica", replica, payload, lane_stages))
         self.forget_with(owner, replica)
         return replica
 
