@@ -97,7 +97,7 @@ class ModelExecutor:
         flatten = next(i for i, stage in enumerate(self.stages) if isinstance(stage, stage_types.FlattenStage))
         # How many leading stages run in lanes when there are several.
         self.lane_stages = len(self.stages) if small else flatten + 1
-        self._plans: OrderedDict = OrderedDict()  # (lane count, batch) -> (lanes, whole-batch lane or None)
+        self._plans: OrderedDict = OrderedDict()  # (lane count, batch, lane mode, dtype) -> (lanes, whole lane or None)
         self._gradients = Workspace()  # lane 0's gradients where a parameter accumulates into its .grad
         self._last = None  # the plan of the last forward and its input shape: what backward runs on
         self._replica = None  # (helper process, the replica of this model there), once a lane runs there

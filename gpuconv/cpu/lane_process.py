@@ -275,9 +275,14 @@ class LaneProcess:
 
 
 def _forget_after_fork() -> None:
-    """A forked child shares the parent's socket: it must start its own helper (or none)."""
-    LaneProcess._current = None
+    """A forked child must start a helper of its own (or none), and not hold the parent's socket
+    open: the parent's helper ends when the parent closes it."""
+    inherited, LaneProcess._current = LaneProcess._current, None
     LaneProcess._guard = threading.Lock()
+    if inherited is not None:
+        inherited.alive = False
+        inherited._connection.close()
+        inherited._socket.close()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
