@@ -1,6 +1,7 @@
 """Pooling and LRN in the NumPy executor's (C, H, W, N) layout against the NCHW functional ops on
 the transposed data (identical values and indices, the same gradients), PyTorch, and finite
-differences; the fused ReLU; caller-owned result buffers; views as inputs."""
+differences; the fused ReLU; caller-owned result buffers; views as inputs; the per-shape plans
+of the pool and the convolution stage, kept from step to step, against fresh ones."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,12 @@ import pytest
 import torch
 
 import gpuconv.functional as F
+from gpuconv import nn
+from gpuconv.cpu import conv as cpu_conv
 from gpuconv.cpu import norm as cpu_norm
 from gpuconv.cpu import pool as cpu_pool
+from gpuconv.cpu.kept import KeptViews
+from gpuconv.cpu.stages import ConvStage, Workspace
 
 from gradcheck import numerical_gradient
 
@@ -17,7 +22,8 @@ DTYPES = [np.float32, np.float64]
 
 # (NCHW shape, kernel, stride, padding, ceil_mode): the 2x2/2 fast path (even and odd planes),
 # AlexNet's overlapping 3x3/2, kernels 1-3 and asymmetric ones, strides 1-3, padding, ceil_mode
-# windows past the input, batch 1, one channel, a 1x1 plane.
+# windows past the input, batch 1, one channel, a 1x1 plane; windows side by side (kernel =
+# stride, no padding: the tiled backward) covering the plane or leaving rows and columns out.
 GEOMETRIES = [
     ((3, 2, 8, 6), 2, 2, 0, False),
     ((2, 3, 7, 5), 2, 2, 0, False),
@@ -30,9 +36,11 @@ GEOMETRIES = [
     ((2, 2, 5, 4), 1, 1, 0, False),
     ((1, 1, 1, 1), 2, 2, 1, True),
     ((2, 1, 7, 7), 2, 3, 1, False),
+    ((2, 3, 7, 8), 3, 3, 0, False),
+    ((3, 2, 6, 5), (2, 1), (2, 1), 0, False),
 ]
 IDS = ["2x2s2", "2x2s2-odd", "2x2s2-odd-ceil", "3x3s2", "3x3s2p1-ceil", "3x2s1x2p1x0-ceil", "3x3s3x2p1-ceil",
-       "1x3s1x3p0x1", "1x1", "1x1-plane-pad", "2x2s3p1"]
+       "1x3s1x3p0x1", "1x1", "1x1-plane-pad", "2x2s3p1", "3x3s3-odd", "2x1s2x1"]
 
 
 def chwn(x):
@@ -196,6 +204,59 @@ def test_max_pool2d_huge_window_over_one_pixel():
     np.testing.assert_array_equal(nchw(grad), F.max_pool2d_backward(nchw(g), want_indices, nchw(x).shape, *args))
 
 
+def _check_kept_plan(rng, geometry, relu, dtype=np.float32, kind="max"):
+    """A kept plan (a layer's lane) called step after step gives what the functions give: with new
+    values in the same buffers (its kept views), then with other buffers (views rebuilt).
+    ``kind``: 'max' (``relu`` fused or not), or 'avg' (``relu``: count_include_pad)."""
+    shape, args = _pool_args(geometry)
+    x = chwn(tricky(rng, shape, dtype))
+    if kind == "max":
+        plan = cpu_pool.MaxPool2dPlan(x.shape, dtype, *args, keep=True)
+        codes = np.empty(plan.output_shape, plan.code_dtype)
+    else:
+        plan = cpu_pool.AvgPool2dPlan(x.shape, dtype, *args, relu, keep=True)
+    out, grad_input = np.empty(plan.output_shape, dtype), np.empty(x.shape, dtype)
+    g = np.empty(out.shape, dtype)
+    for step in range(4):
+        if step == 2:  # the next layer's buffers are other arrays now (and strided views)
+            x = np.empty(x.shape[:3] + (2 * x.shape[3],), dtype)[..., ::2]
+            out, g = np.empty_like(out), np.empty(out.shape[:3] + (2 * out.shape[3],), dtype)[..., 1::2]
+            grad_input = np.empty_like(grad_input)
+            if kind == "max":
+                codes = np.empty_like(codes)
+        x[...] = chwn(tricky(rng, shape, dtype))
+        g[...] = rng.standard_normal(out.shape)
+        g[rng.random(out.shape) < 0.2] = -0.0
+        with np.errstate(all="ignore"):
+            if kind == "avg":
+                assert plan.forward(x, out) is out
+                assert plan.backward(g, grad_input) is grad_input
+                assert_identical(out, cpu_pool.avg_pool2d(x, *args, relu))
+                assert_identical(grad_input, cpu_pool.avg_pool2d_backward(g, x.shape, *args, relu))
+                continue
+            got = plan.forward(x, out, codes, relu=relu)
+            assert got[0] is out and got[1] is codes
+            assert plan.backward(g, codes, grad_input, relu_output=out if relu else None) is grad_input
+        want_out, want_codes = cpu_pool.max_pool2d(x, *args, relu=relu)
+        assert_identical(out, want_out)
+        np.testing.assert_array_equal(codes, want_codes)
+        want = cpu_pool.max_pool2d_backward(g, want_codes, x.shape, *args, relu_output=want_out if relu else None)
+        assert_identical(grad_input, want)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
+def test_a_kept_plan_gives_the_functions_results_step_after_step(rng, geometry, relu):
+    _check_kept_plan(rng, geometry, relu)
+    _check_kept_plan(rng, geometry, relu, kind="avg")
+
+
+def test_a_kept_plan_in_float64_and_one_image(rng):
+    _check_kept_plan(rng, ((1, 3, 8, 6), 2, 2, 0, False), True, np.float64)
+    _check_kept_plan(rng, ((1, 2, 7, 9), 3, 3, 0, False), False, np.float64)
+    _check_kept_plan(rng, ((1, 2, 7, 9), 3, 3, 0, False), True, np.float64, kind="avg")
+
+
 # ------------------------------------------------------------------------------------------ avg
 
 
@@ -203,17 +264,34 @@ def test_max_pool2d_huge_window_over_one_pixel():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_avg_pool2d_and_backward_give_the_nchw_ops_results(rng, geometry, dtype, count_include_pad):
+    """The same bits as the NCHW ops' sums from zero (signed zeros included: the side by side
+    windows' sums skip the zeros and add +0 once), PyTorch's values to rounding."""
     shape, args = _pool_args(geometry)
-    x = rng.standard_normal(shape).astype(dtype)
+    x = tricky(rng, shape, dtype)
     out = cpu_pool.avg_pool2d(chwn(x), *args, count_include_pad)
     want = F.avg_pool2d(x, *args, count_include_pad)
     assert out.dtype == dtype
-    np.testing.assert_array_equal(nchw(out), want)
+    assert_identical(nchw(out), want)
     np.testing.assert_allclose(nchw(out), torch.nn.functional.avg_pool2d(
         torch.from_numpy(x), *args, count_include_pad).numpy(), rtol=1e-5 if dtype == np.float32 else 1e-12)
-    g = rng.standard_normal(out.shape).astype(dtype)
+    g = tricky(rng, out.shape, dtype)
+    g[np.isinf(g)] = 1.5
     grad = cpu_pool.avg_pool2d_backward(g, chwn(x).shape, *args, count_include_pad)
-    np.testing.assert_array_equal(nchw(grad), F.avg_pool2d_backward(nchw(g), shape, *args, count_include_pad))
+    assert_identical(nchw(grad), F.avg_pool2d_backward(nchw(g), shape, *args, count_include_pad))
+
+
+@pytest.mark.parametrize("args", [(2, 2, 0, False), (3, 3, 0, False), (3, 2, 1, True)])
+def test_avg_pool2d_of_negative_zeros_is_positive_zero(args):
+    """Sums from zero, as the NCHW ops and PyTorch: an all -0 window averages to +0 and a -0
+    gradient passes as +0 (the side by side windows' path adds the +0 explicitly)."""
+    x = np.full((2, 7, 6, 3), -0.0, np.float32)
+    out = cpu_pool.avg_pool2d(x, *args)
+    want = torch.nn.functional.avg_pool2d(torch.from_numpy(nchw(x)), *args).numpy()
+    assert_identical(nchw(out), want)
+    assert not np.signbit(out).any()
+    grad = cpu_pool.avg_pool2d_backward(np.full(out.shape, -0.0, np.float32), x.shape, *args)
+    assert_identical(nchw(grad), F.avg_pool2d_backward(np.full(nchw(out).shape, -0.0, np.float32), nchw(x).shape, *args))
+    assert not np.signbit(grad).any()
 
 
 # ------------------------------------------------------------------------------------------ LRN
@@ -358,3 +436,79 @@ def test_local_response_norm_in_channel_blocks_is_the_whole_computation(rng, mon
     np.testing.assert_array_equal(cpu_norm.local_response_norm_backward(g, x, out, saved, 5, 0.1, 0.75, 2.0), grad)
     want = F.local_response_norm_backward(nchw(g), nchw(x), nchw(out), 5, 0.1, 0.75, 2.0)
     np.testing.assert_allclose(nchw(grad), want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- conv stage plan
+
+# (NCHW input shape, C_out, kernel, stride, padding, dilation): LeNet's two layers, odd planes,
+# strides, asymmetric padding and kernels, dilation, one image.
+CONV_GEOMETRIES = [
+    ((3, 1, 12, 12), 4, 5, 1, 2, 1),
+    ((2, 3, 9, 7), 5, 3, 2, 1, 1),
+    ((1, 2, 8, 11), 3, (3, 2), (1, 2), (0, 1), 1),
+    ((2, 2, 10, 9), 3, 3, 1, 2, 2),
+    ((1, 1, 5, 5), 2, 5, 1, 0, 1),
+]
+
+
+def _conv_step(stage, ws, x, g, needs_input_grad):
+    out = stage.forward(ws, x, slice(None))
+    grads = {}
+
+    def target(param):
+        return grads.setdefault(id(param), np.empty(param.shape, param.dtype)) if param is not None else None
+
+    grad = np.array(g)  # backward may overwrite its gradient
+    grad_input = stage.backward(ws, grad, needs_input_grad, target)
+    return (np.array(out), None if grad_input is None else np.array(grad_input),
+            grads[id(stage.conv.weight)], grads.get(id(stage.conv.bias)))
+
+
+@pytest.mark.parametrize("block_columns", [1, cpu_conv.BLOCK_COLUMNS])
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=[str(i) for i in range(len(CONV_GEOMETRIES))])
+def test_a_kept_conv_plan_gives_a_fresh_ones_results_step_after_step(rng, geometry, block_columns, monkeypatch):
+    """A ConvStage's lane workspace keeps its plan and views: step after step with new values in
+    the same buffers, then other buffers (a strided input), the bits of a fresh stage and
+    workspace; and the NCHW ops' values (float64) to float32 rounding."""
+    monkeypatch.setattr(cpu_conv, "BLOCK_COLUMNS", block_columns)
+    shape, c_out, k, stride, padding, dilation = geometry
+    layer = nn.Conv2d(shape[1], c_out, k, stride=stride, padding=padding, dilation=dilation)
+    stage, ws = ConvStage(layer, nn.ReLU()), Workspace()
+    x = np.empty(shape[1:] + shape[:1], np.float32)
+    for step in range(4):
+        if step == 2:
+            x = np.empty(shape[1:] + (2 * shape[0],), np.float32)[..., 1::2]
+        nchw_x = rng.standard_normal(shape).astype(np.float32)
+        x[...] = nchw_x.transpose(1, 2, 3, 0)
+        g = rng.standard_normal(stage.output_shape(x.shape)).astype(np.float32)
+        kept = _conv_step(stage, ws, x, g, needs_input_grad=step != 1)
+        fresh = _conv_step(ConvStage(layer, nn.ReLU()), Workspace(), x, g, needs_input_grad=step != 1)
+        for got, want in zip(kept, fresh):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert_identical(got, want)
+    # The last step against the NCHW ops in float64.
+    weight, bias = layer.weight.data.astype(np.float64), layer.bias.data.astype(np.float64)
+    x64, args = nchw_x.astype(np.float64), (stride, padding, dilation)
+    y = np.maximum(F.conv2d(x64, weight, bias, *args), 0)
+    g64 = nchw(g).astype(np.float64) * (y > 0)
+    out, grad_input, grad_weight, grad_bias = kept
+    np.testing.assert_allclose(nchw(out), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nchw(grad_input), F.conv2d_input(x64.shape, weight, g64, *args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_weight, F.conv2d_weight(x64, weight.shape, g64, *args), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(grad_bias, g64.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def test_the_checkers_catch_views_kept_past_their_arrays(rng, monkeypatch):
+    """A planted defect: plans that keep their views even when called with other arrays."""
+    def stale(self, name, arrays, build):
+        if name not in self._kept:
+            self._kept[name] = (arrays, build(*arrays))
+        return self._kept[name][1]
+
+    monkeypatch.setattr(KeptViews, "get", stale)
+    for kind in ("max", "avg"):
+        with pytest.raises(AssertionError):
+            _check_kept_plan(rng, GEOMETRIES[0], False, kind=kind)
+    with pytest.raises(AssertionError):
+        test_a_kept_conv_plan_gives_a_fresh_ones_results_step_after_step(rng, CONV_GEOMETRIES[1], 1, monkeypatch)

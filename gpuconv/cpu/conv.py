@@ -19,14 +19,17 @@ conv1) 2-3x faster on blocks of a few thousand columns than on one of 100k (benc
 
 Geometry (padding resolved to top/left, output size, the rows and columns the windows reach) is
 the NCHW path's, :func:`gpuconv.functional.conv._geometry`, so both paths agree on every size.
+:class:`ConvPlan` resolves it once per input shape with the blocks and the views a stage reads
+every step (a lane's buffers are the same arrays from step to step).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..functional.conv import _geometry, _padded_extent
+from .kept import KeptViews
 
-__all__ = ["geometry", "padded_shape", "interior", "needs_padding", "row_blocks", "im2col", "col2im"]
+__all__ = ["geometry", "padded_shape", "interior", "needs_padding", "row_blocks", "im2col", "col2im", "ConvPlan"]
 
 # At most this many columns (output positions) a block: on one thread, LeNet's conv1 products ran
 # 2-3x faster on 2k-4k columns than on 7k or more; conv2's (K 150) 1.3x.
@@ -83,13 +86,20 @@ def row_blocks(g, itemsize: int):
         yield slice(top, bottom), slice(top * row_columns, bottom * row_columns)
 
 
+def _im2col_views(padded, g, rows, block):
+    """``(cols, destination, windows)``: the (K, columns) front of ``block`` that holds the columns
+    of the output rows ``rows``, shaped as their windows, and the windows' view of ``padded``."""
+    windows = _windows(padded, g)[:, :, :, rows]
+    cols = block[:, :windows[0, 0, 0].size]
+    return cols, cols.reshape(windows.shape), windows
+
+
 def im2col(padded, g, rows, block) -> np.ndarray:
     """The columns of the output rows ``rows`` (a slice of ``row_blocks``) from a padded
     (C, H_pad, W_pad, N) input, copied into the front of ``block`` (K, at least their count) and
     returned as a (K, columns) view: one copy whose inner runs are W_out*N long at stride 1."""
-    windows = _windows(padded, g)[:, :, :, rows]
-    cols = block[:, :windows[0, 0, 0].size]
-    np.copyto(cols.reshape(windows.shape), windows)
+    cols, destination, windows = _im2col_views(padded, g, rows, block)
+    np.copyto(destination, windows)
     return cols
 
 
@@ -106,3 +116,43 @@ def col2im(cols, g, rows, padded) -> None:
         for j in range(g.kernel_w):
             left = j * g.dilation_w
             padded[:, input_rows, left:left + (g.out_w - 1) * g.stride_w + 1:g.stride_w] += columns[:, i, j]
+
+
+class ConvPlan:
+    """A Conv2d (``conv``) on (C, H, W, N) inputs of one ``input_shape``, resolved once: its
+    geometry, whether it pads, its row blocks and buffer shapes; and, kept while a lane calls it
+    with the same arrays, the views of them each block reads and writes."""
+
+    def __init__(self, input_shape, conv, itemsize: int):
+        self.input_shape, self.itemsize = tuple(input_shape), itemsize
+        self.geometry = g = geometry(self.input_shape, conv)
+        self.pads = needs_padding(g)
+        self.padded_shape = padded_shape(g)
+        self.output_shape = (g.c_out, g.out_h, g.out_w, g.batch)
+        self.blocks = tuple(row_blocks(g, itemsize))
+        self.block_shape = (g.patch_size, block_rows(g, itemsize) * g.out_w * g.batch)
+        self._views = KeptViews()
+
+    def interior(self, padded, name: str):
+        """The input's place in the padded buffer ``padded`` (``name``: which of the stage's)."""
+        return self._views.get(f"interior of {name}", (padded,), lambda padded: interior(padded, self.geometry))
+
+    def forward_views(self, source, block, out):
+        """Per block: ``(cols, destination, windows, output columns)``, im2col's views
+        (:func:`im2col`: ``np.copyto(destination, windows)`` fills ``cols``) and the block's columns of
+        the (C_out, P) output."""
+        def build(source, block, out):
+            flat = out.reshape(out.shape[0], -1)
+            return tuple((*_im2col_views(source, self.geometry, rows, block), flat[:, columns])
+                         for rows, columns in self.blocks)
+
+        return self._views.get("forward", (source, block, out), build)
+
+    def gradient_columns(self, grad, block):
+        """Per block: ``(grad columns, column gradients)``, the block's columns of the (C_out, P)
+        gradient and the front of ``block`` its column gradients fill."""
+        def build(grad, block):
+            flat = grad.reshape(grad.shape[0], -1)
+            return tuple((flat[:, columns], block[:, :columns.stop - columns.start]) for _, columns in self.blocks)
+
+        return self._views.get("gradient", (grad, block), build)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..functional._checks import ieee_arithmetic, positive_int
-from .pool import _check_input, _check_like, _contiguous, _workspace, scratch
+from .pool import _check_input, _check_like, _contiguous, _workspace, scratch, sum_in_order
 
 __all__ = ["local_response_norm", "local_response_norm_backward"]
 
@@ -52,13 +52,7 @@ def _channel_window_sum(fill, like, first: int, stop: int, before: int, after: i
         if 2 * span <= width:
             run = np.add(run[:-span], run[span:], out=scratch(f"{name} sums of {2 * span}", run[span:].shape, like.dtype))
         span *= 2
-    if len(parts) == 1:
-        np.copyto(out, parts[0])
-        return out
-    np.add(parts[0], parts[1], out=out)
-    for part in parts[2:]:
-        out += part
-    return out
+    return sum_in_order(parts, out)
 
 
 def _contiguous_block(array, first: int, stop: int, name: str):

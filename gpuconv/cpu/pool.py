@@ -13,6 +13,11 @@ Max-pool indices are tap codes: ``dh * kw + dw``, the argmax's offset in its win
 the window's top-left corner (padding included), in the smallest unsigned dtype that holds
 ``kh * kw`` (uint8 up to 15x15), so the all-ones code names no tap. :func:`indices_nchw` turns
 them into PyTorch's int64 flat indices.
+
+:class:`MaxPool2dPlan` and :class:`AvgPool2dPlan` are what the functions run: the window of one input shape and dtype
+resolved (and checked) once. A layer pooling the same shape every step keeps one and calls it
+directly: no argument checks, its temporaries and the views of its buffers kept from call to
+call (at a lane of 8 images the checks and view building cost as much as the arithmetic).
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ import numpy as np
 from ..functional._checks import check_array, ieee_arithmetic
 from ..functional.activation import select
 from ..functional.pool import _Window, _avg_divisor, _window, _window_sums, _window_sums_transposed
+from .kept import KeptViews
 
-__all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype"]
+__all__ = ["max_pool2d", "max_pool2d_backward", "indices_nchw", "avg_pool2d", "avg_pool2d_backward", "code_dtype",
+           "MaxPool2dPlan", "AvgPool2dPlan"]
 
 # Above this many window taps reaching the input, max_pool2d_backward scatters the gradients of
 # non-overlapping windows too, rather than making one masked pass per tap.
@@ -145,40 +152,6 @@ def code_dtype(kernel_size) -> np.dtype:
 # ------------------------------------------------------------------------------------------ max
 
 
-def _max_pool2d_2x2(x, window: _Window, out, codes) -> bool:
-    """The 2x2/2 pool without padding (an odd last row or column dropped) from the four strided
-    views of ``x`` (copied contiguous): a compare and a maximum per window row, one of each
-    between the rows, the codes from
-    the compares' outcomes. False (nothing written) for any other geometry. A compare cannot see
-    a window's first NaN: the caller checks the output for NaN."""
-    if window.kernel != (2, 2) or window.stride != (2, 2) or window.padding != (0, 0):
-        return False
-    oh, ow = window.out
-    if (oh, ow) != (x.shape[1] // 2, x.shape[2] // 2):  # ceil_mode added a window past the input
-        return False
-    top, bottom = slice(0, 2 * oh, 2), slice(1, 2 * oh, 2)
-    left, right = slice(0, 2 * ow, 2), slice(1, 2 * ow, 2)
-    quads = scratch("2x2 quads", (4, *out.shape), x.dtype)  # contiguous copies (see _contiguous)
-    for quad, (rows, columns) in zip(quads, ((top, left), (top, right), (bottom, left), (bottom, right))):
-        np.copyto(quad, x[:, rows, columns])
-    top_left, top_right, bottom_left, bottom_right = quads
-    # A later position wins only when strictly greater (PyTorch's first maximum). The earlier
-    # operand goes second: NumPy's maximum returns its second operand of an equal pair, so a 0.0
-    # tied with an earlier -0.0 comes out as -0.0, the pixel the code names.
-    right_in_top = np.greater(top_right, top_left)
-    top_max = np.maximum(top_right, top_left, out=top_left)
-    right_in_bottom = np.greater(bottom_right, bottom_left)
-    bottom_max = np.maximum(bottom_right, bottom_left, out=bottom_left)
-    bottom_wins = np.greater(bottom_max, top_max)
-    np.maximum(bottom_max, top_max, out=out)
-    column = np.bitwise_xor(right_in_top, right_in_bottom, out=right_in_bottom)  # the winning row's column
-    column &= bottom_wins
-    column ^= right_in_top
-    np.add(bottom_wins.view(np.uint8), bottom_wins.view(np.uint8), out=codes)  # the row's code
-    codes |= column.view(np.uint8)
-    return True
-
-
 def _max_pass(source, window: _Window, axis: int, best, codes, tap_codes, nan_aware: bool, name: str) -> None:
     """``best``: every window's first maximum of ``source`` along ``axis``; ``codes``: the code of
     the tap it came from, ``tap_codes(offsets, inputs)`` giving the candidates' codes (strictly
@@ -214,27 +187,6 @@ def _max_pool2d_separable(x, window: _Window, out, codes, nan_aware: bool) -> No
     kw, row_codes = window.kernel[1], scratch("row tap codes", column_best.size, codes.dtype)
     _max_pass(column_best, window, 0, out, codes,
               lambda offsets, inputs: offsets * kw + _contiguous(column_codes[:, inputs], row_codes), nan_aware, "row taps")
-
-
-@ieee_arithmetic
-def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *, relu: bool = False,
-               out=None, indices_out=None):
-    """Max pooling of a (C, H, W, N) ``x``: ``(out, indices)``, ``indices`` the tap codes (module
-    docstring). ``relu=True`` returns ``max(pool(x), 0)``, which is ``pool(max(x, 0))`` (indices
-    still the pool's of ``x``). ``out`` and ``indices_out`` are result buffers to write into."""
-    _check_input(x, "input")
-    window = _geometry(x.shape, kernel_size, stride, padding, ceil_mode)
-    shape = _output_shape(x.shape, window)
-    out = _workspace(out, shape, x.dtype, "out")
-    codes = _workspace(indices_out, shape, code_dtype(window.kernel), "indices_out")
-    if out.size:
-        if not _max_pool2d_2x2(x, window, out, codes):
-            _max_pool2d_separable(x, window, out, codes, nan_aware=False)
-        if np.isnan(np.max(out)):  # some window holds a NaN: the compares did not find the first
-            _max_pool2d_separable(x, window, out, codes, nan_aware=True)
-    if relu:
-        np.maximum(out, _zeros(out.shape, out.dtype), out=out)
-    return out, codes
 
 
 def _check_codes(indices, shape, window: _Window, input_shape) -> None:
@@ -280,20 +232,28 @@ def indices_nchw(indices, input_shape, output_shape, kernel_size, stride=None, p
     return np.ascontiguousarray(rows.transpose(3, 0, 1, 2))
 
 
-def _blocked_codes(codes, relu_output):
-    """``codes`` with the all-ones code (no tap's) where ``relu_output <= 0`` (or NaN): the ReLU
-    passes no gradient there."""
-    blocked = np.subtract(np.greater(relu_output, 0), codes.dtype.type(1), dtype=codes.dtype)
+def _blocked_codes(codes, relu_output, out):
+    """``codes`` with the all-ones code (no tap's) where ``relu_output <= 0`` (or NaN), into
+    ``out``: the ReLU passes no gradient there."""
+    blocked = np.subtract(np.greater(relu_output, 0), codes.dtype.type(1), dtype=codes.dtype, out=out)
     return np.bitwise_or(blocked, codes, out=blocked)
 
 
+def _tiles(array, kernel, out, writeable: bool = True):
+    """The (KH, KW, C, H_out, W_out, N) view of a (C, H, W, N) ``array`` cut into ``out`` windows of
+    ``kernel`` side by side from its top-left corner: each window tap's pixels as one array."""
+    (kh, kw), (oh, ow) = kernel, out
+    s_c, s_h, s_w, s_n = array.strides
+    return np.lib.stride_tricks.as_strided(array, shape=(kh, kw, array.shape[0], oh, ow, array.shape[3]),
+                                           strides=(s_h, s_w, s_c, s_h * kh, s_w * kw, s_n), writeable=writeable)
+
+
 def _max_pool2d_backward_taps(grad_output, codes, grad_input, window: _Window, row_taps, column_taps) -> None:
-    """Windows that do not overlap: every pixel takes the gradient of the one window holding it
-    if its code names it, one masked pass per tap (over contiguous arrays, then copied in place)."""
-    tiled = all(p == 0 and k == s and o * k == size for p, k, s, o, size
-                in zip(window.padding, window.kernel, window.stride, window.out, grad_input.shape[1:3]))
-    if not tiled:  # some pixels are in no window
-        grad_input.fill(0)
+    """Windows that do not overlap but are not side by side from the corner (padding, gaps,
+    ``ceil_mode``'s windows past the input): every pixel takes the gradient of the one window
+    holding it if its code names it, one masked pass per tap (over contiguous arrays, then copied
+    in place); pixels in no window take 0."""
+    grad_input.fill(0)
     bits, kw = np.dtype(f"i{grad_output.itemsize}"), window.kernel[1]
     gradient = _contiguous(grad_output, scratch("gradient", grad_output.size, grad_output.dtype)).view(bits)
     codes = _contiguous(codes, scratch("codes", codes.size, codes.dtype))
@@ -332,6 +292,184 @@ def _max_pool2d_backward_scatter(grad_output, codes, grad_input, window: _Window
         np.copyto(grad_input, total)
 
 
+class _PoolPlan:
+    """What a pooling plan holds: the checked window of one ``input_shape`` and ``dtype``, the
+    output shape, whether the windows lie side by side, the temporaries and kept views."""
+
+    def __init__(self, input_shape, dtype, kernel_size, stride, padding, ceil_mode, keep: bool, name: str):
+        self.input_shape = _check_shape(input_shape)
+        self.dtype = np.dtype(dtype)
+        self.window = window = _geometry(self.input_shape, kernel_size, stride, padding, ceil_mode, name=name)
+        self.output_shape = _output_shape(self.input_shape, window)
+        size = self.input_shape[1:3]
+        # Windows side by side from the top-left corner, none reaching past the input: each tap of
+        # every window is one strided view (_tiles).
+        self._tiled = window.padding == (0, 0) and window.kernel == window.stride and all(
+            o * k <= n for o, k, n in zip(window.out, window.kernel, size))
+        self._covered = self._tiled and all(o * k == n for o, k, n in zip(window.out, window.kernel, size))
+        self._keep = keep
+        self._buffers, self._views = {}, KeptViews() if keep else None
+
+    def _buffer(self, name: str, shape, dtype):
+        if not self._keep:
+            return scratch(name, shape, dtype)
+        array = self._buffers.get(name)
+        if array is None:  # one shape per name in a plan
+            array = self._buffers[name] = np.empty(shape, dtype)
+        return array
+
+    def _zeros(self):
+        if not self._keep:
+            return _zeros(self.output_shape, self.dtype)
+        zeros = self._buffers.get("zeros")
+        if zeros is None:
+            zeros = self._buffers["zeros"] = np.zeros(self.output_shape, self.dtype)
+            zeros.flags.writeable = False
+        return zeros
+
+    def _bound(self, name: str, arrays: tuple, build):
+        """``build(*arrays)``: views of ``arrays`` (and of the plan's buffers); a kept plan's from
+        its last call when that was with these same arrays."""
+        if self._views is None:
+            return build(*arrays)
+        return self._views.get(name, arrays, build)
+
+    def _uncovered(self, grad_input):
+        """The rows and columns of ``grad_input`` past the last window (side by side windows)."""
+        if self._covered:
+            return ()
+        (kh, kw), (oh, ow) = self.window.kernel, self.window.out
+        return grad_input[:, oh * kh:], grad_input[:, :oh * kh, ow * kw:]
+
+
+_PLAN_DOCSTRING = """{what} on (C, H, W, N) inputs of one ``input_shape`` and ``dtype``: the
+    window resolved and checked once (the functions' errors, raised here), the path chosen once.
+    :meth:`forward` and :meth:`backward` check nothing: they take arrays of the plan's shapes
+    (``input_shape``, ``output_shape``) and dtypes{dtypes}, any strides. Call them under
+    ``np.errstate(all="ignore")`` (NaN and inf pass silently); the functions do.
+
+    ``keep=False`` (the functions' plans): temporaries from the per-thread scratch buffers.
+    ``keep=True`` (a layer's, one per lane): the plan owns its temporaries and keeps the views it
+    builds of the arrays it is called with, rebuilt only when called with other arrays; such a
+    plan is for one thread at a time.
+    """
+
+
+class MaxPool2dPlan(_PoolPlan):
+    __doc__ = _PLAN_DOCSTRING.format(what=":func:`max_pool2d` and its backward",
+                                     dtypes=" (``dtype``, ``code_dtype``)")
+
+    def __init__(self, input_shape, dtype, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *,
+                 keep: bool = False, name: str = "input_shape"):
+        super().__init__(input_shape, dtype, kernel_size, stride, padding, ceil_mode, keep, name)
+        window, size = self.window, self.input_shape[1:3]
+        self.code_dtype = code_dtype(window.kernel)
+        self._two_by_two = self._tiled and window.kernel == (2, 2)
+        row_taps, column_taps = list(_taps(window, 0, size[0])), list(_taps(window, 1, size[1]))
+        overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
+        few = len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES
+        self._tap_passes = (row_taps, column_taps) if few and not overlapping else None
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, x, out, codes, relu: bool = False):
+        """``(out, codes)``: :func:`max_pool2d` of ``x`` written into ``out`` and ``codes``."""
+        if out.size:
+            if self._two_by_two:
+                self._forward_2x2(x, out, codes)
+            else:
+                _max_pool2d_separable(x, self.window, out, codes, nan_aware=False)
+            if np.isnan(np.maximum.reduce(out, axis=None)):  # some window holds a NaN: the compares did not find the first
+                _max_pool2d_separable(x, self.window, out, codes, nan_aware=True)
+        if relu:
+            np.maximum(out, self._zeros(), out=out)
+        return out, codes
+
+    def _bind_2x2(self, x):
+        # The four pixels of every window, copied contiguous (see _contiguous): (tap row, tap column, C, H_out, W_out, N).
+        quads = self._buffer("2x2 quads", (2, 2, *self.output_shape), self.dtype)
+        right_wins = self._buffer("2x2 right wins", (2, *self.output_shape), np.bool_)
+        bottom_wins = self._buffer("2x2 bottom wins", self.output_shape, np.bool_)
+        return (_tiles(x, (2, 2), self.window.out, writeable=False), quads, quads[:, 1], quads[:, 0], quads[1, 0],
+                quads[0, 0], right_wins, right_wins[0], right_wins[1], right_wins[1].view(np.uint8), bottom_wins,
+                bottom_wins.view(np.uint8))
+
+    def _forward_2x2(self, x, out, codes) -> None:
+        """2x2/2 without padding (an odd last row or column dropped): a compare and a maximum in
+        each window row (both rows in one call each), one of each between the rows, the codes from
+        the compares' outcomes. A compare cannot see a window's first NaN: forward checks for NaN."""
+        (pixels, quads, right, left, bottom, top, right_wins, right_in_top, right_in_bottom, column_code, bottom_wins,
+         bottom_code) = self._bound("2x2 forward", (x,), self._bind_2x2)
+        np.copyto(quads, pixels)
+        # A later position wins only when strictly greater (PyTorch's first maximum). The earlier
+        # operand goes second: NumPy's maximum returns its second operand of an equal pair, so a 0.0
+        # tied with an earlier -0.0 comes out as -0.0, the pixel the code names.
+        np.greater(right, left, out=right_wins)
+        np.maximum(right, left, out=left)  # each window row's maximum: top and bottom
+        np.greater(bottom, top, out=bottom_wins)
+        np.maximum(bottom, top, out=out)
+        column = np.bitwise_xor(right_in_top, right_in_bottom, out=right_in_bottom)  # the winning row's column
+        column &= bottom_wins
+        column ^= right_in_top
+        np.add(bottom_code, bottom_code, out=codes)  # the row's code
+        codes |= column_code
+
+    # -- backward ---------------------------------------------------------------------------------
+
+    def backward(self, grad_output, codes, grad_input, relu_output=None):
+        """:func:`max_pool2d_backward` into ``grad_input``, returned; ``codes`` from :meth:`forward`."""
+        if grad_input.size == 0:
+            return grad_input
+        if self._tiled:
+            self._backward_tiled(grad_output, codes, grad_input, relu_output)
+        elif self._tap_passes is not None:
+            if relu_output is not None:
+                codes = _blocked_codes(codes, relu_output, self._buffer("blocked codes", codes.shape, codes.dtype))
+            _max_pool2d_backward_taps(grad_output, codes, grad_input, self.window, *self._tap_passes)
+        else:
+            if relu_output is not None:
+                grad_output = select(relu_output > 0, grad_output)
+            _max_pool2d_backward_scatter(grad_output, codes, grad_input, self.window)
+        return grad_input
+
+    def _bind_tiled(self, grad_output, grad_input):
+        window, (c, oh, ow, n) = self.window, self.output_shape
+        (kh, kw), bits = window.kernel, np.dtype(f"i{grad_output.itemsize}")
+        taps = np.arange(kh * kw, dtype=self.code_dtype).reshape(-1, 1, 1, 1, 1)
+        selected = self._buffer("tap selected", (kh * kw, c, oh, ow, n), np.bool_)
+        words = selected.view(np.int8)
+        return (taps, selected, words, words.reshape(kh, kw, c, oh, ow, n), grad_output.view(bits),
+                _tiles(grad_input.view(bits), window.kernel, window.out), self._uncovered(grad_input))
+
+    def _backward_tiled(self, grad_output, codes, grad_input, relu_output) -> None:
+        """Windows side by side: each pixel takes its window's gradient where the window's code
+        names it, as ``gradient & -(code == tap)`` (all-ones or all-zeros words: a bitwise AND
+        selects exactly, an inf elsewhere stays out), every tap in one pass straight into its
+        pixels."""
+        if relu_output is not None:
+            codes = _blocked_codes(codes, relu_output, self._buffer("blocked codes", codes.shape, codes.dtype))
+        taps, selected, words, tap_words, gradient, target, uncovered = self._bound(
+            "tiled backward", (grad_output, grad_input), self._bind_tiled)
+        np.equal(codes, taps, out=selected)
+        np.negative(words, out=words)  # True -> -1: all bits set
+        np.bitwise_and(gradient, tap_words, out=target)
+        for strip in uncovered:  # the rows and columns past the last window
+            strip.fill(0)
+
+
+@ieee_arithmetic
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, *, relu: bool = False,
+               out=None, indices_out=None):
+    """Max pooling of a (C, H, W, N) ``x``: ``(out, indices)``, ``indices`` the tap codes (module
+    docstring). ``relu=True`` returns ``max(pool(x), 0)``, which is ``pool(max(x, 0))`` (indices
+    still the pool's of ``x``). ``out`` and ``indices_out`` are result buffers to write into."""
+    _check_input(x, "input")
+    plan = MaxPool2dPlan(x.shape, x.dtype, kernel_size, stride, padding, ceil_mode, name="input")
+    out = _workspace(out, plan.output_shape, x.dtype, "out")
+    codes = _workspace(indices_out, plan.output_shape, plan.code_dtype, "indices_out")
+    return plan.forward(x, out, codes, relu=relu)
+
+
 @ieee_arithmetic
 def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=None, padding=0,
                         ceil_mode: bool = False, *, relu_output=None, out=None):
@@ -339,26 +477,13 @@ def max_pool2d_backward(grad_output, indices, input_shape, kernel_size, stride=N
     tap codes ``indices``; ``relu_output``: the pool's output when ``relu=True`` was used (no
     gradient where it is <= 0). ``out``: the result buffer to write into."""
     _check_input(grad_output, "grad_output")
-    input_shape = _check_shape(input_shape)
-    window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
-    shape = _output_shape(input_shape, window)
-    _check_grad_output(grad_output, shape, input_shape)
-    _check_codes(indices, shape, window, input_shape)
+    plan = MaxPool2dPlan(input_shape, grad_output.dtype, kernel_size, stride, padding, ceil_mode)
+    _check_grad_output(grad_output, plan.output_shape, plan.input_shape)
+    _check_codes(indices, plan.output_shape, plan.window, plan.input_shape)
     if relu_output is not None:
-        _check_like(relu_output, "relu_output", shape, grad_output.dtype)
-    grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
-    if grad_input.size == 0:
-        return grad_input
-    row_taps, column_taps = list(_taps(window, 0, input_shape[1])), list(_taps(window, 1, input_shape[2]))
-    overlapping = any(k > s for k, s in zip(window.kernel, window.stride))
-    if not overlapping and len(row_taps) * len(column_taps) <= _MAX_TAP_PASSES:
-        codes = indices if relu_output is None else _blocked_codes(indices, relu_output)
-        _max_pool2d_backward_taps(grad_output, codes, grad_input, window, row_taps, column_taps)
-    else:
-        if relu_output is not None:
-            grad_output = select(relu_output > 0, grad_output)
-        _max_pool2d_backward_scatter(grad_output, indices, grad_input, window)
-    return grad_input
+        _check_like(relu_output, "relu_output", plan.output_shape, grad_output.dtype)
+    grad_input = _workspace(out, plan.input_shape, grad_output.dtype, "out")
+    return plan.backward(grad_output, indices, grad_input, relu_output)
 
 
 # ------------------------------------------------------------------------------------------ avg
@@ -371,15 +496,73 @@ def _divisor(window: _Window, input_shape, count_include_pad: bool, dtype):
     return _avg_divisor(window, (n, c, h, w), count_include_pad).astype(dtype)[:, :, None]
 
 
+def sum_in_order(terms, out):
+    """``out := ((terms[0] + terms[1]) + terms[2]) + ...``: the terms summed in order, returned."""
+    if len(terms) == 1:
+        np.copyto(out, terms[0])
+        return out
+    np.add(terms[0], terms[1], out=out)
+    for term in terms[2:]:
+        out += term
+    return out
+
+
+class AvgPool2dPlan(_PoolPlan):
+    __doc__ = _PLAN_DOCSTRING.format(what=":func:`avg_pool2d` and its backward", dtypes=" (``dtype``)")
+
+    def __init__(self, input_shape, dtype, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, *, keep: bool = False, name: str = "input_shape"):
+        super().__init__(input_shape, dtype, kernel_size, stride, padding, ceil_mode, keep, name)
+        self._divisor = _divisor(self.window, self.input_shape, bool(count_include_pad), self.dtype)
+
+    # The separable sums start from zero: a sum in order that starts from +0 is the same sum
+    # without it, plus +0 (only -0 can tell them apart: -0 + -0 is -0, +0 + -0 is +0). So the side
+    # by side windows' sums skip the zeros and add +0 once, bit for bit the general path's.
+
+    def forward(self, x, out):
+        """:func:`avg_pool2d` of ``x`` written into ``out``, returned."""
+        if not self._tiled:
+            sums = _window_sums(_window_sums(x[None], self.window, 1), self.window, 0)[0]
+            return np.divide(sums, self._divisor, out=out)
+        pixels, row_sums, total, zeros = self._bound("tiled forward", (x,), self._bind_forward)
+        sum_in_order(pixels, row_sums)  # columns first, as the separable sums
+        sum_in_order(row_sums, total)
+        np.add(total, zeros, out=total)
+        return np.divide(total, self._divisor, out=out)
+
+    def _bind_forward(self, x):
+        kh, kw = self.window.kernel
+        pixels = _tiles(x, self.window.kernel, self.window.out, writeable=False).swapaxes(0, 1)  # (KW, KH, ...)
+        row_sums = self._buffer("row sums", (kh, *self.output_shape), self.dtype)
+        return tuple(pixels), row_sums, self._buffer("window sums", self.output_shape, self.dtype), self._zeros()
+
+    def backward(self, grad_output, grad_input):
+        """:func:`avg_pool2d_backward` into ``grad_input``, returned."""
+        if not self._tiled:
+            share = grad_output / self._divisor
+            rows = _window_sums_transposed(share[None], self.window, 0, self.input_shape[1])
+            np.copyto(grad_input, _window_sums_transposed(rows, self.window, 1, self.input_shape[2])[0])
+            return grad_input
+        share, zeros, target, uncovered = self._bound("tiled backward", (grad_input,), self._bind_backward)
+        np.divide(grad_output, self._divisor, out=share)
+        np.add(share, zeros, out=target)  # each pixel's one window's share (+0: see above)
+        for strip in uncovered:
+            strip.fill(0)
+        return grad_input
+
+    def _bind_backward(self, grad_input):
+        share = self._buffer("share", self.output_shape, self.dtype)
+        return share, self._zeros(), _tiles(grad_input, self.window.kernel, self.window.out), \
+            self._uncovered(grad_input)
+
+
 @ieee_arithmetic
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True,
                *, out=None):
     """Average pooling of a (C, H, W, N) ``x`` with PyTorch's divisor; ``out``: the result buffer."""
     _check_input(x, "input")
-    window = _geometry(x.shape, kernel_size, stride, padding, ceil_mode)
-    out = _workspace(out, _output_shape(x.shape, window), x.dtype, "out")
-    sums = _window_sums(_window_sums(x[None], window, 1), window, 0)[0]
-    return np.divide(sums, _divisor(window, x.shape, bool(count_include_pad), x.dtype), out=out)
+    plan = AvgPool2dPlan(x.shape, x.dtype, kernel_size, stride, padding, ceil_mode, count_include_pad, name="input")
+    return plan.forward(x, _workspace(out, plan.output_shape, x.dtype, "out"))
 
 
 @ieee_arithmetic
@@ -387,12 +570,6 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
                         count_include_pad: bool = True, *, out=None):
     """Gradient of :func:`avg_pool2d` w.r.t. its (C, H, W, N) input of ``input_shape``."""
     _check_input(grad_output, "grad_output")
-    input_shape = _check_shape(input_shape)
-    window = _geometry(input_shape, kernel_size, stride, padding, ceil_mode, name="input_shape")
-    shape = _output_shape(input_shape, window)
-    _check_grad_output(grad_output, shape, input_shape)
-    grad_input = _workspace(out, input_shape, grad_output.dtype, "out")
-    share = grad_output / _divisor(window, input_shape, bool(count_include_pad), grad_output.dtype)
-    rows = _window_sums_transposed(share[None], window, 0, input_shape[1])
-    np.copyto(grad_input, _window_sums_transposed(rows, window, 1, input_shape[2])[0])
-    return grad_input
+    plan = AvgPool2dPlan(input_shape, grad_output.dtype, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    _check_grad_output(grad_output, plan.output_shape, plan.input_shape)
+    return plan.backward(grad_output, _workspace(out, plan.input_shape, grad_output.dtype, "out"))

@@ -149,11 +149,11 @@ class ConvStage(Stage):
         g = conv_ops.geometry(shape, self.conv)
         return g.c_out, g.out_h, g.out_w, g.batch
 
-    def _source(self, ws, x, g):
+    def _source(self, ws, x, plan):
         """The padded input the windows read (the input itself where nothing pads it)."""
-        if conv_ops.needs_padding(g):
-            padded = ws.array("padded", conv_ops.padded_shape(g), x.dtype, zeroed=True)  # the border stays 0
-            conv_ops.interior(padded, g)[...] = x
+        if plan.pads:
+            padded = ws.array("padded", plan.padded_shape, x.dtype, zeroed=True)  # the border stays 0
+            np.copyto(plan.interior(padded, "input"), x)
             return padded
         if x.flags.c_contiguous:
             return x
@@ -162,31 +162,31 @@ class ConvStage(Stage):
         return copy
 
     def forward(self, ws, x, rows):
-        g = conv_ops.geometry(x.shape, self.conv)
-        source = self._source(ws, x, g)
-        block = ws.array("cols", (g.patch_size, conv_ops.block_rows(g, x.itemsize) * g.out_w * g.batch), x.dtype)
-        out = ws.array("out", (g.c_out, g.out_h, g.out_w, g.batch), x.dtype)
-        flat = out.reshape(g.c_out, -1)
-        weight = self.conv.weight.data.reshape(g.c_out, -1)
+        plan = ws.saved.get("plan")
+        if plan is None or plan.input_shape != x.shape or plan.itemsize != x.itemsize:
+            plan = conv_ops.ConvPlan(x.shape, self.conv, x.itemsize)
+        source = self._source(ws, x, plan)
+        block = ws.array("cols", plan.block_shape, x.dtype)
+        out = ws.array("out", plan.output_shape, x.dtype)
+        weight = self.conv.weight.data.reshape(plan.geometry.c_out, -1)
         bias = None if self.conv.bias is None else self.conv.bias.data[:, None]
-        for output_rows, columns in conv_ops.row_blocks(g, x.itemsize):
-            cols = conv_ops.im2col(source, g, output_rows, block)
-            np.matmul(weight, cols, out=flat[:, columns])
+        for cols, destination, windows, output in plan.forward_views(source, block, out):
+            np.copyto(destination, windows)  # im2col
+            np.matmul(weight, cols, out=output)
             if bias is not None:
-                flat[:, columns] += bias
+                output += bias
         activate(self.kind, out)
-        # block_holds: the output rows whose columns ``block`` holds (None: overwritten)
-        ws.saved = {"geometry": g, "source": source, "block_holds": output_rows, "output": out}
+        # block_holds: the block whose columns ``block`` holds (None: overwritten)
+        ws.saved = {"plan": plan, "source": source, "block_holds": len(plan.blocks) - 1, "output": out}
         return out
 
     def backward(self, ws, grad, needs_input_grad, grads):
         saved = ws.saved
-        g, weight, bias = saved["geometry"], self.conv.weight, self.conv.bias
+        plan, weight, bias = saved["plan"], self.conv.weight, self.conv.bias
+        g = plan.geometry
         differentiate(self.kind, grad, saved["output"], ws)
-        flat_grad = grad.reshape(g.c_out, -1)
-        blocks = list(conv_ops.row_blocks(g, grad.itemsize))
-        block = ws.array("cols", (g.patch_size, conv_ops.block_rows(g, grad.itemsize) * g.out_w * g.batch),
-                         grad.dtype)
+        block = ws.array("cols", plan.block_shape, grad.dtype)
+        gradient = plan.gradient_columns(grad, block)
         grad_weight = grads(weight)
         if grad_weight is not None:
             # cols (K, P) @ grad.T (P, C_out), then transposed: OpenBLAS runs this orientation up to
@@ -194,38 +194,36 @@ class ConvStage(Stage):
             # Last block first: the forward left its columns in ``block``.
             transposed = ws.array("grad_weight_t", (g.patch_size, g.c_out), grad.dtype)
             partial = ws.array("grad_weight_block", transposed.shape, grad.dtype)
-            for index, (output_rows, columns) in enumerate(reversed(blocks)):
-                if saved["block_holds"] == output_rows:
-                    cols = block[:, :columns.stop - columns.start]
-                else:
-                    cols = conv_ops.im2col(saved["source"], g, output_rows, block)
-                    saved["block_holds"] = output_rows
-                np.matmul(cols, flat_grad[:, columns].T, out=partial if index else transposed)
-                if index:
+            columns = plan.forward_views(saved["source"], block, saved["output"])
+            last = len(plan.blocks) - 1
+            for index in range(last, -1, -1):
+                cols, destination, windows, _ = columns[index]
+                if saved["block_holds"] != index:
+                    np.copyto(destination, windows)
+                    saved["block_holds"] = index
+                np.matmul(cols, gradient[index][0].T, out=transposed if index == last else partial)
+                if index != last:
                     transposed += partial
             np.copyto(grad_weight.reshape(g.c_out, -1), transposed.T)
         grad_bias = grads(bias)
         if grad_bias is not None:
-            np.sum(flat_grad, axis=1, out=grad_bias)
+            np.add.reduce(grad.reshape(g.c_out, -1), axis=1, out=grad_bias)
         if not needs_input_grad:
             return None
         # The column gradients block by block into ``block`` (a rerun rebuilds the columns), each
         # added into the input gradient while in cache.
         saved["block_holds"] = None
-        if conv_ops.needs_padding(g):
-            target = ws.array("grad_padded", conv_ops.padded_shape(g), grad.dtype)
-        else:
-            target = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
+        target = ws.array("grad_padded", plan.padded_shape, grad.dtype) if plan.pads else \
+            ws.array("grad_input", plan.input_shape, grad.dtype)
         target.fill(0)
         weight_t = weight.data.reshape(g.c_out, -1).T
-        for output_rows, columns in blocks:
-            grad_cols = block[:, :columns.stop - columns.start]
-            np.matmul(weight_t, flat_grad[:, columns], out=grad_cols)
+        for (output_rows, _), (grad_columns, grad_cols) in zip(plan.blocks, gradient):
+            np.matmul(weight_t, grad_columns, out=grad_cols)
             conv_ops.col2im(grad_cols, g, output_rows, target)
-        if not conv_ops.needs_padding(g):
+        if not plan.pads:
             return target
-        grad_input = ws.array("grad_input", (g.c_in, g.height, g.width, g.batch), grad.dtype)
-        np.copyto(grad_input, conv_ops.interior(target, g))
+        grad_input = ws.array("grad_input", plan.input_shape, grad.dtype)
+        np.copyto(grad_input, plan.interior(target, "gradient"))
         return grad_input
 
 
@@ -287,14 +285,21 @@ class _PoolStage(Stage):
         self.pool = layer
         self.layers = (layer,)
         self.window = (layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode)
+        self._output_shapes = {}  # the executor asks at every forward
 
     def output_shape(self, shape):
-        c, h, w, n = shape
-        return (c, *F.pool2d_output_size((h, w), *self.window), n)
+        shape = tuple(shape)
+        output = self._output_shapes.get(shape)
+        if output is None:
+            c, h, w, n = shape
+            output = self._output_shapes[shape] = (c, *F.pool2d_output_size((h, w), *self.window), n)
+        return output
 
 
 class MaxPoolStage(_PoolStage):
-    """MaxPool2d, with the ReLU before it (``relu``) folded in."""
+    """MaxPool2d, with the ReLU before it (``relu``) folded in. Each lane's workspace keeps the
+    :class:`~gpuconv.cpu.pool.MaxPool2dPlan` of its input shape from step to step: the window
+    checked once, the views of the same buffers built once."""
 
     def __init__(self, layer, relu=None):
         super().__init__(layer)
@@ -303,29 +308,36 @@ class MaxPoolStage(_PoolStage):
             self.layers = (relu, layer)
 
     def forward(self, ws, x, rows):
-        out = ws.array("out", self.output_shape(x.shape), x.dtype)
-        out, indices = pool.max_pool2d(x, *self.window, relu=self.relu, out=out,
-                                       indices_out=ws.saved.get("indices"))
-        ws.saved = {"indices": indices, "input_shape": x.shape, "output": out}
+        plan = ws.saved.get("plan")
+        if plan is None or plan.input_shape != x.shape or plan.dtype != x.dtype:
+            plan = pool.MaxPool2dPlan(x.shape, x.dtype, *self.window, keep=True)
+        out = ws.array("out", plan.output_shape, x.dtype)
+        indices = ws.array("indices", plan.output_shape, plan.code_dtype)
+        plan.forward(x, out, indices, relu=self.relu)
+        ws.saved = {"plan": plan, "indices": indices, "output": out}
         return out
 
     def backward(self, ws, grad, needs_input_grad, grads):
         saved = ws.saved
-        return pool.max_pool2d_backward(grad, saved["indices"], saved["input_shape"], *self.window,
-                                        relu_output=saved["output"] if self.relu else None,
-                                        out=ws.array("grad_input", saved["input_shape"], grad.dtype))
+        plan = saved["plan"]
+        return plan.backward(grad, saved["indices"], ws.array("grad_input", plan.input_shape, grad.dtype),
+                             relu_output=saved["output"] if self.relu else None)
 
 
 class AvgPoolStage(_PoolStage):
+    """AvgPool2d; each lane's workspace keeps the :class:`~gpuconv.cpu.pool.AvgPool2dPlan` of its
+    input shape (see MaxPoolStage)."""
+
     def forward(self, ws, x, rows):
-        out = ws.array("out", self.output_shape(x.shape), x.dtype)
-        ws.saved = {"input_shape": x.shape}
-        return pool.avg_pool2d(x, *self.window, self.pool.count_include_pad, out=out)
+        plan = ws.saved.get("plan")
+        if plan is None or plan.input_shape != x.shape or plan.dtype != x.dtype:
+            plan = pool.AvgPool2dPlan(x.shape, x.dtype, *self.window, self.pool.count_include_pad, keep=True)
+        ws.saved = {"plan": plan}
+        return plan.forward(x, ws.array("out", plan.output_shape, x.dtype))
 
     def backward(self, ws, grad, needs_input_grad, grads):
-        shape = ws.saved["input_shape"]
-        return pool.avg_pool2d_backward(grad, shape, *self.window, self.pool.count_include_pad,
-                                        out=ws.array("grad_input", shape, grad.dtype))
+        plan = ws.saved["plan"]
+        return plan.backward(grad, ws.array("grad_input", plan.input_shape, grad.dtype))
 
 
 class LRNStage(Stage):
