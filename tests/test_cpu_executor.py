@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -381,3 +382,30 @@ def test_the_lane_switch(monkeypatch):
     model.cpu_executor = True
     with pytest.raises(ValueError, match="GPUCONV_CPU_LANES must be one of process, thread, one, got 'many'"):
         model(x)
+
+
+class _SequentialOfThisFile(nn.Sequential):
+    """A container the helper process cannot import (this test file is not on its path)."""
+
+
+def test_a_model_the_helper_cannot_build_runs_its_lanes_on_threads(own_helper):
+    model = build("lenet5")
+    model.features = _SequentialOfThisFile(*model.features)
+    x, y = batch(model, 6)
+    with pytest.warns(RuntimeWarning, match="helper process raised"):
+        ours = step(model, x, y, executor=True)
+    assert type(model._executed_by._last[0][1]) is executor_module.Lane
+    assert_same_step(ours, step(model, x, y, executor=False), 2e-5)
+    other = build("lenet5")  # the helper serves on
+    step(other, x, y, executor=True)
+    assert isinstance(other._executed_by._last[0][1], lane_process.ProcessLane)
+
+
+def test_a_model_that_cannot_be_pickled_runs_its_lanes_on_threads(own_helper):
+    model = build("lenet5")
+    model.features[0].lock = threading.Lock()
+    x, y = batch(model, 6)
+    with pytest.warns(RuntimeWarning, match="cannot be sent to the helper process"):
+        ours = step(model, x, y, executor=True)
+    assert type(model._executed_by._last[0][1]) is executor_module.Lane
+    assert_same_step(ours, step(model, x, y, executor=False), 2e-5)

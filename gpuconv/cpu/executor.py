@@ -97,10 +97,11 @@ class ModelExecutor:
         flatten = next(i for i, stage in enumerate(self.stages) if isinstance(stage, stage_types.FlattenStage))
         # How many leading stages run in lanes when there are several.
         self.lane_stages = len(self.stages) if small else flatten + 1
-        self._plans: OrderedDict = OrderedDict()  # (lane count, batch) -> (lanes, whole-batch lane or None)
+        self._plans: OrderedDict = OrderedDict()  # (lane count, batch, lane mode, dtype) -> (lanes, whole lane or None)
         self._gradients = Workspace()  # lane 0's gradients where a parameter accumulates into its .grad
         self._last = None  # the plan of the last forward and its input shape: what backward runs on
         self._replica = None  # (helper process, the replica of this model there), once a lane runs there
+        self._helper_failed = False  # the helper could not run this model's lanes: threads from then on
 
     def _plan(self, batch: int, dtype=np.dtype(np.float32)):
         """``(lanes, whole)``: the lanes of the batch and, when only the leading ``lane_stages``
@@ -133,7 +134,7 @@ class ModelExecutor:
 
     def _process_lane(self, index: int, rows: slice, dtype):
         """A lane run by the helper process, or None where it cannot run."""
-        process = lane_process.LaneProcess.get()
+        process = None if self._helper_failed else lane_process.LaneProcess.get()
         if process is None:
             return None
         try:
@@ -144,7 +145,8 @@ class ModelExecutor:
                 shape = self.stages[i].output_shape(shape)
             return lane_process.ProcessLane(process, self._replica[1], index, rows, self.parameters,
                                             self.model.input_shape, shape[:-1], dtype)
-        except lane_process.LaneProcessError:
+        except lane_process.LaneProcessError as exc:
+            self._lost_helper(exc)
             return None
 
     def describe(self, batch: int) -> str:
@@ -201,11 +203,16 @@ class ModelExecutor:
         if error is not None:
             raise error
         for lane, exc in lost:
-            warnings.warn(f"gpuconv.cpu: {exc}; the executor's second lane runs on a thread from now on",
-                          RuntimeWarning, stacklevel=4)
+            self._lost_helper(exc)
             replacement = Lane(lane.index, lane.rows, len(self.stages))
             lanes[lanes.index(lane)] = replacement  # the plan's list: later steps use it too
             self._run(redo, [replacement])
+
+    def _lost_helper(self, error) -> None:
+        if not self._helper_failed:
+            warnings.warn(f"gpuconv.cpu: {error}; this model's second lane runs on a thread from now on",
+                          RuntimeWarning, stacklevel=5)
+        self._helper_failed = True
 
     # -- one lane (also what the helper process runs) ----------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..nn import Parameter
 from .executor import Lane, ModelExecutor
-from .lane_process import Arena
+from .lane_process import Arena, wait_for_message
 
 
 class _ReplicaUnpickler(pickle.Unpickler):
@@ -120,6 +120,7 @@ def main(argv) -> int:
     connection.send(("ok", None))
     while True:
         try:
+            wait_for_message(connection)
             dropped, message = connection.recv()
         except (EOFError, OSError):
             return 0
