@@ -290,7 +290,8 @@ def test_avg_pool2d_of_negative_zeros_is_positive_zero(args):
     assert_identical(nchw(out), want)
     assert not np.signbit(out).any()
     grad = cpu_pool.avg_pool2d_backward(np.full(out.shape, -0.0, np.float32), x.shape, *args)
-    assert_identical(nchw(grad), F.avg_pool2d_backward(np.full(nchw(out).shape, -0.0, np.float32), nchw(x).shape, *args))
+    minus_zeros = np.full(nchw(out).shape, -0.0, np.float32)
+    assert_identical(nchw(grad), F.avg_pool2d_backward(minus_zeros, nchw(x).shape, *args))
     assert not np.signbit(grad).any()
 
 
@@ -390,6 +391,8 @@ def test_empty_batch_and_channels():
         assert out.shape == (shape[0], 2, 2, shape[3])
         assert cpu_pool.max_pool2d_backward(out, codes, shape, 2).shape == shape
         assert cpu_pool.indices_nchw(codes, shape, out.shape, 2).shape == (shape[3], shape[0], 2, 2)
+        assert cpu_pool.avg_pool2d(x, 2).shape == out.shape
+        assert cpu_pool.avg_pool2d_backward(out, shape, 2).shape == shape
         assert cpu_norm.local_response_norm(x, 5)[0].shape == shape
 
 

@@ -14,10 +14,11 @@ the window's top-left corner (padding included), in the smallest unsigned dtype 
 ``kh * kw`` (uint8 up to 15x15), so the all-ones code names no tap. :func:`indices_nchw` turns
 them into PyTorch's int64 flat indices.
 
-:class:`MaxPool2dPlan` and :class:`AvgPool2dPlan` are what the functions run: the window of one input shape and dtype
-resolved (and checked) once. A layer pooling the same shape every step keeps one and calls it
-directly: no argument checks, its temporaries and the views of its buffers kept from call to
-call (at a lane of 8 images the checks and view building cost as much as the arithmetic).
+:class:`MaxPool2dPlan` and :class:`AvgPool2dPlan` are what the functions run: the window of one
+input shape and dtype resolved (and checked) once. A layer pooling the same shape every step
+keeps one and calls it directly: no argument checks, its temporaries and the views of its buffers
+kept from call to call (at a lane of 8 images the checks and view building cost as much as the
+arithmetic).
 """
 from __future__ import annotations
 
@@ -351,7 +352,7 @@ _PLAN_DOCSTRING = """{what} on (C, H, W, N) inputs of one ``input_shape`` and ``
     ``keep=False`` (the functions' plans): temporaries from the per-thread scratch buffers.
     ``keep=True`` (a layer's, one per lane): the plan owns its temporaries and keeps the views it
     builds of the arrays it is called with, rebuilt only when called with other arrays; such a
-    plan is for one thread at a time.
+    plan is for one thread at a time. ``name``: what an error calls the input shape.
     """
 
 
@@ -379,14 +380,16 @@ class MaxPool2dPlan(_PoolPlan):
                 self._forward_2x2(x, out, codes)
             else:
                 _max_pool2d_separable(x, self.window, out, codes, nan_aware=False)
-            if np.isnan(np.maximum.reduce(out, axis=None)):  # some window holds a NaN: the compares did not find the first
+            # Some window holds a NaN: the compares did not find the first.
+            if np.isnan(np.maximum.reduce(out, axis=None)):
                 _max_pool2d_separable(x, self.window, out, codes, nan_aware=True)
         if relu:
             np.maximum(out, self._zeros(), out=out)
         return out, codes
 
     def _bind_2x2(self, x):
-        # The four pixels of every window, copied contiguous (see _contiguous): (tap row, tap column, C, H_out, W_out, N).
+        # The four pixels of every window, copied contiguous (see _contiguous):
+        # (tap row, tap column, C, H_out, W_out, N).
         quads = self._buffer("2x2 quads", (2, 2, *self.output_shape), self.dtype)
         right_wins = self._buffer("2x2 right wins", (2, *self.output_shape), np.bool_)
         bottom_wins = self._buffer("2x2 bottom wins", self.output_shape, np.bool_)
@@ -533,9 +536,8 @@ class AvgPool2dPlan(_PoolPlan):
         return np.divide(total, self._divisor, out=out)
 
     def _bind_forward(self, x):
-        kh, kw = self.window.kernel
         pixels = _tiles(x, self.window.kernel, self.window.out, writeable=False).swapaxes(0, 1)  # (KW, KH, ...)
-        row_sums = self._buffer("row sums", (kh, *self.output_shape), self.dtype)
+        row_sums = self._buffer("row sums", (self.window.kernel[0], *self.output_shape), self.dtype)
         return tuple(pixels), row_sums, self._buffer("window sums", self.output_shape, self.dtype), self._zeros()
 
     def backward(self, grad_output, grad_input):
