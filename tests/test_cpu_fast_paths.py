@@ -8,11 +8,19 @@ import pytest
 import torch
 
 from gpuconv import optim
+from gpuconv.cpu import threads
 from gpuconv.functional import max_pool2d, norm, pool
 from gpuconv.optim import SGD, Adam
 
 # Sizes that leave a partial chunk, fall inside one chunk, and span several.
 SIZES = [optim._CPU_CHUNK * 2 + 123, 5, optim._CPU_CHUNK - 1]
+
+
+@pytest.fixture(params=[1, 2], ids=["one thread", "two threads"])
+def update_threads(request, monkeypatch):
+    """An update of two chunks or more split between two threads, or not."""
+    monkeypatch.setattr(threads, "blas_threads", lambda: request.param)
+    return request.param
 
 
 def sgd_whole_arrays(data, grad, buffer, lr, momentum, weight_decay, nesterov):
@@ -54,9 +62,29 @@ def _step(optimizer, params, grads) -> None:
     optimizer.step()
 
 
+def test_a_long_update_is_split_between_two_threads_in_whole_chunks(rng, update_threads, monkeypatch):
+    optimizer, params, _, grads = _optimizer_and_copies(rng, np.float32, lambda params: SGD(params, lr=0.1), steps=1)
+    sizes, real = [], SGD._update_numpy
+
+    def recording(self, data, grad, state, scalars):
+        sizes.append(data.size)
+        real(self, data, grad, state, scalars)
+
+    monkeypatch.setattr(SGD, "_update_numpy", recording)
+    _step(optimizer, params, grads[0])
+    total = sum(SIZES)
+    assert sum(sizes) == total
+    if update_threads == 1:
+        assert sizes == [total]
+    else:
+        first, second = sizes if len(sizes) == 2 else (None, None)  # in either order: two threads
+        assert first is not None and min(first, second) + max(first, second) == total
+        assert (first % optim._CPU_CHUNK == 0 or second % optim._CPU_CHUNK == 0) and abs(first - second) <= optim._CPU_CHUNK
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("settings", SGD_SETTINGS)
-def test_chunked_sgd_is_bit_identical_to_whole_array_formulas(rng, dtype, settings):
+def test_chunked_sgd_is_bit_identical_to_whole_array_formulas(rng, dtype, settings, update_threads):
     optimizer, params, expected, grads = _optimizer_and_copies(rng, dtype, lambda params: SGD(params, **settings))
     buffers = [np.zeros_like(w) for w in expected]
     for step_grads in grads:
@@ -72,7 +100,7 @@ def test_chunked_sgd_is_bit_identical_to_whole_array_formulas(rng, dtype, settin
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("settings", ADAM_SETTINGS)
-def test_chunked_adam_is_bit_identical_to_whole_array_formulas(rng, dtype, settings):
+def test_chunked_adam_is_bit_identical_to_whole_array_formulas(rng, dtype, settings, update_threads):
     optimizer, params, expected, grads = _optimizer_and_copies(rng, dtype, lambda params: Adam(params, **settings))
     betas, eps, weight_decay = settings.get("betas", (0.9, 0.999)), settings.get("eps", 1e-8), settings.get("weight_decay", 0.0)
     moments = [(np.zeros_like(w), np.zeros_like(w)) for w in expected]
