@@ -124,9 +124,8 @@ class ModelExecutor:
         rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         lanes = [Lane(0, rows[0], len(self.stages))]
         for index, lane_rows in enumerate(rows[1:], 1):
-            lanes.append(self._process_lane(index, lane_rows, dtype) if mode == "process" else None)
-            if lanes[-1] is None:
-                lanes[-1] = Lane(index, lane_rows, len(self.stages))
+            remote = self._process_lane(index, lane_rows, dtype) if mode == "process" else None
+            lanes.append(remote or Lane(index, lane_rows, len(self.stages)))
         whole = None
         if count > 1 and self.lane_stages < len(self.stages):
             whole = Lane(0, slice(0, batch), len(self.stages))

@@ -22,12 +22,14 @@ executor falls back to lanes on threads. ``GPUCONV_CPU_LANES=thread`` asks for t
 from __future__ import annotations
 
 import atexit
+import io
 import mmap
 import os
 import pickle
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -100,17 +102,8 @@ class Arena:
 def _shared_file() -> int:
     if hasattr(os, "memfd_create"):
         return os.memfd_create("gpuconv-lane", getattr(os, "MFD_CLOEXEC", 0))
-    import tempfile
-
     with tempfile.TemporaryFile() as backing:  # unlinked: it goes when both processes close it
         return os.dup(backing.fileno())
-
-
-class _ParameterRef:
-    """A parameter in a pickled replica: its index; the helper gives it an arena view."""
-
-    def __init__(self, index: int, shape, dtype: str, requires_grad: bool):
-        self.index, self.shape, self.dtype, self.requires_grad = index, tuple(shape), dtype, requires_grad
 
 
 class _ReplicaPickler(pickle.Pickler):
@@ -127,8 +120,6 @@ class _ReplicaPickler(pickle.Pickler):
 
 def pickle_replica(model, parameters) -> bytes:
     """The model's layers and input shape, each of ``parameters`` by reference, not by value."""
-    import io
-
     buffer = io.BytesIO()
     _ReplicaPickler(buffer, parameters).dump((model.features, model.flatten, model.classifier, model.input_shape))
     return buffer.getvalue()
@@ -143,7 +134,7 @@ class LaneProcess:
 
     @classmethod
     def get(cls) -> "LaneProcess | None":
-        """The running helper, started on first use; None where it cannot run (see ``failure``)."""
+        """The running helper, started on first use; None where it cannot run (``_failure`` says why)."""
         with cls._guard:
             current = cls._current
             if current is not None and current.pid == os.getpid() and current.alive:
@@ -162,10 +153,6 @@ class LaneProcess:
                 cls._failure = f"the helper process did not start: {exc}"
                 cls._current = None
             return cls._current
-
-    @classmethod
-    def failure(cls) -> str | None:
-        return cls._failure
 
     def __init__(self):
         ours, theirs = socket.socketpair()
@@ -237,6 +224,7 @@ class LaneProcess:
         self.alive = False
         LaneProcess._failure = why
         self.process.kill()
+        self.process.wait()
         raise LaneProcessError(f"the executor's helper process failed: {why}")
 
     # -- replicas -----------------------------------------------------------------------------
