@@ -409,3 +409,28 @@ def test_a_model_that_cannot_be_pickled_runs_its_lanes_on_threads(own_helper):
         ours = step(model, x, y, executor=True)
     assert type(model._executed_by._last[0][1]) is executor_module.Lane
     assert_same_step(ours, step(model, x, y, executor=False), 2e-5)
+
+
+def test_an_interrupted_step_leaves_no_reply_for_the_next(own_helper, monkeypatch):
+    """Ctrl-C while the parent waits for the helper: the helper is given up (its reply would be
+    read as the next request's), the step raises, and the next steps are right, on a thread."""
+    model = build("lenet5")
+    x, y = batch(model, 6)
+    reference = step(model, x, y, executor=False)
+    step(model, x, y, executor=True)
+    real = lane_process.wait_for_message
+    calls = []
+
+    def interrupted(connection):
+        calls.append(connection)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(connection)
+
+    monkeypatch.setattr(lane_process, "wait_for_message", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        step(model, x, y, executor=True)
+    ours = step(model, x, y, executor=True)
+    assert_same_step(ours, reference, 2e-5)
+    assert lane_process.LaneProcess.get() is None
+    assert type(model._executed_by._last[0][1]) is executor_module.Lane

@@ -185,17 +185,20 @@ class LaneProcess:
         """Send a request (and a file descriptor after it); the reply is ``end``'s. Holds the
         lock until then."""
         self._lock.acquire()
+        if not self.alive:
+            self._lock.release()
+            raise LaneProcessError("the helper process is gone")
         try:
-            if not self.alive:
-                raise LaneProcessError("the helper process is gone")
             dropped, self._dropped = self._dropped, []
             self._connection.send((dropped, message))
             if fd is not None:
                 socket.send_fds(self._socket, [b"f"], [fd])
-        except BaseException as exc:
+        except OSError as exc:
             self._lock.release()
-            if isinstance(exc, OSError):
-                self._fail(f"sending failed: {exc}")
+            self._fail(f"sending failed: {exc}")
+        except BaseException:  # interrupted mid-request (Ctrl-C): the two sides are out of step
+            self._lock.release()
+            self._abandon("a request was interrupted")
             raise
 
     def end(self):
@@ -215,17 +218,23 @@ class LaneProcess:
             status, value = self._connection.recv()
         except (EOFError, OSError) as exc:
             self._fail(f"it ended (exit code {self.process.poll()}): {exc or 'connection closed'}")
+        except BaseException:  # interrupted while waiting (Ctrl-C): the next request would read this reply
+            self._abandon("waiting for a reply was interrupted")
+            raise
         if status != "ok":  # the helper raised, and serves on
             raise LaneProcessError(f"the executor's helper process raised: {value}")
         return value
 
     def _fail(self, why: str):
         """The helper is gone or out of step with this side: not used again by this process."""
+        self._abandon(why)
+        raise LaneProcessError(f"the executor's helper process failed: {why}")
+
+    def _abandon(self, why: str) -> None:
         self.alive = False
         LaneProcess._failure = why
         self.process.kill()
         self.process.wait()
-        raise LaneProcessError(f"the executor's helper process failed: {why}")
 
     # -- replicas -----------------------------------------------------------------------------
 
