@@ -188,6 +188,9 @@ def test_lanes_match_one_pass(classifier_in_lanes, monkeypatch):
     split = step(model, x, y, executor=True)
     lanes, whole = model._executed_by._last[:2]
     assert len(lanes) == 2 and (whole is None) == classifier_in_lanes
+    if isinstance(lanes[1], lane_process.ProcessLane):  # the helper gets the weights of what it runs only
+        expected = model.parameters() if classifier_in_lanes else model.features.parameters()
+        assert {id(p) for p in lanes[1].parameters.values()} == {id(p) for p in expected}
     monkeypatch.setattr(threads, "blas_threads", lambda: 1)
     one = step(model, x, y, executor=True)
     assert len(model._executed_by._last[0]) == 1

@@ -139,10 +139,12 @@ class ModelExecutor:
         try:
             if self._replica is None or self._replica[0] is not process:
                 self._replica = (process, process.add_replica(self, self.model, self.parameters, self.lane_stages))
-            shape = self.model.input_shape + (1,)
+            shape, in_lane = self.model.input_shape + (1,), set()
             for i in self.lane_stage_range(split=True):
                 shape = self.stages[i].output_shape(shape)
-            return lane_process.ProcessLane(process, self._replica[1], index, rows, self.parameters,
+                in_lane.update(id(p) for p in self.stages[i].parameters() if p is not None)
+            parameters = {i: p for i, p in enumerate(self.parameters) if id(p) in in_lane}
+            return lane_process.ProcessLane(process, self._replica[1], index, rows, parameters,
                                             self.model.input_shape, shape[:-1], dtype)
         except lane_process.LaneProcessError as exc:
             self._lost_helper(exc)

@@ -293,15 +293,17 @@ class ProcessLane:
     parent's own lane: the helper works on its rows meanwhile.
     """
 
-    def __init__(self, process: LaneProcess, replica: int, index: int, rows: slice, parameters,
+    def __init__(self, process: LaneProcess, replica: int, index: int, rows: slice, parameters: dict,
                  input_shape, output_shape, dtype):
+        """``parameters``: ``{index in the replica: parameter}`` of the stages the lane runs (a
+        large model's classifier runs here, on the whole batch: its weights stay out of the arena)."""
         self.process, self.replica, self.index, self.rows = process, replica, index, rows
         self.parameters = parameters
         self.written = {}
         count = rows.stop - rows.start
         entries = [("x", (count, *input_shape), dtype), ("y", (*output_shape, count), dtype),
                    ("grad_y", (*output_shape, count), dtype), ("grad_x", (count, *input_shape), dtype)]
-        for i, p in enumerate(parameters):
+        for i, p in parameters.items():
             entries += [(f"parameter {i}", p.shape, p.dtype), (f"gradient {i}", p.shape, p.dtype)]
         fd = _shared_file()
         try:
@@ -321,7 +323,7 @@ class ProcessLane:
         arrays (their rows) to the helper, which starts its forward."""
         arena = self.arena
         np.copyto(arena["x"], x[self.rows])
-        for i, p in enumerate(self.parameters):
+        for i, p in self.parameters.items():
             np.copyto(arena[f"parameter {i}"], p.data)
         rows = {stage: {name: array[self.rows] for name, array in arrays.items()}
                 for stage, arrays in step_arrays.items()}
@@ -336,7 +338,7 @@ class ProcessLane:
         """Send the gradient of the lane's output ((F, n) or (classes, n)); the helper starts its
         backward with each parameter's ``requires_grad`` as the parent has it now."""
         np.copyto(self.arena["grad_y"], grad)
-        flags = [p.requires_grad for p in self.parameters]
+        flags = {i: p.requires_grad for i, p in self.parameters.items()}
         self.process.begin(("backward", self.key, requires_input_grad, flags))
 
     def finish_backward(self):

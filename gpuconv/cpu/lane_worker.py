@@ -51,8 +51,8 @@ class _Replica:
 
     def forward(self, arena_number: int, step_rows) -> None:
         arena, lane = self.plans[arena_number]
-        for i, p in enumerate(self.parameters):
-            p.data = arena[f"parameter {i}"]
+        for i in lane.parameter_indices:
+            self.parameters[i].data = arena[f"parameter {i}"]
         for i in self.executor.lane_stage_range(split=True):
             self.executor.stages[i].use_step_arrays(step_rows.get(i, {}))
         with np.errstate(all="ignore"):
@@ -61,8 +61,8 @@ class _Replica:
     def backward(self, arena_number: int, requires_input_grad: bool, flags):
         arena, lane = self.plans[arena_number]
         index = {id(p): i for i, p in enumerate(self.parameters)}
-        for p, flag in zip(self.parameters, flags):
-            p.requires_grad = flag
+        for i, flag in flags.items():
+            self.parameters[i].requires_grad = flag
         written = []
 
         def target(p):
@@ -96,7 +96,9 @@ class _Server:
                     os.close(fd)
             target = self.replicas[replica]
             count = arena['x'].shape[0]
-            target.plans[arena_number] = (arena, Lane(1, slice(0, count), len(target.executor.stages)))
+            lane = Lane(1, slice(0, count), len(target.executor.stages))
+            lane.parameter_indices = [int(name.split()[1]) for name, _, _ in entries if name.startswith("parameter ")]
+            target.plans[arena_number] = (arena, lane)
             return None
         if kind == "replica":
             replica, payload, lane_stages = args
