@@ -16,6 +16,7 @@ import numbers
 import numpy as np
 
 from . import graphs, kernels
+from .cpu import threads as cpu_threads
 from .device import copy_to_device, device_of, empty, to_device, to_numpy, zeros
 from .dispatch import device_call
 
@@ -285,9 +286,7 @@ class Optimizer(abc.ABC):
         """``_update_numpy`` over the run, in whole chunks split between two threads where the run
         has two chunks or more and BLAS may use two threads (an update is elementwise, so any split
         gives the same bits): AlexNet's 58M parameters 41 -> 26-33 ms on the 2-CPU VM."""
-        from .cpu import threads
-
-        parts = 2 if data.size >= 2 * _CPU_CHUNK and threads.blas_threads() >= 2 else 1
+        parts = 2 if data.size >= 2 * _CPU_CHUNK and cpu_threads.blas_threads() >= 2 else 1
         middle = -(-data.size // (parts * _CPU_CHUNK)) * _CPU_CHUNK
         spans = [slice(0, data.size)] if parts == 1 else [slice(0, middle), slice(middle, data.size)]
 
@@ -296,7 +295,7 @@ class Optimizer(abc.ABC):
                 self._update_numpy(data[span], grad[span], {name: array[span] for name, array in state.items()},
                                    scalars)
 
-        threads.run_each(update, spans)
+        cpu_threads.run_each(update, spans)
 
     # The flat state buffers an update reads and writes.
     _state_names: tuple[str, ...] = ()

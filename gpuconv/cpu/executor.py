@@ -93,6 +93,7 @@ class ModelExecutor:
         for stage in self.stages:  # every size fits (an Unsupported or a ValueError here, not mid-step)
             shape = stage.output_shape(shape)
         self.parameters = [p for stage in self.stages for p in stage.parameters() if p is not None]
+        self._parameter_index = {p: i for i, p in enumerate(self.parameters)}
         small = sum(p.numel() for p in self.parameters) <= SPLIT_MAX_PARAMETERS
         flatten = next(i for i, stage in enumerate(self.stages) if isinstance(stage, stage_types.FlattenStage))
         # How many leading stages run in lanes when there are several.
@@ -388,7 +389,7 @@ class ModelExecutor:
         def own_target(param):
             if param not in targets:
                 return None
-            gradient = lane.own.array(f"grad {self.parameters.index(param)}", param.shape, param.dtype)
+            gradient = lane.own.array(f"grad {self._parameter_index[param]}", param.shape, param.dtype)
             lane.written[param] = gradient
             return gradient
 

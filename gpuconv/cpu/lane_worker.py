@@ -44,6 +44,7 @@ class _Replica:
         unpickler = _ReplicaUnpickler(payload)
         features, flatten, classifier, input_shape = unpickler.load()
         self.parameters = [unpickler.parameters[i] for i in range(len(unpickler.parameters))]
+        self.index = {id(p): i for i, p in enumerate(self.parameters)}
         model = SimpleNamespace(features=features, flatten=flatten, classifier=classifier, input_shape=input_shape)
         self.executor = ModelExecutor(model)
         self.executor.lane_stages = lane_stages  # as the parent decided it
@@ -60,7 +61,7 @@ class _Replica:
 
     def backward(self, arena_number: int, requires_input_grad: bool, flags):
         arena, lane = self.plans[arena_number]
-        index = {id(p): i for i, p in enumerate(self.parameters)}
+        index = self.index
         for i, flag in flags.items():
             self.parameters[i].requires_grad = flag
         written = []
